@@ -72,6 +72,7 @@ class PosteriorConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     ess: float | None = Field(None, gt=0, description="IVON effective sample size (default: #train examples)")
     hess_init: float = Field(0.1, gt=0)
+    beta2: float = Field(0.99999, gt=0, lt=1, description="IVON Hessian EMA; 0.999 lets short runs learn h")
     mc_samples: int = Field(1, ge=1)
     prior_precision: float = Field(1e-4, ge=0, description="δ added to squared-gradient precisions")
     components: int = Field(1, ge=1, description="K: seeds (multi_ivon) or runs (soup_ivon)")

@@ -7,6 +7,7 @@ expected model and that every precision is finite and non-negative.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -135,7 +136,7 @@ class DiagonalGaussian:
                 raise ValueError(
                     f"IVON group {gi}: hess has {hess.numel()} entries, parameters have {offset}"
                 )
-        meta = meta or PosteriorMeta(optimizer="ivon")
+        meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta(optimizer="ivon")
         if meta.ess is None and len(ess_seen) == 1:
             meta.ess = ess_seen.pop()
         if meta.weight_decay is None and len(wd_seen) == 1:

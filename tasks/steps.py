@@ -1,0 +1,261 @@
+"""The Prefect tasks of a front estimation.
+
+Every task takes and returns small references — ``{"path": ..., "sha256": ...}`` dicts, α lists,
+run ids — never tensors. Outputs are files whose names carry a content key computed from the
+task's inputs (config section, upstream hashes, the task's source); a task whose output file
+already exists and loads with a valid hash is not re-run (Prefect's ``cache_key_fn`` returns the
+same key, and a missing file invalidates it). Files are written atomically, so a killed flow
+resumes from what was complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from pathlib import Path
+
+import torch
+from prefect import get_run_logger, task
+from prefect.context import TaskRunContext
+
+from tasks import tracking
+from varmerge import data as vdata
+from varmerge import io, models, pipeline
+from varmerge.config import ExperimentConfig, parse_config
+from varmerge.posterior import load_posterior
+
+_SOURCE = hashlib.sha256(
+    (inspect.getsource(pipeline) + Path(__file__).read_text()).encode()
+).hexdigest()[:16]
+
+
+def _cfg(cfg_json: str) -> ExperimentConfig:
+    return parse_config(json.loads(cfg_json), "<flow config>")
+
+
+def content_key(kind: str, *parts) -> str:
+    payload = json.dumps([kind, _SOURCE, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _valid_file(path: Path) -> bool:
+    try:
+        io.load_tensors(path)
+        return True
+    except ValueError:
+        return False
+
+
+def _file_cache_key(kind: str, path_of):
+    """A Prefect cache_key_fn: the content key, or a fresh one when the output file is gone."""
+
+    def key_fn(context: TaskRunContext, parameters: dict) -> str:
+        key, path = path_of(**parameters)
+        if not Path(path).exists():
+            return f"{kind}-{key}-missing-{time.time_ns()}"
+        return f"{kind}-{key}"
+
+    return key_fn
+
+
+def ref(path: Path, sha: str) -> dict:
+    return {"path": str(path), "sha256": sha}
+
+
+# ----------------------------------------------------------------------------------------- data
+def _data_path(cfg_json: str, run_dir: str):
+    cfg = _cfg(cfg_json)
+    key = content_key("data", cfg.data.model_dump(mode="json"))
+    return key, Path(run_dir) / "data" / key
+
+
+def dataset_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@task(name="prepare-data", cache_key_fn=_file_cache_key("data", _data_path), persist_result=True)
+def prepare_data(cfg_json: str, run_dir: str) -> dict:
+    """Load the configured offline source and save it (HF datasets on disk) under the run folder."""
+    key, path = _data_path(cfg_json, run_dir)
+    if not path.exists():
+        vdata.save_dataset(pipeline.load_dataset(_cfg(cfg_json)), path)
+    return ref(path, dataset_hash(path))
+
+
+def _load_tasks(cfg: ExperimentConfig, data_ref: dict):
+    return pipeline.prepare_tasks(cfg, dataset=vdata.load_saved(data_ref["path"]))
+
+
+# ----------------------------------------------------------------------------------------- θ0
+def _base_path(cfg_json: str, run_dir: str, data_ref: dict):
+    cfg = _cfg(cfg_json)
+    key = content_key("base", cfg.model.model_dump(mode="json"), cfg.posterior.seed, data_ref["sha256"])
+    return key, Path(run_dir) / "base" / f"theta0-{key}.safetensors"
+
+
+@task(name="base-model", cache_key_fn=_file_cache_key("base", _base_path), persist_result=True)
+def base_model(cfg_json: str, run_dir: str, data_ref: dict) -> dict:
+    """θ0, the shared starting point, as a full state dict file."""
+    key, path = _base_path(cfg_json, run_dir, data_ref)
+    if not _valid_file(path):
+        cfg = _cfg(cfg_json)
+        _, n_classes = _load_tasks(cfg, data_ref)
+        model = pipeline.base_model(cfg, n_classes)
+        sha = io.save_state_dict(path, model.state_dict(), {"num_classes": n_classes, "model": cfg.model.name})
+    else:
+        sha = io.load_tensors(path)[1]["sha256"]
+    return ref(path, sha)
+
+
+def load_base(cfg: ExperimentConfig, base_ref: dict):
+    tensors, header = io.load_tensors(base_ref["path"])
+    if header["sha256"] != base_ref["sha256"]:
+        raise ValueError(f"{base_ref['path']}: θ0 file changed since the flow recorded it")
+    model = models.build_model(cfg.model.name, num_classes=header["num_classes"], **cfg.model.options)
+    io.check_matches_model(tensors, model.state_dict(), base_ref["path"])
+    model.load_state_dict(tensors)
+    return model
+
+
+# ----------------------------------------------------------------------------------- finetunes
+def _finetune_path(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, task_index: int, **_):
+    cfg = _cfg(cfg_json)
+    t = cfg.data.tasks[task_index]
+    key = content_key("posterior", cfg.posterior.model_dump(mode="json"), t.model_dump(mode="json"),
+                      data_ref["sha256"], base_ref["sha256"], cfg.accelerator)
+    return key, Path(run_dir) / "posteriors" / f"{t.name}-{key}.safetensors"
+
+
+@task(name="finetune-task", task_run_name="finetune-{task_index}",
+      cache_key_fn=_file_cache_key("posterior", _finetune_path), persist_result=True)
+def finetune(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, task_index: int,
+             tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
+    """One task's finetune; writes its posterior (means + precisions = the Hessian) and logs it."""
+    key, path = _finetune_path(cfg_json, run_dir, data_ref, base_ref, task_index)
+    cfg = _cfg(cfg_json)
+    if _valid_file(path):
+        return ref(path, io.load_tensors(path)[1]["sha256"])
+    tasks_, _ = _load_tasks(cfg, data_ref)
+    t = tasks_[task_index]
+    base = load_base(cfg, base_ref)
+    child = None
+    if tracking_uri and parent_run_id:
+        child = tracking.start_child(tracking_uri, parent_run_id, f"finetune/{t.name}",
+                                     {"varmerge.stage": "finetune", "varmerge.task": t.name})
+        tracking.log_params(tracking_uri, child, {"task": t.name, "classes": list(t.classes),
+                                                  "train_examples": len(t.train[1]),
+                                                  **cfg.posterior.model_dump(mode="json")})
+    t0 = time.perf_counter()
+    post, weights = pipeline.finetune_task(cfg, base, t)
+    seconds = time.perf_counter() - t0
+    sha = post.save(path)
+    get_run_logger().info("finetuned %s in %.1f s -> %s", t.name, seconds, path)
+    if child:
+        model = load_base(cfg, base_ref)
+        models.load_trainable(model, weights)
+        s = pipeline.score_sweep(model, {k: v.unsqueeze(0) for k, v in weights.items()}, tasks_)
+        tracking.log_metrics(tracking_uri, child, {
+            "seconds": seconds,
+            **{f"test/{n.name}/accuracy": float(a) for n, a in zip(tasks_, s["accuracy"][0], strict=True)},
+        })
+        tracking.log_artifact(tracking_uri, child, path, "posterior")
+        tracking.finish(tracking_uri, child)
+    return ref(path, sha)
+
+
+# ----------------------------------------------------------------------------------- α sweeps
+def _sweep_path(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_ref: dict, posterior_refs: list, **_):
+    cfg = _cfg(cfg_json)
+    key = content_key("sweep", method, cfg.merge.model_dump(mode="json"), data_ref["sha256"], base_ref["sha256"],
+                      [r["sha256"] for r in posterior_refs])
+    return key, Path(run_dir) / "sweeps" / f"{method}-{key}.safetensors"
+
+
+@task(name="merge-sweep", task_run_name="sweep-{method}",
+      cache_key_fn=_file_cache_key("sweep", _sweep_path), persist_result=True)
+def sweep(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_ref: dict, posterior_refs: list,
+          tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Merge with one method over the whole α grid and score every merged model on every task."""
+    key, path = _sweep_path(cfg_json, run_dir, method, data_ref, base_ref, posterior_refs)
+    cfg = _cfg(cfg_json)
+    if not _valid_file(path):
+        tasks_, _ = _load_tasks(cfg, data_ref)
+        base = load_base(cfg, base_ref)
+        expected = models.trainable_state_dict(base)
+        posts = [load_posterior(r["path"], expected=expected) for r in posterior_refs]
+        t0 = time.perf_counter()
+        res = pipeline.sweep_and_score(cfg, method, posts, base, tasks_)
+        seconds = time.perf_counter() - t0
+        io.save_tensors(path, {"alpha": res["alpha"], "accuracy": res["accuracy"], "loss": res["loss"]},
+                        {"kind": "sweep", "method": method, "tasks": [t.name for t in tasks_], "seconds": seconds})
+        if tracking_uri and parent_run_id:
+            child = tracking.start_child(tracking_uri, parent_run_id, f"merge/{method}",
+                                         {"varmerge.stage": "merge", "varmerge.method": method})
+            mean = res["accuracy"].mean(1)
+            b = int(mean.argmax())
+            tracking.log_params(tracking_uri, child, {"method": method, "grid_size": len(res["alpha"]),
+                                                      **cfg.merge.model_dump(mode="json")})
+            tracking.log_metrics(tracking_uri, child, {"max_mean_accuracy": float(mean[b]), "seconds": seconds,
+                                                       **{f"best_alpha/{t.name}": float(a) for t, a in
+                                                          zip(tasks_, res["alpha"][b], strict=True)}})
+            table = path.with_suffix(".json")
+            table.write_text(json.dumps({"tasks": [t.name for t in tasks_], "alpha": res["alpha"].tolist(),
+                                         "accuracy": res["accuracy"].tolist(), "loss": res["loss"].tolist()}))
+            tracking.log_artifact(tracking_uri, child, table, "sweep")
+            tracking.finish(tracking_uri, child)
+    return ref(path, io.load_tensors(path)[1]["sha256"])
+
+
+def load_sweep(sweep_ref: dict) -> dict:
+    tensors, header = io.load_tensors(sweep_ref["path"])
+    return {**tensors, "tasks": header["tasks"], "method": header["method"], "seconds": header["seconds"]}
+
+
+# ----------------------------------------------------------------------------------- multitask
+def _multitask_path(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, alpha: list, **_):
+    cfg = _cfg(cfg_json)
+    a = [round(float(v), 9) for v in alpha]
+    key = content_key("multitask", cfg.posterior.model_dump(mode="json"), cfg.multitask_steps, a,
+                      data_ref["sha256"], base_ref["sha256"], cfg.accelerator)
+    return key, Path(run_dir) / "multitask" / f"alpha-{key}.safetensors"
+
+
+@task(name="multitask-finetune", cache_key_fn=_file_cache_key("multitask", _multitask_path), persist_result=True)
+def multitask(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, alpha: list,
+              tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
+    """The real multitask finetune at α; returns its file and realised per-task accuracies."""
+    key, path = _multitask_path(cfg_json, run_dir, data_ref, base_ref, alpha)
+    cfg = _cfg(cfg_json)
+    if not _valid_file(path):
+        tasks_, _ = _load_tasks(cfg, data_ref)
+        base = load_base(cfg, base_ref)
+        t0 = time.perf_counter()
+        model, acc = pipeline.multitask_finetune(cfg, base, tasks_, alpha)
+        seconds = time.perf_counter() - t0
+        io.save_state_dict(path, model.state_dict(), {"alpha": list(alpha), "accuracy": acc.tolist(),
+                                                      "tasks": [t.name for t in tasks_], "seconds": seconds})
+    tensors, header = io.load_tensors(path)
+    return {**ref(path, header["sha256"]), "alpha": header["alpha"], "accuracy": header["accuracy"],
+            "seconds": header["seconds"]}
+
+
+def example_input(cfg: ExperimentConfig, data_ref: dict):
+    """One test input (numpy) for MLflow's model signature."""
+    tasks_, _ = _load_tasks(cfg, data_ref)
+    return tasks_[0].test[0][:1].numpy()
+
+
+def multitask_model(cfg: ExperimentConfig, mt_ref: dict, base_ref: dict):
+    model = load_base(cfg, base_ref)
+    model.load_state_dict(io.load_state_dict(mt_ref["path"], expected=model.state_dict()))
+    return model
+
+
+__all__ = ["prepare_data", "base_model", "finetune", "sweep", "multitask", "load_sweep", "load_base",
+           "content_key", "torch"]

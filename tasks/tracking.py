@@ -1,0 +1,67 @@
+"""MLflow bookkeeping: one parent run per flow run, nested runs created explicitly by id.
+
+A local SQLite store (``sqlite:///<run folder>/mlflow.db``) with a local artifact folder is the
+default, so nothing needs starting. Runs are created with ``MlflowClient`` and the parent id as
+the ``mlflow.parentRunId`` tag, which is thread-safe (Prefect runs tasks in threads).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def default_uri(run_dir: Path) -> str:
+    return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
+
+
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str, artifact_root: Path) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    return c.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+
+
+def start_child(uri: str, parent_id: str, name: str, tags: dict | None = None) -> str:
+    c = client(uri)
+    parent = c.get_run(parent_id)
+    t = {"mlflow.parentRunId": parent_id, "mlflow.runName": name, **(tags or {})}
+    t.update({k: v for k, v in parent.data.tags.items() if k.startswith("varmerge.")})
+    run = c.create_run(parent.info.experiment_id, tags=t, run_name=name)
+    return run.info.run_id
+
+
+def finish(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+def log_params(uri: str, run_id: str, params: dict) -> None:
+    c = client(uri)
+    for k, v in params.items():
+        c.log_param(run_id, k, str(v)[:6000])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict, step: int | None = None) -> None:
+    c = client(uri)
+    for k, v in metrics.items():
+        c.log_metric(run_id, k, float(v), step=step or 0)
+
+
+def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+__all__ = ["mlflow", "default_uri", "client", "experiment_id", "start_child", "finish", "log_params",
+           "log_metrics", "log_artifact"]

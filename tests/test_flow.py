@@ -1,0 +1,81 @@
+"""The main flow end to end under Prefect's test harness, MLflow in a temp folder."""
+
+import json
+
+import pytest
+
+pytest.importorskip("prefect")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+TINY = {
+    "name": "tiny",
+    "data": {
+        "source": "mnist5k",
+        "max_train_per_task": 300,
+        "tasks": [
+            {"name": "a", "classes": [0, 1]},
+            {"name": "b", "classes": [2, 3, 4]},
+            {"name": "c", "classes": [5, 6, 7, 8, 9]},
+        ],
+    },
+    "model": {"name": "logreg"},
+    "posterior": {"method": "multi_ivon", "components": 2, "steps": 25, "batch_size": 64, "lr": 0.1},
+    "merge": {"methods": ["simple", "hessian", "mixture"], "spacing": 0.25, "mixture_iterations": 5},
+    "selection": {"top_k": 1, "method": "mixture"},
+    "multitask_steps": 25,
+}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    import os
+
+    home = tmp_path_factory.mktemp("prefect_home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.mark.slow
+def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, monkeypatch):
+    from flows.front import front_flow
+    from varmerge import pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = front_flow(TINY, tracking_uri=uri, output_dir=str(tmp_path / "runs"))
+    run_dir = tmp_path / "runs" / "tiny"
+    assert (run_dir / "front.json").exists() and (run_dir / "front.png").exists()
+    assert (run_dir / "ternary.png").exists()
+    assert len(list((run_dir / "posteriors").glob("*.safetensors"))) == 3
+    assert set(summary["methods"]) == {"simple", "hessian", "mixture"}
+    assert summary["grid_size"] == 15
+    for m in summary["methods"].values():
+        assert 0 < m["max_mean_accuracy"] <= 1
+    assert len(summary["chosen"]["realised"][0]) == 3
+
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.tags["varmerge.flow_run_id"]
+    assert parent.data.tags["varmerge.data_version"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = sorted(r.info.run_name for r in children)
+    assert names == ["finetune/a", "finetune/b", "finetune/c", "merge/hessian", "merge/mixture",
+                     "merge/simple", "multitask/final"]
+    arts = [a.path for a in client.list_artifacts(parent.info.run_id, "front")]
+    assert "front/front.json" in arts and "front/front.png" in arts
+    versions = client.search_model_versions("name='varmerge-tiny'")
+    assert len(versions) == 1 and json.loads(versions[0].tags["alpha"]) == summary["chosen"]["alpha"][0]
+
+    # a re-run trains nothing: every finetune, sweep and multitask finetune is reused
+    def boom(*a, **k):
+        raise AssertionError("a finetune ran again")
+
+    monkeypatch.setattr(pipeline, "finetune_task", boom)
+    monkeypatch.setattr(pipeline, "multitask_finetune", boom)
+    again = front_flow(TINY, tracking_uri=uri, output_dir=str(tmp_path / "runs"))
+    assert again["methods"] == summary["methods"]
+    assert again["chosen"] == summary["chosen"]

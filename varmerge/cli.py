@@ -1,0 +1,177 @@
+"""The ``varmerge`` command line (typer + rich).
+
+Errors a user can act on (bad config, missing data, α off the simplex, ...) print one line;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+_STATE = {"debug": False}
+
+for _var, _val in {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}.items():
+    os.environ.setdefault(_var, _val)
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    """varmerge: Pareto fronts of multitask finetuning by variational model merging."""
+    _STATE["debug"] = debug
+
+
+def _fail(exc: BaseException) -> None:
+    if _STATE["debug"]:
+        raise exc
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _load(config: Path):
+    from varmerge.config import load_config
+
+    try:
+        return load_config(config)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="experiment YAML")) -> None:
+    """Check a config file against the schema and print what it would run."""
+    from varmerge.grid import grid_size
+
+    cfg = _load(config)
+    table = Table(title=f"{config} is valid", show_header=False)
+    table.add_row("tasks", ", ".join(f"{t.name} {t.classes or t.domain}" for t in cfg.data.tasks))
+    table.add_row("data", f"{cfg.data.source} (seed {cfg.data.seed}, test {cfg.data.test_fraction})")
+    table.add_row("model", cfg.model.name)
+    table.add_row("posterior", f"{cfg.posterior.method} ({cfg.posterior.steps} steps)")
+    table.add_row("merges", ", ".join(cfg.merge.methods))
+    table.add_row("α grid", f"spacing {cfg.merge.spacing}: {grid_size(len(cfg.data.tasks), cfg.merge.spacing)} points")
+    console.print(table)
+
+
+@app.command()
+def demo(
+    config: Path = typer.Argument(Path("configs/smoke.yaml"), help="experiment YAML"),
+    output: Path = typer.Option(Path("runs/demo"), help="where the front table goes"),
+) -> None:
+    """Estimate a front with the library alone (no Prefect, no MLflow) and print it."""
+    from varmerge import pipeline
+
+    cfg = _load(config)
+    t0 = time.perf_counter()
+    try:
+        res = pipeline.estimate_front(cfg, status=console.status)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        _fail(exc)
+    summary = res.summary()
+    summary["seconds"]["total"] = time.perf_counter() - t0
+    print_front(summary, cfg.merge.spacing)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "front.json").write_text(json.dumps({"config": cfg.name, **summary}, indent=2))
+    console.print(f"total {summary['seconds']['total']:.0f} s; summary in {output / 'front.json'}")
+
+
+@app.command("prepare-data")
+def prepare_data(
+    config: Path = typer.Argument(..., help="experiment YAML (or params.yaml)"),
+    out: Path = typer.Argument(..., help="folder for the HF dataset (save_to_disk)"),
+) -> None:
+    """Load the config's offline source and save it to OUT (a DVC stage output)."""
+    from varmerge import data as vdata
+    from varmerge import pipeline
+
+    cfg = _load(config)
+    try:
+        ds = pipeline.load_dataset(cfg)
+        vdata.save_dataset(ds, out)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        _fail(exc)
+    console.print(f"saved {cfg.data.source} ({', '.join(f'{k}: {len(v)}' for k, v in ds.items())}) to {out}")
+
+
+@app.command("run")
+def run_flow(
+    config: Path = typer.Argument(..., help="experiment YAML"),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: sqlite in the output folder)"),
+    output: Path = typer.Option(None, help="output folder (default: the config's output_dir)"),
+) -> None:
+    """The main job as a Prefect flow: finetunes, posteriors, α sweeps, front, multitask finetune."""
+    _load(config)  # fail fast, before Prefect starts
+    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.front import front_flow
+
+    t0 = time.perf_counter()
+    try:
+        with console.status(f"running the front flow on {config} (Prefect + MLflow)"):
+            summary = front_flow(str(config), tracking_uri=tracking_uri, output_dir=str(output) if output else None)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        _fail(exc)
+    print_front(summary, _load(config).merge.spacing)
+    console.print(f"done in {time.perf_counter() - t0:.0f} s. Front, plots: {summary['run_dir']}/ "
+                  f"(front.json, front.png); MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}; "
+                  f"registered model {summary.get('registered_model')}. Browse with: varmerge ui")
+
+
+@app.command()
+def ui(
+    tracking_uri: str = typer.Option("sqlite:///runs/mlflow.db", help="MLflow backend store"),
+    port: int = typer.Option(5000),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+) -> None:
+    """Start the MLflow UI on 127.0.0.1."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host,
+           "--port", str(port)]
+    console.print(f"MLflow UI on http://{host}:{port} ({tracking_uri}); Ctrl-C stops it")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def print_front(summary: dict, spacing: float) -> None:
+    """The per-method table and predicted vs realised at the chosen α."""
+    table = Table(title=f"estimated fronts ({summary['grid_size']} α, spacing {spacing})")
+    for col in ("method", "max mean acc", "best α", "front size", "sweep s"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for m, r in summary["methods"].items():
+        table.add_row(m, f"{100 * r['max_mean_accuracy']:.1f}", str([round(v, 2) for v in r["best_alpha"]]),
+                      str(r["front_size"]), f"{r['seconds']:.1f}")
+    console.print(table)
+    ch = summary["chosen"]
+    for a, pred, real in zip(ch["alpha"], ch["predicted"], ch["realised"], strict=True):
+        cmp = Table(title=f"α {[round(v, 2) for v in a]} chosen by '{ch['method']}': predicted vs realised")
+        for col in ("task", "predicted (merged)", "realised (multitask finetune)"):
+            cmp.add_column(col, justify="left" if col == "task" else "right")
+        for n, p, r in zip(summary["tasks"], pred, real, strict=True):
+            cmp.add_row(n, f"{100 * p:.1f}", f"{100 * r:.1f}")
+        cmp.add_row("mean", f"{100 * sum(pred) / len(pred):.1f}", f"{100 * sum(real) / len(real):.1f}")
+        console.print(cmp)
+
+
+def run() -> None:  # pragma: no cover - console-script shim
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,314 @@
+"""The steps of a front estimation, as plain functions of a config (no orchestration here).
+
+1. :func:`prepare_tasks`: offline data, split into tasks (train/test tensors per task);
+2. :func:`base_model`: θ0, the shared starting point (seeded initialisation);
+3. :func:`finetune_task`: one task's finetune and posterior (diagonal, mixture or full);
+4. :func:`merge_sweep` + :func:`score_sweep`: every merged model on the α grid, scored per task;
+5. :func:`select`: the front and the chosen α;
+6. :func:`multitask_finetune`: the real multitask finetune at a chosen α (the realised score).
+
+``tasks/`` wraps these as Prefect tasks (with caching, MLflow logging and files); the
+``varmerge demo`` command and the benchmarks call them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from varmerge import data as vdata
+from varmerge import evaluate, merge, models, pareto, train
+from varmerge.config import ExperimentConfig
+from varmerge.grid import simplex_grid
+from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian, PosteriorMeta
+
+Posterior = DiagonalGaussian | MixtureGaussian | FullGaussian
+
+
+@dataclass
+class TaskData:
+    name: str
+    classes: tuple[int, ...]
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def load_dataset(cfg: ExperimentConfig):
+    """The configured source as a DatasetDict (seed/test_fraction passed where the source takes them)."""
+    opts = dict(cfg.data.options)
+    if cfg.data.source in ("mnist5k", "fortunes", "tweets"):
+        opts.setdefault("seed", cfg.data.seed)
+        opts.setdefault("test_fraction", cfg.data.test_fraction)
+    return vdata.load_source(cfg.data.source, **opts)
+
+
+def prepare_tasks(cfg: ExperimentConfig, dataset=None) -> tuple[list[TaskData], int]:
+    """Per-task (x, y) train/test tensors and the number of classes of the shared head."""
+    ds = load_dataset(cfg) if dataset is None else dataset
+    n_classes = vdata.num_classes(ds)
+    for t in cfg.data.tasks:
+        bad = [c for c in t.classes if c >= n_classes]
+        if bad:
+            raise ValueError(f"task {t.name!r}: class ids {bad} out of range (dataset has {n_classes} classes)")
+    parts = vdata.split_by_tasks(ds, [t.classes for t in cfg.data.tasks])
+    out = []
+    for t, part in zip(cfg.data.tasks, parts, strict=True):
+        xtr, ytr = vdata.image_tensors(part["train"])
+        if cfg.data.max_train_per_task is not None:
+            xtr, ytr = xtr[: cfg.data.max_train_per_task], ytr[: cfg.data.max_train_per_task]
+        out.append(TaskData(t.name, tuple(t.classes), (xtr, ytr), vdata.image_tensors(part["test"])))
+    return out, n_classes
+
+
+def base_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    """θ0: the configured model, initialised from ``posterior.seed``."""
+    torch.manual_seed(cfg.posterior.seed)
+    return models.build_model(cfg.model.name, num_classes=num_classes, **cfg.model.options)
+
+
+def _fit_kwargs(cfg: ExperimentConfig, progress: bool) -> dict:
+    p = cfg.posterior
+    return dict(
+        max_steps=p.steps,
+        lr=p.lr,
+        batch_size=p.batch_size,
+        ess=p.ess,
+        weight_decay=p.weight_decay,
+        mc_samples=p.mc_samples,
+        hess_init=p.hess_init,
+        beta2=p.beta2,
+        accelerator=cfg.accelerator,
+        progress=progress,
+    )
+
+
+def finetune_task(
+    cfg: ExperimentConfig, base: nn.Module, task: TaskData, *, progress: bool = False
+) -> tuple[Posterior, dict[str, torch.Tensor]]:
+    """Finetune a copy of ``base`` on one task; returns (posterior, finetuned trainable weights)."""
+    import copy
+
+    p = cfg.posterior
+    model = copy.deepcopy(base)
+    kw = _fit_kwargs(cfg, progress)
+    if p.method in ("ivon", "adamw_sg"):
+        model, post = train.fit(
+            model, task.train, optimizer="ivon" if p.method == "ivon" else "adamw", seed=p.seed,
+            task=task.name, prior_precision=p.prior_precision if p.method == "adamw_sg" else None, **kw
+        )
+        return post, models.trainable_state_dict(model)
+    if p.method == "multi_ivon":
+        post = train.fit_multi_ivon(model, task.train, num_runs=p.components, seed=p.seed, task=task.name, **kw)
+        return post, post.components[0].mean
+    if p.method == "soup_ivon":
+        post = train.fit_soup_ivon(
+            model, task.train, num_runs=p.components, snapshot_steps=p.checkpoint_steps, seed=p.seed,
+            task=task.name, **kw,
+        )
+        return post, post.components[-1].mean
+    if p.method == "full_von":
+        model, post = train.fit(
+            model, task.train, optimizer="full_von", seed=p.seed, task=task.name,
+            prior_precision=p.prior_precision, **kw,
+        )
+        return post, models.trainable_state_dict(model)
+    raise ValueError(f"unknown posterior method {p.method!r}")
+
+
+def _diagonal(post: Posterior) -> DiagonalGaussian:
+    """The single diagonal Gaussian a non-mixture rule uses (a mixture's first component)."""
+    if isinstance(post, DiagonalGaussian):
+        return post
+    if isinstance(post, MixtureGaussian):
+        return post.components[0]
+    return post.diagonal()
+
+
+def merge_sweep(
+    method: str,
+    posteriors: Sequence[Posterior],
+    base: dict[str, torch.Tensor],
+    alpha: torch.Tensor,
+    *,
+    mixture_iterations: int = 10,
+    task_arithmetic_scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Merged trainable weights for every α row (tensors with a leading G dimension).
+
+    Non-mixture rules take each task's single Gaussian (for a mixture posterior, its first
+    component: the cost of one IVON run, as in the paper's Hessian-weighted rows).
+    """
+    spec = merge.get_method(method)
+    if method == "mixture":
+        mixes = [p if isinstance(p, MixtureGaussian) else MixtureGaussian([_diagonal(p)]) for p in posteriors]
+        return merge.mixture_weighted(
+            [m.means for m in mixes], [m.precisions for m in mixes], alpha, iterations=mixture_iterations
+        )
+    if method == "hessian_full":
+        if not all(isinstance(p, FullGaussian) for p in posteriors):
+            raise ValueError("hessian_full needs full-Gaussian posteriors (posterior.method: full_von)")
+        flat = merge.hessian_weighted_full([p.mean for p in posteriors], [p.precision for p in posteriors], alpha)
+        return posteriors[0].state_dict(flat.to(torch.float32))
+    diag = [_diagonal(p) for p in posteriors]
+    means = [d.mean for d in diag]
+    if method == "simple":
+        return merge.simple_average(means, alpha)
+    if method == "task_arithmetic":
+        return merge.task_arithmetic(base, means, alpha, scale=task_arithmetic_scale)
+    if method == "hessian":
+        return merge.hessian_weighted(means, [d.precision for d in diag], alpha)
+    kwargs = {"base": base} if spec.needs_base else {}
+    return spec.fn(means=means, alpha=alpha, **kwargs)
+
+
+def score_sweep(
+    model: nn.Module, merged: dict[str, torch.Tensor], tasks: Sequence[TaskData], *, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """Test accuracy and loss, (G, T) float64, of every merged model on every task."""
+    return evaluate.evaluate_tasks(model, merged, [t.test for t in tasks], progress=progress)
+
+
+def sweep_and_score(
+    cfg: ExperimentConfig,
+    method: str,
+    posteriors: Sequence[Posterior],
+    model: nn.Module,
+    tasks: Sequence[TaskData],
+    alpha: torch.Tensor | None = None,
+    *,
+    block: int = 256,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Merge and score over the α grid in blocks of ``block`` α (bounds memory for big models)."""
+    alpha = simplex_grid(len(tasks), cfg.merge.spacing) if alpha is None else alpha
+    base = models.trainable_state_dict(model)
+    acc, loss = [], []
+    for lo in range(0, len(alpha), block):
+        merged = merge_sweep(
+            method, posteriors, base, alpha[lo : lo + block],
+            mixture_iterations=cfg.merge.mixture_iterations,
+            task_arithmetic_scale=cfg.merge.task_arithmetic_scale,
+        )
+        s = score_sweep(model, merged, tasks, progress=progress)
+        acc.append(s["accuracy"])
+        loss.append(s["loss"])
+    return {"alpha": alpha, "accuracy": torch.cat(acc), "loss": torch.cat(loss)}
+
+
+def select(cfg: ExperimentConfig, alpha: torch.Tensor, accuracy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and α of the top-k by mean accuracy among rows meeting the constraints."""
+    names = [t.name for t in cfg.data.tasks]
+    cons = [(names.index(c.task), c.op, c.value) for c in cfg.selection.constraints]
+    return pareto.select_alpha(alpha, accuracy, k=cfg.selection.top_k, constraints=cons)
+
+
+def multitask_finetune(
+    cfg: ExperimentConfig, base: nn.Module, tasks: Sequence[TaskData], alpha: Sequence[float], *,
+    progress: bool = False,
+) -> tuple[nn.Module, torch.Tensor]:
+    """The real finetune of Σ_t α_t l_t from θ0; returns the model and its (T,) test accuracies."""
+    import copy
+
+    p = cfg.posterior
+    model = copy.deepcopy(base)
+    kw = _fit_kwargs(cfg, progress)
+    kw["max_steps"] = cfg.multitask_steps or p.steps
+    optimizer = "adamw" if p.method == "adamw_sg" else "ivon"
+    if p.method == "full_von":
+        optimizer = "ivon"
+    if kw["ess"] is None:
+        kw["ess"] = float(sum(len(t.train[1]) for t in tasks))
+    model = train.fit_multitask(model, [t.train for t in tasks], torch.as_tensor(alpha, dtype=torch.float64),
+                                optimizer=optimizer, seed=p.seed, **kw)
+    sd = {k: v.unsqueeze(0) for k, v in models.trainable_state_dict(model).items()}
+    scores = score_sweep(model, sd, tasks)
+    return model, scores["accuracy"][0]
+
+
+def meta_for(cfg: ExperimentConfig, task: TaskData) -> PosteriorMeta:
+    return PosteriorMeta(task=task.name, optimizer=cfg.posterior.method, seed=cfg.posterior.seed, model=cfg.model.name)
+
+
+@dataclass
+class FrontResult:
+    """Everything a front estimation produced, in memory (the flows persist each piece)."""
+
+    tasks: list[str]
+    alpha: torch.Tensor
+    sweeps: dict[str, dict[str, torch.Tensor]]  # method -> alpha/accuracy/loss (+ seconds)
+    chosen_method: str
+    chosen_index: torch.Tensor
+    chosen_alpha: torch.Tensor
+    predicted: torch.Tensor  # (k, T) accuracies of the merged models at the chosen α
+    realised: torch.Tensor  # (k, T) accuracies of the real multitask finetunes there
+    seconds: dict[str, float]
+
+    def summary(self) -> dict:
+        out = {}
+        for m, r in self.sweeps.items():
+            mean = r["accuracy"].mean(1)
+            b = int(mean.argmax())
+            out[m] = {
+                "max_mean_accuracy": float(mean[b]),
+                "best_alpha": [round(v, 6) for v in self.alpha[b].tolist()],
+                "front_size": int(pareto.pareto_mask(r["accuracy"]).sum()),
+                "seconds": float(r["seconds"]),
+            }
+        return {
+            "tasks": self.tasks,
+            "grid_size": len(self.alpha),
+            "methods": out,
+            "chosen": {
+                "method": self.chosen_method,
+                "alpha": self.chosen_alpha.tolist(),
+                "predicted": self.predicted.tolist(),
+                "realised": self.realised.tolist(),
+            },
+            "seconds": self.seconds,
+        }
+
+
+def estimate_front(cfg: ExperimentConfig, *, status=None) -> FrontResult:
+    """All six steps in one process; ``status(msg)`` (optional) is told what runs now."""
+    import contextlib
+    import time
+
+    def stage(msg):
+        return status(msg) if status is not None else contextlib.nullcontext()
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with stage("loading data"):
+        tasks, n_classes = prepare_tasks(cfg)
+    base = base_model(cfg, n_classes)
+    seconds["data"] = time.perf_counter() - t0
+    posteriors = []
+    t0 = time.perf_counter()
+    for t in tasks:
+        with stage(f"finetuning {t.name} ({cfg.posterior.method}, {len(t.train[1])} examples)"):
+            posteriors.append(finetune_task(cfg, base, t)[0])
+    seconds["finetunes"] = time.perf_counter() - t0
+    alpha = simplex_grid(len(tasks), cfg.merge.spacing)
+    sweeps = {}
+    for m in cfg.merge.methods:
+        t0 = time.perf_counter()
+        with stage(f"merging + evaluating '{m}' over {len(alpha)} α"):
+            sweeps[m] = sweep_and_score(cfg, m, posteriors, base, tasks, alpha)
+        sweeps[m]["seconds"] = time.perf_counter() - t0
+    seconds["sweeps"] = sum(float(s["seconds"]) for s in sweeps.values())
+    method = cfg.selection.method or cfg.merge.methods[-1]
+    idx, chosen = select(cfg, alpha, sweeps[method]["accuracy"])
+    realised = []
+    t0 = time.perf_counter()
+    for a in chosen:
+        with stage(f"multitask finetune at α={[round(v, 2) for v in a.tolist()]}"):
+            realised.append(multitask_finetune(cfg, base, tasks, a)[1])
+    seconds["multitask"] = time.perf_counter() - t0
+    return FrontResult(
+        tasks=[t.name for t in tasks], alpha=alpha, sweeps=sweeps, chosen_method=method,
+        chosen_index=idx, chosen_alpha=chosen, predicted=sweeps[method]["accuracy"][idx],
+        realised=torch.stack(realised), seconds=seconds,
+    )

@@ -1,0 +1,104 @@
+"""Figures of estimated fronts (matplotlib; mpltern for 3-task ternary maps)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from varmerge.pareto import pareto_mask  # noqa: E402
+
+MARKERS = {"simple": "^", "task_arithmetic": "v", "hessian": "s", "hessian_full": "D", "mixture": "d"}
+
+
+def front_projections(
+    sweeps: Mapping[str, Mapping[str, torch.Tensor]],
+    task_names: Sequence[str],
+    path: str | Path,
+    *,
+    multitask: Sequence[Sequence[float]] = (),
+    title: str = "",
+) -> Path:
+    """Per-task accuracy vs accuracy for every task pair: each method's front as markers,
+    multitask finetunes as circles."""
+    T = len(task_names)
+    pairs = [(i, j) for i in range(T) for j in range(i + 1, T)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
+        for name, sw in sweeps.items():
+            acc = torch.as_tensor(sw["accuracy"])
+            mask = pareto_mask(acc[:, [i, j]])
+            ax.scatter(acc[mask, i], acc[mask, j], marker=MARKERS.get(name, "x"), s=22, label=name, alpha=0.8)
+        for k, s in enumerate(multitask):
+            ax.scatter([s[i]], [s[j]], marker="o", facecolors="none", edgecolors="k", s=60,
+                       label="multitask finetune" if k == 0 else None)
+        ax.set_xlabel(f"{task_names[i]} accuracy")
+        ax.set_ylabel(f"{task_names[j]} accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or "estimated Pareto fronts (2-D projections)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ternary_mean_accuracy(
+    sweeps: Mapping[str, Mapping[str, torch.Tensor]], task_names: Sequence[str], path: str | Path
+) -> Path:
+    """Mean accuracy over α on the simplex, one ternary panel per method (3 tasks only)."""
+    import mpltern  # noqa: F401  (registers the 'ternary' projection)
+
+    if len(task_names) != 3:
+        raise ValueError(f"a ternary map needs exactly 3 tasks, got {len(task_names)}")
+    fig = plt.figure(figsize=(4.2 * len(sweeps), 4.2))
+    vmin = min(float(torch.as_tensor(s["accuracy"]).mean(1).min()) for s in sweeps.values())
+    vmax = max(float(torch.as_tensor(s["accuracy"]).mean(1).max()) for s in sweeps.values())
+    for k, (name, sw) in enumerate(sweeps.items()):
+        ax = fig.add_subplot(1, len(sweeps), k + 1, projection="ternary")
+        a = torch.as_tensor(sw["alpha"]).numpy()
+        mean = torch.as_tensor(sw["accuracy"]).mean(1).numpy()
+        pc = ax.scatter(a[:, 0], a[:, 1], a[:, 2], c=mean, vmin=vmin, vmax=vmax, cmap="viridis", s=14)
+        b = mean.argmax()
+        ax.scatter([a[b, 0]], [a[b, 1]], [a[b, 2]], marker="*", c="red", s=120)
+        ax.set_tlabel(task_names[0])
+        ax.set_llabel(task_names[1])
+        ax.set_rlabel(task_names[2])
+        ax.set_title(f"{name}: max {100 * mean[b]:.1f}%", pad=18)
+    fig.colorbar(pc, ax=fig.axes, shrink=0.6, label="mean accuracy")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def predicted_vs_realised(
+    task_names: Sequence[str], predicted: Sequence[float], realised: Sequence[float], path: str | Path,
+    title: str = "",
+) -> Path:
+    """Bar chart: merged-model prediction vs the real multitask finetune at the chosen α."""
+    import numpy as np
+
+    x = np.arange(len(task_names))
+    fig, ax = plt.subplots(figsize=(1.6 * len(task_names) + 2, 3.6))
+    ax.bar(x - 0.2, predicted, 0.4, label="predicted (merged)")
+    ax.bar(x + 0.2, realised, 0.4, label="realised (multitask finetune)")
+    ax.set_xticks(x, task_names)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "predicted vs realised at the chosen α")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
