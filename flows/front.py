@@ -87,7 +87,8 @@ def front_flow(config: str | dict, tracking_uri: str | None = None, output_dir: 
         front_files["predicted_vs_realised"] = plots.predicted_vs_realised(
             names, predicted[0], realised[0], run_dir / "predicted_vs_realised.png")
 
-        summary = {"config": cfg.name, "tasks": names, "grid_size": len(alpha), "run_dir": str(run_dir),
+        summary = {"config": cfg.name, "tasks": names, "grid_size": len(alpha), "spacing": cfg.merge.spacing,
+                   "run_dir": str(run_dir),
                    "mlflow_run_id": parent, "tracking_uri": uri, "methods": {}, "chosen": {
                        "method": method, "alpha": chosen.tolist(), "predicted": predicted, "realised": realised}}
         for m, sw in sweeps.items():

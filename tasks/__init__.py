@@ -1,2 +1,15 @@
 """Prefect tasks: thin wrappers around ``varmerge`` that pass references (paths, hashes), never
 tensors, persist their outputs as files, log to MLflow and cache by content."""
+
+import logging as _logging
+
+# Prefect shows library logs; keep Lightning's per-fit banners and the datasets progress bars
+# out of the flow's output (training progress is reported per task by the flow itself).
+for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    _logging.getLogger(_name).setLevel(_logging.WARNING)
+try:
+    import datasets as _datasets
+
+    _datasets.disable_progress_bars()
+except ImportError:  # pragma: no cover
+    pass

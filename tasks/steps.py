@@ -152,7 +152,7 @@ def finetune(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, task_i
                                                   "train_examples": len(t.train[1]),
                                                   **cfg.posterior.model_dump(mode="json")})
     t0 = time.perf_counter()
-    post, weights = pipeline.finetune_task(cfg, base, t)
+    post, weights = pipeline.finetune_task(cfg, base, t, logger=tracking.lightning_logger(tracking_uri, child))
     seconds = time.perf_counter() - t0
     sha = post.save(path)
     get_run_logger().info("finetuned %s in %.1f s -> %s", t.name, seconds, path)
@@ -236,8 +236,17 @@ def multitask(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, alpha
         tasks_, _ = _load_tasks(cfg, data_ref)
         base = load_base(cfg, base_ref)
         t0 = time.perf_counter()
-        model, acc = pipeline.multitask_finetune(cfg, base, tasks_, alpha)
+        child = None
+        if tracking_uri and parent_run_id:
+            child = tracking.start_child(tracking_uri, parent_run_id, f"multitask/alpha={[round(a, 3) for a in alpha]}",
+                                         {"varmerge.stage": "multitask_finetune", "varmerge.alpha": json.dumps(alpha)})
+        model, acc = pipeline.multitask_finetune(cfg, base, tasks_, alpha,
+                                                 logger=tracking.lightning_logger(tracking_uri, child))
         seconds = time.perf_counter() - t0
+        if child:
+            tracking.log_metrics(tracking_uri, child, {"seconds": seconds, **{
+                f"test/{t.name}/accuracy": float(a) for t, a in zip(tasks_, acc, strict=True)}})
+            tracking.finish(tracking_uri, child)
         io.save_state_dict(path, model.state_dict(), {"alpha": list(alpha), "accuracy": acc.tolist(),
                                                       "tasks": [t.name for t in tasks_], "seconds": seconds})
     tensors, header = io.load_tensors(path)

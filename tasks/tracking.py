@@ -63,5 +63,14 @@ def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = 
     client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
-__all__ = ["mlflow", "default_uri", "client", "experiment_id", "start_child", "finish", "log_params",
+def lightning_logger(uri: str | None, run_id: str | None):
+    """Lightning's MLflow logger bound to an existing run (one logging path, no extra runs)."""
+    if not uri or not run_id:
+        return None
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(tracking_uri=uri, run_id=run_id, log_model=False)
+
+
+__all__ = ["lightning_logger", "mlflow", "default_uri", "client", "experiment_id", "start_child", "finish", "log_params",
            "log_metrics", "log_artifact"]

@@ -63,8 +63,12 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = sorted(r.info.run_name for r in children)
-    assert names == ["finetune/a", "finetune/b", "finetune/c", "merge/hessian", "merge/mixture",
-                     "merge/simple", "multitask/final"]
+    assert names[:7] == ["finetune/a", "finetune/b", "finetune/c", "merge/hessian", "merge/mixture",
+                         "merge/simple", "multitask/alpha=" + str([round(a, 3) for a in summary["chosen"]["alpha"][0]])]
+    assert names[7:] == ["multitask/final"]
+    # Lightning logged its training curves into the finetune's own run (no extra runs)
+    ft = next(r for r in children if r.info.run_name == "finetune/a")
+    assert any(k.startswith("train") for k in ft.data.metrics), ft.data.metrics.keys()
     arts = [a.path for a in client.list_artifacts(parent.info.run_id, "front")]
     assert "front/front.json" in arts and "front/front.png" in arts
     versions = client.search_model_versions("name='varmerge-tiny'")

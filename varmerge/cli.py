@@ -32,6 +32,13 @@ for _var, _val in {
     os.environ.setdefault(_var, _val)
 
 
+def _prefect_env() -> None:
+    """Prefect's local ephemeral API in the project folder, patient start-up, quiet logs."""
+    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """varmerge: Pareto fronts of multitask finetuning by variational model merging."""
@@ -118,9 +125,7 @@ def run_flow(
 ) -> None:
     """The main job as a Prefect flow: finetunes, posteriors, α sweeps, front, multitask finetune."""
     _load(config)  # fail fast, before Prefect starts
-    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    _prefect_env()
     from flows.front import front_flow
 
     t0 = time.perf_counter()
@@ -133,6 +138,68 @@ def run_flow(
     console.print(f"done in {time.perf_counter() - t0:.0f} s. Front, plots: {summary['run_dir']}/ "
                   f"(front.json, front.png); MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}; "
                   f"registered model {summary.get('registered_model')}. Browse with: varmerge ui")
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="experiment YAML"),
+    spacing: float = typer.Option(0.1, help="α grid spacing of the ground truth (coarser than the merges)"),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI"),
+    output: Path = typer.Option(None, help="output folder (default: the config's output_dir)"),
+) -> None:
+    """Ground truth: real multitask finetunes over an α grid; front quality of every merge method."""
+    from varmerge.grid import grid_size
+
+    cfg = _load(config)
+    try:
+        n = grid_size(len(cfg.data.tasks), spacing)
+    except ValueError as exc:
+        _fail(exc)
+    _prefect_env()
+    from flows.sweep import ground_truth_flow
+
+    t0 = time.perf_counter()
+    try:
+        with console.status(f"{n} multitask finetunes (spacing {spacing})"):
+            out = ground_truth_flow(str(config), spacing=spacing, tracking_uri=tracking_uri,
+                                    output_dir=str(output) if output else None)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        _fail(exc)
+    table = Table(title=f"ground truth: {n} multitask finetunes, max mean acc {100 * out['max_mean_accuracy']:.1f}")
+    for col in ("method", "max mean acc", "hypervolume", "IGD+"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    table.add_row("multitask (truth)", f"{100 * out['max_mean_accuracy']:.1f}", f"{out['hypervolume']:.4f}", "0")
+    for m, d in out["methods"].items():
+        table.add_row(m, f"{100 * d['max_mean_accuracy']:.1f}", f"{d['hypervolume']:.4f}", f"{d['igd_plus']:.4f}")
+    console.print(table)
+    console.print(f"done in {time.perf_counter() - t0:.0f} s (reference point {out['reference_point']})")
+
+
+@app.command()
+def front(
+    run_id: str = typer.Argument(..., help="MLflow run id of a front flow (the parent run)"),
+    tracking_uri: str = typer.Option("sqlite:///runs/mlflow.db", help="MLflow tracking URI"),
+) -> None:
+    """Print the front table and the chosen α of a finished run."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, "front/front.json", tmp)
+            summary = json.loads(Path(local).read_text())
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the message is what matters
+        _fail(ValueError(f"cannot read the front of run {run_id!r} from {tracking_uri}: {exc}"))
+    print_front(summary, summary.get("spacing", float("nan")))
+    for m, d in summary["methods"].items():
+        t = Table(title=f"{m}: Pareto front ({d['front_size']} points)")
+        for n in ["α", *summary["tasks"]]:
+            t.add_column(n, justify="right")
+        for a, acc in zip(d["front"]["alpha"], d["front"]["accuracy"], strict=True):
+            t.add_row(str([round(v, 2) for v in a]), *[f"{100 * v:.1f}" for v in acc])
+        console.print(t)
 
 
 @app.command()

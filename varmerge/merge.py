@@ -353,21 +353,43 @@ class _MixtureState:
                 q += part.to(torch.float64).cpu()
         return q + self.const
 
-    def update(self, weights: torch.Tensor, ref: StateDict, step: int) -> dict[str, torch.Tensor]:
-        """θ̂ = anchor + (Σ w_c h_c δ_c) / (Σ w_c h_c) for (G, C) weights w."""
-        out = {}
-        G = weights.shape[0]
+    def update(
+        self, weights: torch.Tensor, ref: StateDict, step: int, *, out: dict | None = None, score: bool = False
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """θ̂ = anchor + (Σ w_c h_c δ_c) / (Σ w_c h_c) for (G, C) weights w, in one pass.
+
+        With ``score`` the (G, C) squared Mahalanobis distances of the new θ̂ are accumulated
+        while each chunk is still in cache (what the next E-step needs). ``out`` (the previous
+        iterate) is overwritten in place when given.
+        """
+        G, C = weights.shape
+        out = {} if out is None else out
+        q = torch.zeros(G, C, dtype=torch.float64) if score else None
         for k in self.keys:
-            w = weights.to(self.h[k].dtype)
+            cdt = self.h[k].dtype
+            w = weights.to(cdt)
             n = self.h[k].shape[1]
-            merged = torch.empty((G, n), dtype=ref[k].dtype, device=ref[k].device)
+            if k not in out:
+                out[k] = torch.empty((G, *ref[k].shape), dtype=cdt, device=ref[k].device)
+            merged = out[k].view(G, n)
+            scratch = torch.empty((G, min(step, n)), dtype=cdt, device=ref[k].device)
+            part = torch.empty((G, C), dtype=cdt) if score else None
             for lo in range(0, n, step):
                 hi = min(lo + step, n)
-                num = w @ self.hdelta[k][:, lo:hi]
-                den = w @ self.h[k][:, lo:hi]
-                merged[:, lo:hi] = self.anchor[k][lo:hi] + num / den
-            out[k] = merged.reshape((G, *ref[k].shape))
-        return out
+                o, sc = merged[:, lo:hi], scratch[:, : hi - lo]
+                h, hd = self.h[k][:, lo:hi], self.hdelta[k][:, lo:hi]
+                torch.mm(w, hd, out=o)
+                torch.mm(w, h, out=sc)
+                o.div_(sc)  # o = θ̂ − anchor
+                if score:
+                    # Σ h (d − δ)² = Σ h d² − 2 Σ h δ d (+ Σ h δ², added once by the caller)
+                    torch.mm(o, hd.T, out=part)
+                    q.add_(part.to(torch.float64), alpha=-2.0)
+                    torch.mul(o, o, out=sc)
+                    torch.mm(sc, h.T, out=part)
+                    q.add_(part.to(torch.float64))
+                o.add_(self.anchor[k][lo:hi])
+        return out, (q + self.const if score else None)
 
 
 def _responsibilities(log_joint: torch.Tensor, task_of: torch.Tensor, T: int) -> torch.Tensor:
@@ -400,7 +422,9 @@ def mixture_weighted(
     (iteration 0); each of ``iterations`` EM steps then recomputes the responsibilities
     π̂_tk ∝ π_k N(θ̂ | θ_tk, diag(1/h_tk)) from log-densities (logsumexp, ½ Σ log h included)
     and sets θ̂ = (Σ π̂_tk α_t h_tk θ_tk) / (Σ π̂_tk α_t h_tk). ``tol`` stops early when no
-    responsibility moves more than ``tol``. ``callback(i, θ̂)`` sees every iterate (batched).
+    responsibility moves more than ``tol``. ``callback(i, θ̂)`` sees every iterate (the buffers are
+    reused by the next iteration: copy what you keep). Each iteration is one pass over the
+    components: the M-step and the next E-step's distances are computed chunk by chunk.
     """
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
@@ -413,19 +437,20 @@ def mixture_weighted(
     alpha_c = a[:, task_of]  # (G, C): α_t of each component's task
 
     resp = _responsibilities(log_pi.expand(a.shape[0], -1).clone(), task_of, T)
-    theta = state.update(alpha_c * resp, flat_m[0], step)
+    theta, q = state.update(alpha_c * resp, flat_m[0], step, score=iterations > 0)
     if callback is not None:
         callback(0, theta if batched else {k: v[0] for k, v in theta.items()})
     for i in range(1, iterations + 1):
-        q = state.sq_mahalanobis(theta, step)
         new_resp = _responsibilities(log_pi + state.half_logdet - 0.5 * q, task_of, T)
         moved = (new_resp - resp).abs().max().item()
         resp = new_resp
-        theta = state.update(alpha_c * resp, flat_m[0], step)
+        last = i == iterations or (tol is not None and moved <= tol)
+        theta, q = state.update(alpha_c * resp, flat_m[0], step, out=theta, score=not last)
         if callback is not None:
             callback(i, theta if batched else {k: v[0] for k, v in theta.items()})
-        if tol is not None and moved <= tol:
+        if last:
             break
+    theta = {k: v.to(flat_m[0][k].dtype) for k, v in theta.items()}
     return _finish(theta, batched)
 
 

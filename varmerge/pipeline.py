@@ -69,9 +69,11 @@ def base_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     return models.build_model(cfg.model.name, num_classes=num_classes, **cfg.model.options)
 
 
-def _fit_kwargs(cfg: ExperimentConfig, progress: bool) -> dict:
+def _fit_kwargs(cfg: ExperimentConfig, progress: bool, logger=None) -> dict:
     p = cfg.posterior
     return dict(
+        logger=logger,
+        log_every_n_steps=max(1, min(50, p.steps // 20)),
         max_steps=p.steps,
         lr=p.lr,
         batch_size=p.batch_size,
@@ -86,14 +88,17 @@ def _fit_kwargs(cfg: ExperimentConfig, progress: bool) -> dict:
 
 
 def finetune_task(
-    cfg: ExperimentConfig, base: nn.Module, task: TaskData, *, progress: bool = False
+    cfg: ExperimentConfig, base: nn.Module, task: TaskData, *, progress: bool = False, logger=None
 ) -> tuple[Posterior, dict[str, torch.Tensor]]:
-    """Finetune a copy of ``base`` on one task; returns (posterior, finetuned trainable weights)."""
+    """Finetune a copy of ``base`` on one task; returns (posterior, finetuned trainable weights).
+
+    ``logger`` is any Lightning logger (the flows pass an MLflow logger bound to the task's run).
+    """
     import copy
 
     p = cfg.posterior
     model = copy.deepcopy(base)
-    kw = _fit_kwargs(cfg, progress)
+    kw = _fit_kwargs(cfg, progress, logger)
     if p.method in ("ivon", "adamw_sg"):
         model, post = train.fit(
             model, task.train, optimizer="ivon" if p.method == "ivon" else "adamw", seed=p.seed,
@@ -207,14 +212,14 @@ def select(cfg: ExperimentConfig, alpha: torch.Tensor, accuracy: torch.Tensor) -
 
 def multitask_finetune(
     cfg: ExperimentConfig, base: nn.Module, tasks: Sequence[TaskData], alpha: Sequence[float], *,
-    progress: bool = False,
+    progress: bool = False, logger=None,
 ) -> tuple[nn.Module, torch.Tensor]:
     """The real finetune of Σ_t α_t l_t from θ0; returns the model and its (T,) test accuracies."""
     import copy
 
     p = cfg.posterior
     model = copy.deepcopy(base)
-    kw = _fit_kwargs(cfg, progress)
+    kw = _fit_kwargs(cfg, progress, logger)
     kw["max_steps"] = cfg.multitask_steps or p.steps
     optimizer = "adamw" if p.method == "adamw_sg" else "ivon"
     if p.method == "full_von":

