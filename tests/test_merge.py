@@ -338,3 +338,17 @@ def test_registry():
     assert merge.get_method("mixture").needs_mixture
     with pytest.raises(ValueError, match="unknown merge method 'nope'"):
         merge.get_method("nope")
+
+
+def test_preallocated_out_is_filled_and_returned():
+    means, precs = random_models(3, seed=21, dtype=torch.float32)
+    grid = simplex_grid(3, 0.25)
+    out = {k: torch.full((len(grid), *v.shape), float("nan")) for k, v in means[0].items()}
+    got = merge.hessian_weighted(means, precs, grid, out=out)
+    want = merge.hessian_weighted(means, precs, grid)
+    for k in want:
+        assert got[k] is out[k]
+        torch.testing.assert_close(out[k], want[k])
+    bad = dict(out, head=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="out\\['head'\\] must be"):
+        merge.simple_average(means, grid, out=bad)

@@ -105,9 +105,11 @@ def check_precisions(
 
 
 def check_precision_tensor(t: torch.Tensor, name: str) -> None:
-    finite = torch.isfinite(t)
-    if not finite.all():
-        n = int((~finite).sum())
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t.detach())  # one pass; NaN propagates into both
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
+        n = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} has {n} non-finite value(s) (NaN/Inf); a precision must be finite")
-    if (t < 0).any():
-        raise ValueError(f"{name} has negative entries (min {t.min().item():.6g}); precisions must be >= 0")
+    if lo < 0:
+        raise ValueError(f"{name} has negative entries (min {lo.item():.6g}); precisions must be >= 0")

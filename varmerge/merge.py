@@ -107,6 +107,7 @@ def _chunked_merge(
     sources: Callable[[str], Sequence[torch.Tensor]],
     kernel: Callable[..., None],
     chunk_elems: int | None,
+    out: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``kernel(alpha, *source_chunks, out=, scratch=)`` over cache-sized chunks of every key.
 
@@ -117,21 +118,39 @@ def _chunked_merge(
     """
     G = alpha.shape[0]
     step = _chunk(G, chunk_elems)
-    out: dict[str, torch.Tensor] = {}
+    if out is not None:
+        _check_out(out, keys, ref, G)
+    result: dict[str, torch.Tensor] = {}
     for key in keys:
         r = ref[key]
         cdt = _compute_dtype(r.dtype)
         a = alpha.to(device=r.device, dtype=cdt)
         flat_sources = sources(key)
         n = r.numel()
-        merged = torch.empty((G, n), dtype=cdt, device=r.device)
+        if out is not None and cdt == r.dtype:
+            merged = out[key].view(G, n)
+        else:
+            merged = torch.empty((G, n), dtype=cdt, device=r.device)
         scratch = torch.empty((G, min(step, n)), dtype=cdt, device=r.device)
         for lo in range(0, n, step):
             hi = min(lo + step, n)
             parts = [s[..., lo:hi].to(cdt) for s in flat_sources]
             kernel(a, *parts, out=merged[:, lo:hi], scratch=scratch[:, : hi - lo])
-        out[key] = merged.to(r.dtype).reshape((G, *r.shape))
-    return _finish(out, batched)
+        if out is not None and cdt != r.dtype:
+            out[key].copy_(merged.view(out[key].shape))
+        result[key] = out[key] if out is not None else merged.to(r.dtype).reshape((G, *r.shape))
+    return _finish(result, batched)
+
+
+def _check_out(out: Mapping[str, torch.Tensor], keys, ref, G: int) -> None:
+    """Preallocated outputs: one contiguous (G, *shape) tensor of the models' dtype per key."""
+    for k in keys:
+        if k not in out:
+            raise ValueError(f"out is missing key {k!r}")
+        t, want = out[k], (G, *ref[k].shape)
+        if tuple(t.shape) != want or t.dtype != ref[k].dtype or not t.is_contiguous():
+            raise ValueError(f"out[{k!r}] must be a contiguous {want} tensor of dtype {ref[k].dtype}, "
+                             f"got {tuple(t.shape)} {t.dtype}")
 
 
 def _stack_rows(dicts: Sequence[StateDict], key: str) -> torch.Tensor:
@@ -160,7 +179,7 @@ def _check_base(base: StateDict, keys: Sequence[str], ref: StateDict, what: str 
 # --------------------------------------------------------------------------------------------
 @register("simple")
 @torch.no_grad()
-def simple_average(means: Sequence[StateDict], alpha, *, chunk_elems: int | None = None):
+def simple_average(means: Sequence[StateDict], alpha, *, chunk_elems: int | None = None, out=None):
     """Simple averaging Σ_t α_t θ_t (isotropic Gaussians, prior N(0, I); eq. 9)."""
     keys = check_state_dicts(means, "means")
     a, batched = check_alpha(alpha, len(means))
@@ -171,7 +190,7 @@ def simple_average(means: Sequence[StateDict], alpha, *, chunk_elems: int | None
     def kernel(al, th, out, scratch):
         torch.mm(al, th, out=out)
 
-    return _chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems)
+    return _chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
 
 
 @register("task_arithmetic", needs_base=True)
@@ -183,6 +202,7 @@ def task_arithmetic(
     scale: float = 1.0,
     *,
     chunk_elems: int | None = None,
+    out=None,
 ):
     """Task arithmetic θ0 + λ Σ_t α_t (θ_t − θ0) (isotropic Gaussians, prior N(θ0, I); eq. 11)."""
     keys = check_state_dicts(means, "means")
@@ -198,7 +218,7 @@ def task_arithmetic(
         torch.mm(al, th.sub_(b), out=out)
         out.mul_(scale).add_(b)
 
-    return _chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems)
+    return _chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,12 +235,14 @@ def hessian_weighted(
     base_precision: StateDict | None = None,
     precision_floor: float = DEFAULT_PRECISION_FLOOR,
     chunk_elems: int | None = None,
+    out=None,
 ):
     """Hessian-weighted merging (Σ α_t H_t)⁻¹ Σ α_t H_t θ_t with diagonal H (eq. 12).
 
     With ``base`` θ0 (and optionally ``base_precision`` H0) the prior form
     θ0 + (H0 + Σ α_t H_t)⁻¹ Σ α_t (H0 + H_t)(θ_t − θ0) is returned; α = e_t gives θ_t.
-    Precisions are floored at ``precision_floor``.
+    Precisions are floored at ``precision_floor``. ``out`` (as for every chunked rule) takes
+    preallocated (G, *shape) tensors to write into, e.g. reused across blocks of a long sweep.
     """
     keys = check_state_dicts(means, "means")
     check_precisions(precisions, means)
@@ -268,7 +290,7 @@ def hessian_weighted(
             torch.mm(al, th.sub_(b).mul_(h.add_(h0)), out=out)  # Σ α (H0 + h)(θ − θ0)
             out.div_(scratch).add_(b)
 
-    return _chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems)
+    return _chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
 
 
 # --------------------------------------------------------------------------------------------
