@@ -41,7 +41,7 @@ system-data:
 	fi
 
 demo: setup
-	$(BIN)/varmerge demo
+	$(BIN)/varmerge run configs/smoke.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

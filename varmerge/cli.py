@@ -28,6 +28,7 @@ for _var, _val in {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }.items():
     os.environ.setdefault(_var, _val)
 
@@ -137,7 +138,7 @@ def run_flow(
     print_front(summary, _load(config).merge.spacing)
     console.print(f"done in {time.perf_counter() - t0:.0f} s. Front, plots: {summary['run_dir']}/ "
                   f"(front.json, front.png); MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}; "
-                  f"registered model {summary.get('registered_model')}. Browse with: varmerge ui")
+                  f"registered model {summary.get('registered_model')}. Browse with: varmerge ui --tracking-uri {summary['tracking_uri']}")
 
 
 @app.command()

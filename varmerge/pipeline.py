@@ -59,7 +59,10 @@ def prepare_tasks(cfg: ExperimentConfig, dataset=None) -> tuple[list[TaskData], 
         xtr, ytr = vdata.image_tensors(part["train"])
         if cfg.data.max_train_per_task is not None:
             xtr, ytr = xtr[: cfg.data.max_train_per_task], ytr[: cfg.data.max_train_per_task]
-        out.append(TaskData(t.name, tuple(t.classes), (xtr, ytr), vdata.image_tensors(part["test"])))
+        xte, yte = vdata.image_tensors(part["test"])
+        if cfg.data.max_test_per_task is not None:
+            xte, yte = xte[: cfg.data.max_test_per_task], yte[: cfg.data.max_test_per_task]
+        out.append(TaskData(t.name, tuple(t.classes), (xtr, ytr), (xte, yte)))
     return out, n_classes
 
 

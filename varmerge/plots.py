@@ -58,7 +58,8 @@ def ternary_mean_accuracy(
 
     if len(task_names) != 3:
         raise ValueError(f"a ternary map needs exactly 3 tasks, got {len(task_names)}")
-    fig = plt.figure(figsize=(4.2 * len(sweeps), 4.2))
+    fig = plt.figure(figsize=(5.0 * len(sweeps), 4.6))
+    fig.subplots_adjust(wspace=0.55)
     vmin = min(float(torch.as_tensor(s["accuracy"]).mean(1).min()) for s in sweeps.values())
     vmax = max(float(torch.as_tensor(s["accuracy"]).mean(1).max()) for s in sweeps.values())
     for k, (name, sw) in enumerate(sweeps.items()):

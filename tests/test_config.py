@@ -1,0 +1,62 @@
+"""The experiment schema: every shipped config validates; bad configs fail with one clear message."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from varmerge.cli import app
+from varmerge.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "params.yaml"])
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert len(cfg.data.tasks) >= 2
+
+
+def with_(path, value):
+    d = yaml.safe_load(yaml.safe_dump(GOOD))
+    node = d
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (with_("data.bogus", 1), "data.bogus: unknown key"),
+        (with_("posterior.steps", "many"), "posterior.steps"),
+        (with_("merge.spacing", 0.3), "does not divide 1"),
+        (with_("data.tasks", [{"name": "a", "classes": [0]}]), "at least 2 tasks"),
+        (with_("data.tasks", [{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [1]}]), "class 1 is in both"),
+        (with_("data.tasks", [{"name": "a", "classes": [0]}, {"name": "a", "classes": [1]}]), "unique"),
+        (with_("merge.methods", ["simple", "nope"]), "unknown merge methods"),
+        (with_("posterior.method", "ivon"), "mixture posterior"),
+        (with_("selection.constraints", [{"task": "zzz", "value": 0.9}]), "names task 'zzz'"),
+        (with_("posterior.components", 1), "multi_ivon needs components >= 2"),
+    ],
+)
+def test_bad_configs(data, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(data, "test.yaml")
+
+
+def test_cli_validate_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_("merge.spacing", 0.3)))
+    result = CliRunner().invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert "does not divide 1" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == [bad]  # nothing written
+    ok = CliRunner().invoke(app, ["validate", str(ROOT / "configs" / "smoke.yaml")])
+    assert ok.exit_code == 0 and "66 points" in ok.output
+    missing = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2 and "no such config file" in missing.output
