@@ -31,7 +31,8 @@ def _resolve(config: str | dict | ExperimentConfig) -> ExperimentConfig:
 
 
 @flow(name="varmerge-front", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def front_flow(config: str | dict, tracking_uri: str | None = None, output_dir: str | None = None) -> dict:
+def front_flow(config: str | dict, tracking_uri: str | None = None, output_dir: str | None = None,
+               data_dir: str | None = None) -> dict:
     """Estimate the Pareto front of ``config`` and finetune at the chosen α; returns the summary."""
     cfg = _resolve(config)
     logger = get_run_logger()
@@ -41,11 +42,11 @@ def front_flow(config: str | dict, tracking_uri: str | None = None, output_dir: 
     uri = tracking_uri or cfg.tracking.uri or tracking.default_uri(run_dir)
     names = [t.name for t in cfg.data.tasks]
 
-    data_ref = steps.prepare_data(cfg_json, str(run_dir))
+    data_ref = steps.prepare_data(cfg_json, str(run_dir), data_dir)
     flow_run_id = str(get_run_context().flow_run.id)
     exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
     parent = tracking.client(uri).create_run(exp_id, run_name=f"{cfg.name}", tags={
-        "varmerge.flow_run_id": flow_run_id, "varmerge.data_version": data_ref["sha256"][:16],
+        "varmerge.flow_run_id": flow_run_id, "varmerge.data_version": data_ref.get("version", data_ref["sha256"][:16]),
         "varmerge.config": cfg.name,
     }).info.run_id
     tracking.log_params(uri, parent, {"config": cfg_json})

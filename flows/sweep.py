@@ -64,7 +64,7 @@ def ground_truth_flow(config: str | dict, spacing: float = 0.1, tracking_uri: st
     exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
     run = tracking.client(uri).create_run(exp_id, run_name=f"{cfg.name}/ground-truth",
                                           tags={"varmerge.config": cfg.name, "varmerge.stage": "ground_truth",
-                                                "varmerge.data_version": data_ref["sha256"][:16]})
+                                                "varmerge.data_version": data_ref.get("version", data_ref["sha256"][:16])})
     rid = run.info.run_id
     tracking.log_metrics(uri, rid, {"hypervolume": out["hypervolume"], "max_mean_accuracy": out["max_mean_accuracy"],
                                     **{f"{m}/{k}": v for m, d in out["methods"].items() for k, v in d.items()}})

@@ -65,7 +65,9 @@ def ref(path: Path, sha: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- data
-def _data_path(cfg_json: str, run_dir: str):
+def _data_path(cfg_json: str, run_dir: str, data_dir: str | None = None):
+    if data_dir is not None:  # a prepared (e.g. DVC-tracked) dataset folder: keyed by its content
+        return dataset_hash(Path(data_dir))[:20], Path(data_dir)
     cfg = _cfg(cfg_json)
     key = content_key("data", cfg.data.model_dump(mode="json"))
     return key, Path(run_dir) / "data" / key
@@ -80,12 +82,20 @@ def dataset_hash(path: Path) -> str:
 
 
 @task(name="prepare-data", cache_key_fn=_file_cache_key("data", _data_path), persist_result=True)
-def prepare_data(cfg_json: str, run_dir: str) -> dict:
-    """Load the configured offline source and save it (HF datasets on disk) under the run folder."""
-    key, path = _data_path(cfg_json, run_dir)
-    if not path.exists():
+def prepare_data(cfg_json: str, run_dir: str, data_dir: str | None = None) -> dict:
+    """The dataset as HF datasets on disk: ``data_dir`` if given (e.g. DVC's ``data/dvc``), else
+    the configured offline source saved under the run folder. ``version`` is the DVC hash when
+    the folder is DVC-tracked, else the first 16 hex digits of its content hash."""
+    from tasks.dvc_version import data_version
+
+    key, path = _data_path(cfg_json, run_dir, data_dir)
+    if data_dir is not None:
+        vdata.load_saved(path)  # a clear error if it is not a saved dataset
+    elif not path.exists():
         vdata.save_dataset(pipeline.load_dataset(_cfg(cfg_json)), path)
-    return ref(path, dataset_hash(path))
+    sha = dataset_hash(path)
+    version = data_version(path) if data_dir is not None else None
+    return {**ref(path, sha), "version": version or sha[:16]}
 
 
 def _load_tasks(cfg: ExperimentConfig, data_ref: dict):

@@ -60,3 +60,15 @@ def test_cli_validate_one_line_errors(tmp_path):
     assert ok.exit_code == 0 and "66 points" in ok.output
     missing = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "no such config file" in missing.output
+
+
+def test_gpu_requested_without_one_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = tmp_path / "gpu.yaml"
+    cfg.write_text(yaml.safe_dump({**GOOD, "accelerator": "gpu"}))
+    result = CliRunner().invoke(app, ["run", str(cfg), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no CUDA device is visible" in result.output
+    assert not (tmp_path / "out").exists()

@@ -83,3 +83,18 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     again = front_flow(TINY, tracking_uri=uri, output_dir=str(tmp_path / "runs"))
     assert again["methods"] == summary["methods"]
     assert again["chosen"] == summary["chosen"]
+
+
+def test_prepare_data_from_a_prepared_folder(tmp_path):
+    from tasks import steps
+    from varmerge import data as vdata
+
+    ds = vdata.mnist5k(seed=0)
+    vdata.save_dataset(ds, tmp_path / "data")
+    cfg_json = json.dumps(TINY)
+    r = steps.prepare_data.fn(cfg_json, str(tmp_path / "run"), str(tmp_path / "data"))
+    assert r["path"] == str(tmp_path / "data")
+    assert r["version"] == r["sha256"][:16]  # not DVC-tracked: the content hash
+    assert not (tmp_path / "run").exists()  # nothing copied
+    with pytest.raises(FileNotFoundError):
+        steps.prepare_data.fn(cfg_json, str(tmp_path / "run"), str(tmp_path / "nope"))

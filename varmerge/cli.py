@@ -53,11 +53,15 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
-def _load(config: Path):
+def _load(config: Path, check_device: bool = True):
     from varmerge.config import load_config
+    from varmerge.pipeline import check_accelerator
 
     try:
-        return load_config(config)
+        cfg = load_config(config)
+        if check_device:
+            check_accelerator(cfg.accelerator)
+        return cfg
     except ValueError as exc:
         _fail(exc)
 
@@ -66,8 +70,13 @@ def _load(config: Path):
 def validate(config: Path = typer.Argument(..., help="experiment YAML")) -> None:
     """Check a config file against the schema and print what it would run."""
     from varmerge.grid import grid_size
+    from varmerge.pipeline import check_accelerator
 
-    cfg = _load(config)
+    cfg = _load(config, check_device=False)
+    try:
+        check_accelerator(cfg.accelerator)
+    except ValueError as exc:
+        console.print(f"[yellow]note:[/] {exc} (fine for a config meant for another machine)")
     table = Table(title=f"{config} is valid", show_header=False)
     table.add_row("tasks", ", ".join(f"{t.name} {t.classes or t.domain}" for t in cfg.data.tasks))
     table.add_row("data", f"{cfg.data.source} (seed {cfg.data.seed}, test {cfg.data.test_fraction})")
@@ -123,6 +132,7 @@ def run_flow(
     config: Path = typer.Argument(..., help="experiment YAML"),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: sqlite in the output folder)"),
     output: Path = typer.Option(None, help="output folder (default: the config's output_dir)"),
+    data: Path = typer.Option(None, help="a prepared dataset folder (e.g. DVC's data/dvc) instead of the source"),
 ) -> None:
     """The main job as a Prefect flow: finetunes, posteriors, α sweeps, front, multitask finetune."""
     _load(config)  # fail fast, before Prefect starts
@@ -132,7 +142,8 @@ def run_flow(
     t0 = time.perf_counter()
     try:
         with console.status(f"running the front flow on {config} (Prefect + MLflow)"):
-            summary = front_flow(str(config), tracking_uri=tracking_uri, output_dir=str(output) if output else None)
+            summary = front_flow(str(config), tracking_uri=tracking_uri, output_dir=str(output) if output else None,
+                                 data_dir=str(data) if data else None)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         _fail(exc)
     print_front(summary, _load(config).merge.spacing)

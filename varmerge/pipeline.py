@@ -72,7 +72,19 @@ def base_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     return models.build_model(cfg.model.name, num_classes=num_classes, **cfg.model.options)
 
 
+def check_accelerator(accelerator: str) -> None:
+    """Fail fast when a GPU is requested where none exists (``auto`` falls back to the CPU)."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"accelerator: {accelerator} was requested but no CUDA device is visible; "
+            "use accelerator: auto (GPU when present, else CPU) or cpu"
+        )
+    if accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
+        raise ValueError(f"unknown accelerator {accelerator!r}; use auto, cpu or gpu")
+
+
 def _fit_kwargs(cfg: ExperimentConfig, progress: bool, logger=None) -> dict:
+    check_accelerator(cfg.accelerator)
     p = cfg.posterior
     return dict(
         logger=logger,
