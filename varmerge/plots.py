@@ -13,6 +13,15 @@ import torch  # noqa: E402
 
 from varmerge.pareto import pareto_mask  # noqa: E402
 
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 MARKERS = {"simple": "^", "task_arithmetic": "v", "hessian": "s", "hessian_full": "D", "mixture": "d"}
 
 
@@ -43,11 +52,7 @@ def front_projections(
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title or "estimated Pareto fronts (2-D projections)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def ternary_mean_accuracy(
@@ -74,11 +79,7 @@ def ternary_mean_accuracy(
         ax.set_rlabel(task_names[2])
         ax.set_title(f"{name}: max {100 * mean[b]:.1f}%", pad=18)
     fig.colorbar(pc, ax=fig.axes, shrink=0.6, label="mean accuracy")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def predicted_vs_realised(
@@ -98,8 +99,4 @@ def predicted_vs_realised(
     ax.legend(fontsize=8)
     ax.set_title(title or "predicted vs realised at the chosen α")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
