@@ -134,6 +134,10 @@ def _register(cfg: ExperimentConfig, uri: str, parent: str, mt_ref: dict, base_r
     tracking.log_metrics(uri, child, {f"test/{t.name}/accuracy": a
                                       for t, a in zip(cfg.data.tasks, mt_ref["accuracy"], strict=True)})
     name = f"varmerge-{cfg.name}"
+    if example is None:  # text models: the weights file is the artifact; no registry entry yet
+        tracking.log_artifact(uri, child, Path(mt_ref["path"]), "model")
+        tracking.finish(uri, child)
+        return f"(not registered: text model; weights logged in run {child})"
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=child):
         info = mlflow.pytorch.log_model(model, name="model", input_example=example,

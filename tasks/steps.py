@@ -265,9 +265,10 @@ def multitask(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, alpha
 
 
 def example_input(cfg: ExperimentConfig, data_ref: dict):
-    """One test input (numpy) for MLflow's model signature."""
+    """One test input (numpy) for MLflow's model signature; None for dict (text) inputs."""
     tasks_, _ = _load_tasks(cfg, data_ref)
-    return tasks_[0].test[0][:1].numpy()
+    x = tasks_[0].test[0]
+    return None if isinstance(x, dict) else x[:1].numpy()
 
 
 def multitask_model(cfg: ExperimentConfig, mt_ref: dict, base_ref: dict):

