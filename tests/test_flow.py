@@ -74,6 +74,17 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     versions = client.search_model_versions("name='varmerge-tiny'")
     assert len(versions) == 1 and json.loads(versions[0].tags["alpha"]) == summary["chosen"]["alpha"][0]
 
+    # ground truth on a coarse grid, and front quality of every method against it
+    from flows.sweep import ground_truth_flow
+
+    gt = ground_truth_flow(TINY, spacing=0.25, tracking_uri=uri, output_dir=str(tmp_path / "runs"))
+    assert len(gt["alpha"]) == 15 and len(gt["accuracy"]) == 15
+    assert gt["hypervolume"] > 0
+    for m in ("simple", "hessian", "mixture"):
+        q = gt["methods"][m]
+        assert q["hypervolume"] > 0 and q["igd_plus"] >= 0
+    assert (run_dir / "ground_truth_0.25.json").exists()
+
     # a re-run trains nothing: every finetune, sweep and multitask finetune is reused
     def boom(*a, **k):
         raise AssertionError("a finetune ran again")
