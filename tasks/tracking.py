@@ -63,6 +63,16 @@ def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = 
     client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
+def read_json_artifact(uri: str, run_id: str, artifact: str) -> dict:
+    """A JSON artifact of a run (e.g. ``front/front.json``), parsed."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client(uri).download_artifacts(run_id, artifact, tmp)
+        return json.loads(Path(local).read_text())
+
+
 def lightning_logger(uri: str | None, run_id: str | None):
     """Lightning's MLflow logger bound to an existing run (one logging path, no extra runs)."""
     if not uri or not run_id:

@@ -74,6 +74,17 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     versions = client.search_model_versions("name='varmerge-tiny'")
     assert len(versions) == 1 and json.loads(versions[0].tags["alpha"]) == summary["chosen"]["alpha"][0]
 
+    # `varmerge front RUN_ID` reads the front back from MLflow
+    from typer.testing import CliRunner
+
+    from varmerge.cli import app
+
+    shown = CliRunner().invoke(app, ["front", summary["mlflow_run_id"], "--tracking-uri", uri], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "mixture: Pareto front" in shown.output and "predicted vs realised" in shown.output
+    missing = CliRunner().invoke(app, ["front", "0" * 32, "--tracking-uri", uri])
+    assert missing.exit_code == 2 and "cannot read the front" in missing.output
+
     # ground truth on a coarse grid, and front quality of every method against it
     from flows.sweep import ground_truth_flow
 

@@ -193,15 +193,10 @@ def front(
     tracking_uri: str = typer.Option("sqlite:///runs/mlflow.db", help="MLflow tracking URI"),
 ) -> None:
     """Print the front table and the chosen α of a finished run."""
-    import tempfile
-
-    from mlflow.tracking import MlflowClient
+    from tasks.tracking import read_json_artifact
 
     try:
-        client = MlflowClient(tracking_uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(run_id, "front/front.json", tmp)
-            summary = json.loads(Path(local).read_text())
+        summary = read_json_artifact(tracking_uri, run_id, "front/front.json")
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the message is what matters
         _fail(ValueError(f"cannot read the front of run {run_id!r} from {tracking_uri}: {exc}"))
     print_front(summary, summary.get("spacing", float("nan")))
