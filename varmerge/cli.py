@@ -249,3 +249,7 @@ def run() -> None:  # pragma: no cover - console-script shim
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    app()
