@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests_helpers import TINY as SHARED_TINY
 
 pytest.importorskip("prefect")
 
@@ -32,23 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect") if (BIN / "prefect").exists() else "prefect"
 
-TINY = {
-    "name": "tiny-deploy",
-    "data": {
-        "source": "mnist5k",
-        "max_train_per_task": 300,
-        "tasks": [
-            {"name": "a", "classes": [0, 1]},
-            {"name": "b", "classes": [2, 3, 4]},
-            {"name": "c", "classes": [5, 6, 7, 8, 9]},
-        ],
-    },
-    "model": {"name": "logreg"},
-    "posterior": {"method": "multi_ivon", "components": 2, "steps": 20, "batch_size": 64, "lr": 0.1},
-    "merge": {"methods": ["simple", "hessian", "mixture"], "spacing": 0.25, "mixture_iterations": 5},
-    "selection": {"top_k": 1, "method": "mixture"},
-    "multitask_steps": 20,
-}
+TINY = {**copy.deepcopy(SHARED_TINY), "name": "tiny-deploy", "multitask_steps": 20}
+TINY["posterior"]["steps"] = 20
 
 
 def _free_port() -> int:

@@ -170,7 +170,7 @@ class _LazyStack:
         return torch.stack([t[sl] for t in self.tensors])
 
 
-def _check_base(base: StateDict, keys: Sequence[str], ref: StateDict, what: str = "base") -> None:
+def _check_base(base: StateDict, ref: StateDict, what: str = "base") -> None:
     check_state_dicts([base], what, reference=ref)
 
 
@@ -206,7 +206,7 @@ def task_arithmetic(
 ):
     """Task arithmetic θ0 + λ Σ_t α_t (θ_t − θ0) (isotropic Gaussians, prior N(θ0, I); eq. 11)."""
     keys = check_state_dicts(means, "means")
-    _check_base(base, keys, means[0])
+    _check_base(base, means[0])
     if not math.isfinite(scale):
         raise ValueError(f"task arithmetic scale must be finite, got {scale!r}")
     a, batched = check_alpha(alpha, len(means))
@@ -250,7 +250,7 @@ def hessian_weighted(
     if base_precision is not None and base is None:
         raise ValueError("base_precision was given without base; pass base=θ0 as well")
     if base is not None:
-        _check_base(base, keys, means[0])
+        _check_base(base, means[0])
     if base_precision is not None:
         check_state_dicts([base_precision], "base_precision", reference=means[0])
         for k, t in base_precision.items():

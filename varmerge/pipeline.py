@@ -23,7 +23,7 @@ from varmerge import data as vdata
 from varmerge import evaluate, merge, models, pareto, train
 from varmerge.config import ExperimentConfig
 from varmerge.grid import simplex_grid
-from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian, PosteriorMeta
+from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian
 
 Posterior = DiagonalGaussian | MixtureGaussian | FullGaussian
 
@@ -294,9 +294,6 @@ def multitask_finetune(
     scores = score_sweep(model, sd, tasks)
     return model, scores["accuracy"][0]
 
-
-def meta_for(cfg: ExperimentConfig, task: TaskData) -> PosteriorMeta:
-    return PosteriorMeta(task=task.name, optimizer=cfg.posterior.method, seed=cfg.posterior.seed, model=cfg.model.name)
 
 
 @dataclass

@@ -8,9 +8,8 @@ expected model and that every precision is finite and non-negative.
 from __future__ import annotations
 
 import copy
-import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -283,10 +282,6 @@ def load_posterior(path, expected: Mapping | None = None):
     return cls.load(path, expected=expected)
 
 
-def describe(post) -> str:
-    return json.dumps(post.meta.to_dict(), sort_keys=True)
-
-
 # --------------------------------------------------------------------------------------------
 # squared-gradient (empirical Fisher) precision
 # --------------------------------------------------------------------------------------------
@@ -357,7 +352,3 @@ def add_prior_precision(precision: Mapping[str, torch.Tensor], delta: float) -> 
         raise ValueError(f"prior precision δ must be >= 0, got {delta!r}")
     return {k: v + delta for k, v in precision.items()}
 
-
-def stack_diagonal(posts: Sequence[DiagonalGaussian]) -> tuple[list[dict], list[dict]]:
-    """Means and precisions of several diagonal posteriors, as the merge functions take them."""
-    return [p.mean for p in posts], [p.precision for p in posts]
