@@ -47,6 +47,7 @@ class MergeMethod:
     needs_base: bool = False
     needs_precision: bool = False
     needs_mixture: bool = False
+    needs_calibration: bool = False  # takes ``grams=`` (per-task layer-input Gram matrices)
     description: str = ""
 
 
@@ -593,3 +594,7 @@ def hessian_weighted_full(
 
 def merge_names() -> list[str]:
     return sorted(MERGE_METHODS)
+
+
+# The baseline rules (TIES, DARE, SLERP, model soup, RegMean, ESM) register themselves here.
+from varmerge import baselines as _baselines  # noqa: E402,F401
