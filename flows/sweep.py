@@ -12,7 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.front import _resolve
 from tasks import steps, tracking
-from varmerge import pareto, plots
+from varmerge import io, pareto, plots
 from varmerge.grid import simplex_grid
 
 
@@ -56,7 +56,7 @@ def ground_truth_flow(config: str | dict, spacing: float = 0.1, tracking_uri: st
                 "max_mean_accuracy": float(sw["accuracy"].mean(1).max()),
             }
     path = run_dir / f"ground_truth_{spacing}.json"
-    path.write_text(json.dumps(out, indent=2))
+    io.write_text_atomic(path, json.dumps(out, indent=2))
     if sweeps:
         plots.front_projections(sweeps, names, run_dir / "front_vs_ground_truth.png",
                                 multitask=acc[mask].tolist(), title=f"{cfg.name}: merged fronts vs multitask")

@@ -3,6 +3,12 @@ tensors, persist their outputs as files, log to MLflow and cache by content."""
 
 import logging as _logging
 
+# Prefect workers import tasks/ without the CLI: the same offline, loopback-only defaults, set
+# before datasets / transformers / mlflow read them at import.
+from varmerge.services import apply_service_env as _apply_service_env
+
+_apply_service_env()
+
 # Prefect shows library logs; keep Lightning's per-fit banners and the datasets progress bars
 # out of the flow's output (training progress is reported per task by the flow itself).
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):

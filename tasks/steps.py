@@ -5,7 +5,10 @@ run ids — never tensors. Outputs are files whose names carry a content key com
 task's inputs (config section, upstream hashes, the task's source); a task whose output file
 already exists and loads with a valid hash is not re-run (Prefect's ``cache_key_fn`` returns the
 same key, and a missing file invalidates it). Files are written atomically, so a killed flow
-resumes from what was complete.
+resumes from what was complete; a file that is there but fails its hash check (modified or
+corrupted on disk) stops the flow with a message naming it, and is never silently overwritten.
+Prefect persists the tasks' small results as JSON (never pickle). ``tasks.faults`` holds the
+test-only fault-injection points.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 
 from tasks import tracking
+from tasks.faults import fault_point
 from varmerge import data as vdata
 from varmerge import io, models, pipeline
 from varmerge.config import ExperimentConfig, parse_config
@@ -40,24 +45,45 @@ def content_key(kind: str, *parts) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def _valid_file(path: Path) -> bool:
+def _done(path: Path) -> bool:
+    """Whether the output ``path`` is complete: False if absent, True if it loads with a valid
+    hash. A file that is there but fails the check was modified or corrupted after it was written
+    (writes are atomic and fsynced): that is an error naming the file, never a silent redo."""
+    if not Path(path).exists():
+        return False
     try:
         io.load_tensors(path)
-        return True
-    except ValueError:
-        return False
+    except ValueError as exc:
+        raise ValueError(f"{exc}; delete it to recompute it") from None
+    return True
 
 
 def _file_cache_key(kind: str, path_of):
-    """A Prefect cache_key_fn: the content key, or a fresh one when the output file is gone."""
+    """A Prefect cache_key_fn: the content key and the output folder, or a fresh key when the
+    output file is missing or damaged (the task then runs and reports a damaged file)."""
 
     def key_fn(context: TaskRunContext, parameters: dict) -> str:
         key, path = path_of(**parameters)
-        if not Path(path).exists():
-            return f"{kind}-{key}-missing-{time.time_ns()}"
-        return f"{kind}-{key}"
+        where = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
+        try:
+            done = _done(path)
+        except ValueError:
+            done = False
+        if not done:
+            return f"{kind}-{key}-{where}-missing-{time.time_ns()}"
+        return f"{kind}-{key}-{where}"
 
     return key_fn
+
+
+def _check_ref(r: dict, what: str) -> None:
+    """The file a reference names still holds what the flow recorded (its stored hash)."""
+    stored = io.read_header(r["path"]).get("sha256")
+    if stored != r["sha256"]:
+        raise ValueError(
+            f"{r['path']}: this {what} file changed since the flow recorded it "
+            f"(sha256 {str(stored)[:12]}… != {r['sha256'][:12]}…); re-run the flow to recompute"
+        )
 
 
 def ref(path: Path, sha: str) -> dict:
@@ -81,7 +107,8 @@ def dataset_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-@task(name="prepare-data", cache_key_fn=_file_cache_key("data", _data_path), persist_result=True)
+@task(name="prepare-data", cache_key_fn=_file_cache_key("data", _data_path), persist_result=True,
+      result_serializer="json")
 def prepare_data(cfg_json: str, run_dir: str, data_dir: str | None = None) -> dict:
     """The dataset as HF datasets on disk: ``data_dir`` if given (e.g. DVC's ``data/dvc``), else
     the configured offline source saved under the run folder. ``version`` is the DVC hash when
@@ -109,11 +136,12 @@ def _base_path(cfg_json: str, run_dir: str, data_ref: dict):
     return key, Path(run_dir) / "base" / f"theta0-{key}.safetensors"
 
 
-@task(name="base-model", cache_key_fn=_file_cache_key("base", _base_path), persist_result=True)
+@task(name="base-model", cache_key_fn=_file_cache_key("base", _base_path), persist_result=True,
+      result_serializer="json")
 def base_model(cfg_json: str, run_dir: str, data_ref: dict) -> dict:
     """θ0, the shared starting point, as a full state dict file."""
     key, path = _base_path(cfg_json, run_dir, data_ref)
-    if not _valid_file(path):
+    if not _done(path):
         cfg = _cfg(cfg_json)
         _, n_classes = _load_tasks(cfg, data_ref)
         model = pipeline.base_model(cfg, n_classes)
@@ -143,16 +171,23 @@ def _finetune_path(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, 
 
 
 @task(name="finetune-task", task_run_name="finetune-{task_index}",
-      cache_key_fn=_file_cache_key("posterior", _finetune_path), persist_result=True)
+      cache_key_fn=_file_cache_key("posterior", _finetune_path), persist_result=True, result_serializer="json")
 def finetune(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, task_index: int,
              tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
-    """One task's finetune; writes its posterior (means + precisions = the Hessian) and logs it."""
+    """One task's finetune; writes its posterior (means + precisions = the Hessian) and logs it.
+
+    Finished MultiIVON/SoupIVON runs and AdamW-trained weights go to ``posteriors/parts/<name>/``
+    as they complete (reused after a crash) and are removed once the posterior file is written.
+    """
     key, path = _finetune_path(cfg_json, run_dir, data_ref, base_ref, task_index)
     cfg = _cfg(cfg_json)
-    if _valid_file(path):
+    parts = path.parent / "parts" / path.stem
+    if _done(path):
+        shutil.rmtree(parts, ignore_errors=True)  # a kill between saving the posterior and this cleanup
         return ref(path, io.load_tensors(path)[1]["sha256"])
     tasks_, _ = _load_tasks(cfg, data_ref)
     t = tasks_[task_index]
+    fault_point("finetune", t.name)
     base = load_base(cfg, base_ref)
     child = None
     if tracking_uri and parent_run_id:
@@ -162,9 +197,11 @@ def finetune(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, task_i
                                                   "train_examples": len(t.train[1]),
                                                   **cfg.posterior.model_dump(mode="json")})
     t0 = time.perf_counter()
-    post, weights = pipeline.finetune_task(cfg, base, t, logger=tracking.lightning_logger(tracking_uri, child))
+    post, weights = pipeline.finetune_task(cfg, base, t, logger=tracking.lightning_logger(tracking_uri, child),
+                                           resume_dir=parts)
     seconds = time.perf_counter() - t0
     sha = post.save(path)
+    shutil.rmtree(parts, ignore_errors=True)
     get_run_logger().info("finetuned %s in %.1f s -> %s", t.name, seconds, path)
     if child:
         model = load_base(cfg, base_ref)
@@ -188,16 +225,19 @@ def _sweep_path(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_r
 
 
 @task(name="merge-sweep", task_run_name="sweep-{method}",
-      cache_key_fn=_file_cache_key("sweep", _sweep_path), persist_result=True)
+      cache_key_fn=_file_cache_key("sweep", _sweep_path), persist_result=True, result_serializer="json")
 def sweep(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_ref: dict, posterior_refs: list,
           tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
     """Merge with one method over the whole α grid and score every merged model on every task."""
     key, path = _sweep_path(cfg_json, run_dir, method, data_ref, base_ref, posterior_refs)
     cfg = _cfg(cfg_json)
-    if not _valid_file(path):
+    if not _done(path):
+        fault_point("sweep", method)
         tasks_, _ = _load_tasks(cfg, data_ref)
         base = load_base(cfg, base_ref)
         expected = models.trainable_state_dict(base)
+        for r in posterior_refs:
+            _check_ref(r, "posterior")
         posts = [load_posterior(r["path"], expected=expected) for r in posterior_refs]
         t0 = time.perf_counter()
         res = pipeline.sweep_and_score(cfg, method, posts, base, tasks_)
@@ -215,14 +255,16 @@ def sweep(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_ref: di
                                                        **{f"best_alpha/{t.name}": float(a) for t, a in
                                                           zip(tasks_, res["alpha"][b], strict=True)}})
             table = path.with_suffix(".json")
-            table.write_text(json.dumps({"tasks": [t.name for t in tasks_], "alpha": res["alpha"].tolist(),
-                                         "accuracy": res["accuracy"].tolist(), "loss": res["loss"].tolist()}))
+            io.write_text_atomic(table, json.dumps({"tasks": [t.name for t in tasks_], "alpha": res["alpha"].tolist(),
+                                                    "accuracy": res["accuracy"].tolist(), "loss": res["loss"].tolist()}))
             tracking.log_artifact(tracking_uri, child, table, "sweep")
             tracking.finish(tracking_uri, child)
     return ref(path, io.load_tensors(path)[1]["sha256"])
 
 
 def load_sweep(sweep_ref: dict) -> dict:
+    if "sha256" in sweep_ref:
+        _check_ref(sweep_ref, "sweep")
     tensors, header = io.load_tensors(sweep_ref["path"])
     return {**tensors, "tasks": header["tasks"], "method": header["method"], "seconds": header["seconds"]}
 
@@ -236,13 +278,15 @@ def _multitask_path(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict,
     return key, Path(run_dir) / "multitask" / f"alpha-{key}.safetensors"
 
 
-@task(name="multitask-finetune", cache_key_fn=_file_cache_key("multitask", _multitask_path), persist_result=True)
+@task(name="multitask-finetune", cache_key_fn=_file_cache_key("multitask", _multitask_path), persist_result=True,
+      result_serializer="json")
 def multitask(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, alpha: list,
               tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
     """The real multitask finetune at α; returns its file and realised per-task accuracies."""
     key, path = _multitask_path(cfg_json, run_dir, data_ref, base_ref, alpha)
     cfg = _cfg(cfg_json)
-    if not _valid_file(path):
+    if not _done(path):
+        fault_point("multitask")
         tasks_, _ = _load_tasks(cfg, data_ref)
         base = load_base(cfg, base_ref)
         t0 = time.perf_counter()
@@ -272,6 +316,7 @@ def example_input(cfg: ExperimentConfig, data_ref: dict):
 
 
 def multitask_model(cfg: ExperimentConfig, mt_ref: dict, base_ref: dict):
+    _check_ref(mt_ref, "multitask model")
     model = load_base(cfg, base_ref)
     model.load_state_dict(io.load_state_dict(mt_ref["path"], expected=model.state_dict()))
     return model

@@ -8,6 +8,7 @@ the ``mlflow.parentRunId`` tag, which is thread-safe (Prefect runs tasks in thre
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import mlflow
@@ -32,6 +33,52 @@ def experiment_id(uri: str, name: str, artifact_root: Path) -> str:
         return exp.experiment_id
     artifact_root.mkdir(parents=True, exist_ok=True)
     return c.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+
+
+def process_tag() -> str:
+    """``host:pid`` of this process: the ``varmerge.process`` tag of the runs it opens."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_stale_runs(uri: str, experiment_id: str, config_name: str) -> list[str]:
+    """Mark KILLED the runs of ``config_name`` left RUNNING by a process of this machine that is
+    gone (a killed flow: nothing in it got to finish its runs). Runs of live processes, or of
+    other machines, are left alone. Returns the run ids closed."""
+    if "'" in config_name:
+        return []
+    c = client(uri)
+    runs = c.search_runs([experiment_id], f"tags.`varmerge.config` = '{config_name}' and attributes.status = 'RUNNING'",
+                         max_results=1000)
+    host, closed = socket.gethostname(), []
+    for r in runs:
+        h, _, pid = r.data.tags.get("varmerge.process", "").rpartition(":")
+        if h == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            c.set_terminated(r.info.run_id, status="KILLED")
+            closed.append(r.info.run_id)
+    return closed
+
+
+def find_model_version(uri: str, name: str, sha256: str):
+    """The READY registered version of ``name`` whose ``varmerge.sha256`` tag is ``sha256``, or None."""
+    c = client(uri)
+    try:
+        versions = c.search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        if v.tags.get("varmerge.sha256") == sha256 and v.status == "READY":
+            return v
+    return None
 
 
 def start_child(uri: str, parent_id: str, name: str, tags: dict | None = None) -> str:
@@ -83,4 +130,4 @@ def lightning_logger(uri: str | None, run_id: str | None):
 
 
 __all__ = ["lightning_logger", "mlflow", "default_uri", "client", "experiment_id", "start_child", "finish", "log_params",
-           "log_metrics", "log_artifact"]
+           "log_metrics", "log_artifact", "process_tag", "close_stale_runs", "find_model_version"]

@@ -34,3 +34,56 @@ def random_models(T, seed=0, dtype=torch.float64, shapes=None):
         for _ in range(T)
     ]
     return means, precs
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One Prefect test API for the whole session (starting one costs ~12 s on 2 cores).
+
+    Yields its URL: subprocesses given ``PREFECT_API_URL`` use it too instead of starting their
+    own ephemeral API.
+    """
+    pytest.importorskip("prefect")
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    try:
+        with prefect_test_harness(server_startup_timeout=90):
+            yield PREFECT_API_URL.value()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def reference_run(prefect_harness, tmp_path_factory):
+    """One uninterrupted front flow of ``tests_helpers.RESUME`` (shared by the resume and
+    determinism tests): ``{"config", "out", "run_dir", "uri", "summary"}``."""
+    import yaml
+    from tests_helpers import RESUME
+
+    from flows.front import front_flow
+
+    root = tmp_path_factory.mktemp("reference")
+    config = root / "resume.yaml"
+    config.write_text(yaml.safe_dump(RESUME))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    summary = front_flow(str(config), tracking_uri=uri, output_dir=str(root / "runs"))
+    return {"config": config, "out": root / "runs", "run_dir": root / "runs" / RESUME["name"], "uri": uri,
+            "summary": summary}
+
+
+@pytest.fixture
+def restore_env():
+    """Put ``os.environ`` back after a test that runs ``varmerge run`` in-process (the CLI sets
+    logging and Prefect defaults with ``setdefault``, which would leak into later tests)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

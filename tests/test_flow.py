@@ -7,19 +7,12 @@ import pytest
 pytest.importorskip("prefect")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from tests_helpers import TINY  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    import os
-
-    home = tmp_path_factory.mktemp("prefect_home")
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
+def harness(prefect_harness):  # the session's Prefect test API (tests/conftest.py)
+    yield
 
 
 @pytest.mark.slow

@@ -17,3 +17,11 @@ TINY = {
     "selection": {"top_k": 1, "method": "mixture"},
     "multitask_steps": 25,
 }
+
+# TINY with a few more steps: each IVON run takes a few seconds, a window to kill a flow in.
+RESUME = {
+    **TINY,
+    "name": "resume",
+    "posterior": {**TINY["posterior"], "steps": 300},
+    "multitask_steps": 100,
+}

@@ -7,6 +7,7 @@ Errors a user can act on (bad config, missing data, α off the simplex, ...) pri
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -14,30 +15,29 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from varmerge.services import LOOPBACK, apply_service_env
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 _STATE = {"debug": False}
 
-for _var, _val in {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-}.items():
-    os.environ.setdefault(_var, _val)
+apply_service_env()  # offline, no telemetry, loopback only (varmerge/services.py)
 
 
 def _prefect_env() -> None:
     """Prefect's local ephemeral API in the project folder, patient start-up, quiet logs."""
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_API_HOST", LOOPBACK)
+    # A failure reaches the user as one `error:` line; Prefect's and MLflow's own logs (Prefect
+    # logs a failed run with its traceback) only with --debug or when the variables are set.
+    debug = _STATE["debug"]
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if debug else "CRITICAL")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if debug else "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
 
 
 @app.callback()
@@ -46,10 +46,23 @@ def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -
     _STATE["debug"] = debug
 
 
+# Errors whose message is meant for the user as is; anything else is reported as unexpected.
+USER_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def _fail(exc: BaseException) -> None:
+    """Print ``error: <one line>`` and exit 2; ``--debug`` re-raises (the traceback)."""
     if _STATE["debug"]:
         raise exc
-    console.print(f"[bold red]error:[/] {exc}")
+    msg = _one_line(exc)
+    if not isinstance(exc, USER_ERRORS):
+        msg = f"unexpected {type(exc).__name__}: {msg} (rerun with --debug for the traceback)"
+    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -67,8 +80,12 @@ def _load(config: Path, check_device: bool = True):
 
 
 @app.command()
-def validate(config: Path = typer.Argument(..., help="experiment YAML")) -> None:
-    """Check a config file against the schema and print what it would run."""
+def validate(
+    config: Path = typer.Argument(..., help="experiment YAML"),
+    schema_only: bool = typer.Option(False, "--schema-only", help="skip the data and model checks"),
+) -> None:
+    """Check a config (schema, data, model) and print what it would run; writes nothing."""
+    from varmerge import preflight as pf
     from varmerge.grid import grid_size
     from varmerge.pipeline import check_accelerator
 
@@ -76,7 +93,17 @@ def validate(config: Path = typer.Argument(..., help="experiment YAML")) -> None
     try:
         check_accelerator(cfg.accelerator)
     except ValueError as exc:
-        console.print(f"[yellow]note:[/] {exc} (fine for a config meant for another machine)")
+        console.print(f"[yellow]note:[/] {escape(str(exc))} (fine for a config meant for another machine)",
+                      soft_wrap=True)
+    report = None
+    try:
+        pf.check_constraints(cfg)
+        if not schema_only:
+            ds = pf.load_data(cfg)
+            report = pf.check_data(cfg, ds)
+            pf.check_model(cfg, report.num_classes, ds)
+    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
+        _fail(exc)
     table = Table(title=f"{config} is valid", show_header=False)
     table.add_row("tasks", ", ".join(f"{t.name} {t.classes or t.domain}" for t in cfg.data.tasks))
     table.add_row("data", f"{cfg.data.source} (seed {cfg.data.seed}, test {cfg.data.test_fraction})")
@@ -84,6 +111,9 @@ def validate(config: Path = typer.Argument(..., help="experiment YAML")) -> None
     table.add_row("posterior", f"{cfg.posterior.method} ({cfg.posterior.steps} steps)")
     table.add_row("merges", ", ".join(cfg.merge.methods))
     table.add_row("α grid", f"spacing {cfg.merge.spacing}: {grid_size(len(cfg.data.tasks), cfg.merge.spacing)} points")
+    if report is not None:
+        table.add_row("examples", ", ".join(f"{n} {report.train_examples[n]}/{report.test_examples[n]}"
+                                            for n in report.train_examples) + " (train/test)")
     console.print(table)
 
 
@@ -99,7 +129,7 @@ def demo(
     t0 = time.perf_counter()
     try:
         res = pipeline.estimate_front(cfg, status=console.status)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
         _fail(exc)
     summary = res.summary()
     summary["seconds"]["total"] = time.perf_counter() - t0
@@ -122,7 +152,7 @@ def prepare_data(
     try:
         ds = pipeline.load_dataset(cfg)
         vdata.save_dataset(ds, out)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
         _fail(exc)
     console.print(f"saved {cfg.data.source} ({', '.join(f'{k}: {len(v)}' for k, v in ds.items())}) to {out}")
 
@@ -134,8 +164,19 @@ def run_flow(
     output: Path = typer.Option(None, help="output folder (default: the config's output_dir)"),
     data: Path = typer.Option(None, help="a prepared dataset folder (e.g. DVC's data/dvc) instead of the source"),
 ) -> None:
-    """The main job as a Prefect flow: finetunes, posteriors, α sweeps, front, multitask finetune."""
-    _load(config)  # fail fast, before Prefect starts
+    """The main job as a Prefect flow: finetunes, posteriors, α sweeps, front, multitask finetune.
+
+    Config, accelerator, output folder, tracking store, data and model are checked first
+    (``varmerge.preflight``): a run that would fail stops here and writes nothing.
+    """
+    from varmerge.preflight import preflight
+
+    cfg = _load(config)  # fail fast, before Prefect starts
+    try:
+        with console.status("checking the config, data, model and tracking store"):
+            preflight(cfg, tracking_uri, output_dir=output, data_dir=data)
+    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
+        _fail(exc)
     _prefect_env()
     from flows.front import front_flow
 
@@ -143,10 +184,10 @@ def run_flow(
     try:
         with console.status(f"running the front flow on {config} (Prefect + MLflow)"):
             summary = front_flow(str(config), tracking_uri=tracking_uri, output_dir=str(output) if output else None,
-                                 data_dir=str(data) if data else None)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+                                 data_dir=str(data) if data else None, check_inputs=False)
+    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
         _fail(exc)
-    print_front(summary, _load(config).merge.spacing)
+    print_front(summary, cfg.merge.spacing)
     console.print(f"done in {time.perf_counter() - t0:.0f} s. Front, plots: {summary['run_dir']}/ "
                   f"(front.json, front.png); MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}; "
                   f"registered model {summary.get('registered_model')}. Browse with: varmerge ui --tracking-uri {summary['tracking_uri']}")
@@ -161,11 +202,14 @@ def sweep(
 ) -> None:
     """Ground truth: real multitask finetunes over an α grid; front quality of every merge method."""
     from varmerge.grid import grid_size
+    from varmerge.preflight import preflight
 
     cfg = _load(config)
     try:
         n = grid_size(len(cfg.data.tasks), spacing)
-    except ValueError as exc:
+        with console.status("checking the config, data, model and tracking store"):
+            preflight(cfg, tracking_uri, output_dir=output)
+    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
         _fail(exc)
     _prefect_env()
     from flows.sweep import ground_truth_flow
@@ -175,7 +219,7 @@ def sweep(
         with console.status(f"{n} multitask finetunes (spacing {spacing})"):
             out = ground_truth_flow(str(config), spacing=spacing, tracking_uri=tracking_uri,
                                     output_dir=str(output) if output else None)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
         _fail(exc)
     table = Table(title=f"ground truth: {n} multitask finetunes, max mean acc {100 * out['max_mean_accuracy']:.1f}")
     for col in ("method", "max mean acc", "hypervolume", "IGD+"):
@@ -213,15 +257,22 @@ def front(
 def ui(
     tracking_uri: str = typer.Option("sqlite:///runs/mlflow.db", help="MLflow backend store"),
     port: int = typer.Option(5000),
-    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+    host: str = typer.Option(LOOPBACK, help="bind address (loopback by default; 0.0.0.0 exposes it to the network)"),
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1."""
+    """Start the MLflow UI on 127.0.0.1 (other hosts only when asked with --host)."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host,
-           "--port", str(port)]
+    if host not in (LOOPBACK, "localhost", "::1"):
+        console.print(f"[yellow]note:[/] the MLflow UI will listen on {host}, not only on this machine; "
+                      "it has no authentication", soft_wrap=True)
     console.print(f"MLflow UI on http://{host}:{port} ({tracking_uri}); Ctrl-C stops it")
-    raise typer.Exit(subprocess.call(cmd))
+    raise typer.Exit(subprocess.call(ui_command(tracking_uri, host, port)))
+
+
+def ui_command(tracking_uri: str, host: str = LOOPBACK, port: int = 5000) -> list[str]:
+    """The ``mlflow ui`` command line that ``varmerge ui`` runs."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host,
+            "--port", str(port)]
 
 
 def print_front(summary: dict, spacing: float) -> None:

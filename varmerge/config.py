@@ -39,6 +39,9 @@ class DataConfig(_Strict):
     max_train_per_task: int | None = Field(None, gt=0)
     max_length: int = Field(64, gt=0, description="tokens per text (text sources)")
     max_test_per_task: int | None = Field(None, gt=0, description="cap the test set (evaluating G models costs G passes)")
+    image_pool: int = Field(
+        1, ge=1, le=14, description="average-pool images by this factor (2: 28x28 -> 14x14; full Gaussians stay affordable)"
+    )
     tasks: list[TaskConfig]
 
     @field_validator("tasks")
@@ -93,11 +96,81 @@ class PosteriorConfig(_Strict):
         return self
 
 
+#: ``merge.methods`` may name this front estimator (varmerge.map_front) besides the merge rules.
+MAP_METHOD = "map"
+
+#: Per-method options the pipeline itself reads (besides the rule's keyword arguments).
+PIPELINE_OPTIONS = {"regmean": {"calibration_examples"}}
+
+#: Options that have a dedicated MergeConfig field instead.
+_DEDICATED_OPTIONS = {("task_arithmetic", "scale"): "merge.task_arithmetic_scale",
+                      ("mixture", "iterations"): "merge.mixture_iterations"}
+
+#: Keyword arguments of the rules that are data, not settings.
+_NOT_OPTIONS = {"base", "means", "precisions", "alpha", "grams", "out", "callback", "base_precision",
+                "weights", "evaluate", "metric", "maximize"}
+
+
+def method_option_names(method: str) -> set[str]:
+    """The keys ``merge.options[method]`` may use: the rule's settings (keyword arguments)."""
+    import inspect
+
+    if method == MAP_METHOD:
+        from varmerge.map_front import map_front as fn
+    else:
+        from varmerge.merge import get_method
+
+        fn = get_method(method).fn
+    params = inspect.signature(fn).parameters.values()
+    names = {p.name for p in params if p.default is not inspect.Parameter.empty}
+    return (names - _NOT_OPTIONS) | PIPELINE_OPTIONS.get(method, set())
+
+
+def check_method_options(method: str, options: dict[str, Any], num_tasks: int) -> None:
+    """Try ``options`` on a tiny problem so that a bad value fails now, not after the finetunes.
+
+    Rules needing precisions are not probed (their options are checked when they run).
+    Raises ValueError naming the method.
+    """
+    import torch
+
+    from varmerge.merge import get_method
+
+    opts = dict(options)
+    try:
+        if method == MAP_METHOD:
+            from varmerge.map_front import check_settings
+
+            check_settings(num_tasks, **opts)
+            return
+        n_cal = opts.pop("calibration_examples", 1)
+        if isinstance(n_cal, bool) or not isinstance(n_cal, int) or n_cal < 1:
+            raise ValueError(f"calibration_examples must be a positive integer, got {n_cal!r}")
+        spec = get_method(method)
+        if spec.needs_precision:
+            return
+        f64 = torch.float64
+        base = {"w": torch.zeros(2, 2, dtype=f64), "b": torch.zeros(2, dtype=f64)}
+        means = [{"w": torch.eye(2, dtype=f64) * (t + 1), "b": torch.ones(2, dtype=f64) * t}
+                 for t in range(num_tasks)]
+        kwargs: dict[str, Any] = {"base": base} if spec.needs_base else {}
+        if spec.needs_calibration:
+            kwargs["grams"] = [{"w": torch.eye(2, dtype=f64)} for _ in range(num_tasks)]
+        spec.fn(means=means, alpha=torch.full((num_tasks,), 1.0 / num_tasks, dtype=f64), **kwargs, **opts)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"merge.options.{method}: {exc}") from None
+
+
 class MergeConfig(_Strict):
     methods: list[str] = Field(default_factory=lambda: ["simple", "hessian", "mixture"])
     spacing: float = Field(0.1, description="α grid spacing; must divide 1")
     mixture_iterations: int = Field(10, ge=0)
     task_arithmetic_scale: float = 1.0
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-method settings, e.g. {ties: {density: 0.2}, dare: {drop: 0.9}, esm: {rank: 8}, "
+        "regmean: {ridge: 1e-4, calibration_examples: 256}, map: {n_evaluations: 12}}",
+    )
 
     @field_validator("spacing")
     @classmethod
@@ -112,9 +185,33 @@ class MergeConfig(_Strict):
     def _methods(cls, v):
         from varmerge.merge import MERGE_METHODS
 
-        unknown = [m for m in v if m not in MERGE_METHODS]
+        unknown = [m for m in v if m not in MERGE_METHODS and m != MAP_METHOD]
         if unknown or not v:
-            raise ValueError(f"unknown merge methods {unknown}; known: {sorted(MERGE_METHODS)}")
+            raise ValueError(
+                f"unknown merge methods {unknown}; known: {sorted([*MERGE_METHODS, MAP_METHOD])}"
+            )
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v):
+        from varmerge.merge import MERGE_METHODS
+
+        known = sorted([*MERGE_METHODS, MAP_METHOD])
+        unknown = [m for m in v if m not in known]
+        if unknown:
+            raise ValueError(f"options name unknown merge methods {unknown}; known: {known}")
+        for method, opts in v.items():
+            allowed = method_option_names(method)
+            for key in opts:
+                if (method, key) in _DEDICATED_OPTIONS:
+                    raise ValueError(
+                        f"options.{method}.{key}: set {_DEDICATED_OPTIONS[method, key]} instead"
+                    )
+                if key not in allowed:
+                    raise ValueError(
+                        f"options.{method}: unknown option {key!r}; {method} takes {sorted(allowed)}"
+                    )
         return v
 
 
@@ -165,6 +262,8 @@ class ExperimentConfig(_Strict):
             )
         if "hessian_full" in self.merge.methods and self.posterior.method != "full_von":
             raise ValueError("merge method 'hessian_full' needs posterior.method: full_von")
+        for method, opts in self.merge.options.items():
+            check_method_options(method, opts, len(self.data.tasks))
         return self
 
 
@@ -173,14 +272,16 @@ class ConfigError(ValueError):
 
 
 def _format(err: ValidationError, path: str) -> str:
-    lines = [f"{path}: invalid config ({err.error_count()} problem(s))"]
+    """One line: ``path: invalid config: loc: msg`` (several problems joined by ``; ``)."""
+    problems = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/*.yaml for the schema)"
-        lines.append(f"  - {loc}: {msg}")
-    return "\n".join(lines)
+        problems.append(f"{loc}: {' '.join(msg.split())}")
+    head = f"{path}: invalid config" + (f" ({len(problems)} problems)" if len(problems) > 1 else "")
+    return f"{head}: {'; '.join(problems)}"
 
 
 def parse_config(data: dict, source: str = "<config>") -> ExperimentConfig:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
+import inspect
 import os
 import re
 import shutil
@@ -282,9 +283,10 @@ def mnist_idx(root: str | os.PathLike) -> DatasetDict:
     and ``t10k-labels-idx1-ubyte``, each optionally ``.gz``; the official train/test split.
     """
     root = Path(root)
-    return _idx_dataset_dict(
-        root, DIGITS, "put the 4 MNIST IDX files (optionally gzipped) in that folder"
-    )
+    hint = "put the 4 MNIST IDX files (optionally gzipped) in that folder"
+    if not root.is_dir():
+        raise DataSourceMissing(f"MNIST IDX folder {root} does not exist: {hint}")
+    return _idx_dataset_dict(root, DIGITS, hint)
 
 
 def fashion_mnist(root: str | os.PathLike = FASHION_MNIST_ROOT) -> DatasetDict:
@@ -511,7 +513,19 @@ def load_source(name: str, /, **options: Any) -> DatasetDict:
     ``load_source("fortunes", categories=["computers", "food", "law"])``."""
     if name not in SOURCES:
         raise ValueError(f"unknown data source {name!r}; known: {', '.join(SOURCES)}")
-    return SOURCES[name](**options)
+    fn = SOURCES[name]
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            raise ValueError(
+                f"data source {name!r} has no option(s) {unknown}; its options: {', '.join(params)}"
+            )
+    try:
+        inspect.signature(fn).bind(**options)
+    except TypeError as e:
+        raise ValueError(f"data source {name!r}: {e} (set it under data.options)") from None
+    return fn(**options)
 
 
 def num_classes(data: DatasetDict | Dataset) -> int:

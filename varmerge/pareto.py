@@ -90,11 +90,12 @@ def select_alpha(
     *,
     k: int = 1,
     constraints: Sequence[tuple[int, str, float]] = (),
+    task_names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` α by mean score among the rows meeting every constraint ``(task, op, value)``.
 
     ``op`` is one of ``>=``, ``>``, ``<=``, ``<``. Raises ValueError (naming the best value
-    reached per constrained task) when no row satisfies them.
+    reached per constrained task, by ``task_names`` if given) when no row satisfies them.
     """
     s = torch.as_tensor(_as_points(scores), dtype=torch.float64)
     a = torch.as_tensor(alphas, dtype=torch.float64)
@@ -108,7 +109,8 @@ def select_alpha(
         ok &= ops[op](s[:, task], value)
     if not ok.any():
         desc = "; ".join(
-            f"task {t} {op} {v} (best reached {s[:, t].max().item():.4f})" for t, op, v in constraints
+            f"{task_names[t] if task_names else f'task {t}'} {op} {v} (best reached {s[:, t].max().item():.4f})"
+            for t, op, v in constraints
         )
         raise ValueError(f"no α on the grid satisfies the selection constraints: {desc}")
     rows = torch.nonzero(ok).squeeze(1)

@@ -15,10 +15,14 @@ from varmerge.pareto import pareto_mask  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
+    from varmerge.io import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt))  # no half-written figure
+    finally:
+        plt.close(fig)
     return path
 
 

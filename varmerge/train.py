@@ -767,31 +767,69 @@ def fit(
         meta.optimizer = meta.optimizer or "ivon"
         post = _ivon_posterior(model, module.ivon_optimizer, meta)
     elif compute_posterior and optimizer == "adamw":
-        if prior_precision is None:
-            if n_train is None:
-                raise ValueError("cannot infer N for the prior precision; pass prior_precision=")
-            prior_precision = n_train * (weight_decay + l2_to_init)
-        meta.optimizer = meta.optimizer or "adamw_sg"
-        meta.weight_decay = weight_decay if meta.weight_decay is None else meta.weight_decay
-        meta.extra = {**meta.extra, "prior_precision": float(prior_precision)}
-        sg_loader = make_loader(
-            train_data if not isinstance(train_data, DataLoader) else train_data.dataset,
-            sg_batch_size or batch_size,
-            shuffle=False,
-            collate_fn=collate_fn,
-            what="train_data",
-        )
-        post = adamw_sg_posterior(
+        post = trained_sg_posterior(
             model,
-            sg_loader,
+            train_data,
+            batch_size=sg_batch_size or batch_size,
+            weight_decay=weight_decay,
+            l2_to_init=l2_to_init,
             prior_precision=prior_precision,
             forward_fn=forward_fn,
             label_fn=label_fn,
-            meta=meta,
+            collate_fn=collate_fn,
             chunk_size=sg_chunk_size,
-            device=_posterior_device(accelerator),
+            accelerator=accelerator,
+            meta=meta,
         )
     return model, post
+
+
+def trained_sg_posterior(
+    model: nn.Module,
+    train_data: Data,
+    *,
+    batch_size: int = 128,
+    weight_decay: float = 1e-4,
+    l2_to_init: float = 0.0,
+    prior_precision: float | None = None,
+    forward_fn: ForwardFn = default_forward,
+    label_fn: LabelFn = default_labels,
+    collate_fn: Callable | None = None,
+    chunk_size: int | None = None,
+    accelerator: str = "auto",
+    meta: PosteriorMeta | None = None,
+) -> DiagonalGaussian:
+    """The AdamW-SG posterior of an already trained ``model`` (what ``fit(optimizer="adamw")``
+    computes after training): squared gradients over ``train_data`` + prior precision δ
+    (default ``N · (weight_decay + l2_to_init)``). Separate from training so a job can persist
+    the trained weights first and redo only this pass after a crash.
+    """
+    n_train = _num_examples(train_data)
+    if prior_precision is None:
+        if n_train is None:
+            raise ValueError("cannot infer N for the prior precision; pass prior_precision=")
+        prior_precision = n_train * (weight_decay + l2_to_init)
+    meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta()
+    meta.optimizer = meta.optimizer or "adamw_sg"
+    meta.weight_decay = weight_decay if meta.weight_decay is None else meta.weight_decay
+    meta.extra = {**meta.extra, "prior_precision": float(prior_precision)}
+    sg_loader = make_loader(
+        train_data if not isinstance(train_data, DataLoader) else train_data.dataset,
+        batch_size,
+        shuffle=False,
+        collate_fn=collate_fn,
+        what="train_data",
+    )
+    return adamw_sg_posterior(
+        model,
+        sg_loader,
+        prior_precision=prior_precision,
+        forward_fn=forward_fn,
+        label_fn=label_fn,
+        meta=meta,
+        chunk_size=chunk_size,
+        device=_posterior_device(accelerator),
+    )
 
 
 def _posterior_device(accelerator: str) -> torch.device:
@@ -964,8 +1002,15 @@ def fit_multitask(
 # --------------------------------------------------------------------------------------------
 # MultiIVON and SoupIVON
 # --------------------------------------------------------------------------------------------
-def _ivon_runs(model, train_data, *, seeds, snapshot_steps, kwargs, meta_base):
-    """Run IVON once per seed from the same θ0; returns per-run lists of snapshot posteriors."""
+def _ivon_runs(model, train_data, *, seeds, snapshot_steps, kwargs, meta_base, completed=None, on_run=None):
+    """Run IVON once per seed from the same θ0; returns per-run lists of snapshot posteriors.
+
+    ``completed`` maps run index -> that run's posteriors (done before, e.g. by a killed job):
+    those runs are not trained again. ``on_run(run, posteriors)`` sees each run as it finishes
+    (to persist it). Each run depends only on θ0 and its seed, so skipping finished runs gives
+    the same result as training them all.
+    """
+    completed = dict(completed or {})
     if kwargs.get("optimizer", "ivon") != "ivon":
         raise ValueError("MultiIVON / SoupIVON train with optimizer='ivon'")
     kwargs = {k: v for k, v in kwargs.items() if k != "optimizer"}
@@ -974,6 +1019,9 @@ def _ivon_runs(model, train_data, *, seeds, snapshot_steps, kwargs, meta_base):
     runs: list[list[DiagonalGaussian]] = []
     try:
         for run, s in enumerate(seeds):
+            if run in completed:
+                runs.append(list(completed[run]))
+                continue
             model.load_state_dict(theta0)
             meta = copy.deepcopy(meta_base)
             meta.optimizer, meta.seed = "ivon", int(s)
@@ -990,6 +1038,8 @@ def _ivon_runs(model, train_data, *, seeds, snapshot_steps, kwargs, meta_base):
                 if missing:
                     raise RuntimeError(f"run {run}: no snapshot taken at steps {missing}")
                 runs.append([snaps.posteriors[st] for st in snaps.steps])
+            if on_run is not None:
+                on_run(run, runs[-1])
     finally:
         model.load_state_dict(theta0)
     return runs
@@ -1003,6 +1053,8 @@ def fit_multi_ivon(
     seed: int = 0,
     seeds: Sequence[int] | None = None,
     task: str = "task",
+    completed_runs: Mapping[int, Sequence[DiagonalGaussian]] | None = None,
+    on_run: Callable[[int, list[DiagonalGaussian]], None] | None = None,
     **fit_kwargs,
 ) -> MixtureGaussian:
     """MultiIVON: ``num_runs`` IVON runs from the same θ0 with seeds ``seed + k`` (or ``seeds``).
@@ -1010,6 +1062,8 @@ def fit_multi_ivon(
     Returns the equal-weight :class:`MixtureGaussian` of their final posteriors (meta optimizer
     ``multi_ivon``). ``fit_kwargs`` go to :func:`fit` (``max_steps``, ``lr``, ``ess``, ...). The model
     is given back with its initial weights θ0; component k's mean holds run k's weights.
+    ``completed_runs`` / ``on_run``: resume from runs already done, persist runs as they finish
+    (see :func:`_ivon_runs`).
     """
     seeds = list(seeds) if seeds is not None else [seed + k for k in range(num_runs)]
     if len(seeds) != num_runs or num_runs < 1:
@@ -1023,6 +1077,8 @@ def fit_multi_ivon(
         snapshot_steps=None,
         kwargs=fit_kwargs,
         meta_base=PosteriorMeta(task=task),
+        completed=completed_runs,
+        on_run=on_run,
     )
     comps = [r[0] for r in runs]
     meta = PosteriorMeta(
@@ -1045,6 +1101,8 @@ def fit_soup_ivon(
     seed: int = 0,
     seeds: Sequence[int] | None = None,
     task: str = "task",
+    completed_runs: Mapping[int, Sequence[DiagonalGaussian]] | None = None,
+    on_run: Callable[[int, list[DiagonalGaussian]], None] | None = None,
     **fit_kwargs,
 ) -> MixtureGaussian:
     """SoupIVON: ``num_runs`` IVON runs, each snapshotted at ``snapshot_steps`` (global steps).
@@ -1052,6 +1110,7 @@ def fit_soup_ivon(
     Returns the equal-weight mixture of ``num_runs · len(snapshot_steps)`` components, run-major
     (run 0's snapshots in step order first); meta optimizer ``soup_ivon``. ``max_steps`` (in
     ``fit_kwargs``) defaults to the last snapshot step. The model is given back at θ0.
+    ``completed_runs`` / ``on_run`` as in :func:`fit_multi_ivon`.
     """
     steps = sorted({int(s) for s in snapshot_steps})
     if not steps:
@@ -1067,6 +1126,8 @@ def fit_soup_ivon(
         snapshot_steps=steps,
         kwargs=fit_kwargs,
         meta_base=PosteriorMeta(task=task),
+        completed=completed_runs,
+        on_run=on_run,
     )
     comps = [c for r in runs for c in r]
     meta = PosteriorMeta(

@@ -1,0 +1,85 @@
+"""Services listen on loopback by default and nothing phones home: the defaults the project sets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from varmerge import cli
+from varmerge.services import LOOPBACK, SERVICE_ENV, apply_service_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ui_binds_loopback_by_default(monkeypatch):
+    help_text = CliRunner().invoke(cli.app, ["ui", "--help"], terminal_width=200).output
+    host_block = help_text[help_text.index("--host"):help_text.index("--help")]
+    assert "[default: 127.0.0.1]" in host_block, help_text
+    seen = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.append(cmd) or 0)
+    result = CliRunner().invoke(cli.app, ["ui", "--tracking-uri", "sqlite:///x.db"])
+    assert result.exit_code == 0, result.output
+    [cmd] = seen
+    assert cmd[cmd.index("--host") + 1] == LOOPBACK == "127.0.0.1"
+    assert "note:" not in result.output
+
+
+def test_ui_elsewhere_only_when_asked_and_with_a_note(monkeypatch):
+    seen = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.append(cmd) or 0)
+    result = CliRunner().invoke(cli.app, ["ui", "--host", "0.0.0.0"], terminal_width=200)
+    assert seen[0][seen[0].index("--host") + 1] == "0.0.0.0"
+    assert "note:" in result.output and "no authentication" in result.output
+
+
+def test_apply_service_env_sets_defaults_and_keeps_user_choices():
+    env = {"DO_NOT_TRACK": "false"}
+    out = apply_service_env(env)
+    assert env["DO_NOT_TRACK"] == "false"  # the user's explicit choice wins
+    assert out == {**SERVICE_ENV, "DO_NOT_TRACK": "false"}
+    for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                       "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "HF_HUB_DISABLE_TELEMETRY": "1", "PREFECT_SERVER_API_HOST": "127.0.0.1"}.items():
+        assert env[key] == value
+
+
+@pytest.mark.parametrize("module", ["varmerge.cli", "tasks"])
+def test_importing_the_entry_points_applies_the_env(module):
+    """In a clean environment, importing the CLI (or tasks/, as a Prefect worker does) sets them."""
+    code = f"import os, json, {module}; print(json.dumps({{k: os.environ.get(k) for k in {sorted(SERVICE_ENV)!r}}}))"
+    clean = {k: v for k, v in __import__("os").environ.items() if k not in SERVICE_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=clean, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == SERVICE_ENV
+
+
+def test_run_quiets_prefect_and_mlflow_logs_unless_debug(monkeypatch, restore_env):
+    import logging
+    import os
+
+    for k in ("PREFECT_LOGGING_LEVEL", "MLFLOW_LOGGING_LEVEL", "PREFECT_HOME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setitem(cli._STATE, "debug", False)
+    level = logging.getLogger("mlflow").level
+    cli._prefect_env()
+    logging.getLogger("mlflow").setLevel(level)
+    assert os.environ["PREFECT_LOGGING_LEVEL"] == "CRITICAL" and os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"
+    assert os.environ["PREFECT_SERVER_API_HOST"] == LOOPBACK
+
+
+def test_no_service_binds_all_interfaces_in_shipped_scripts():
+    for path in [ROOT / "scripts" / "deploy_local.sh", ROOT / "prefect.yaml", ROOT / "Makefile", ROOT / "dvc.yaml"]:
+        text = path.read_text()
+        assert "0.0.0.0" not in text, path
+    assert "server start --host 127.0.0.1" in (ROOT / "scripts" / "deploy_local.sh").read_text()
+
+
+@pytest.mark.slow
+def test_ephemeral_prefect_api_is_on_loopback(prefect_harness):
+    from urllib.parse import urlparse
+
+    assert urlparse(prefect_harness).hostname == "127.0.0.1"

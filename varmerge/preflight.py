@@ -1,0 +1,279 @@
+"""Checks that run before a job writes anything: a bad run fails fast and leaves nothing behind.
+
+:func:`preflight` validates, in order, the accelerator, the selection constraints, the output
+folder, the MLflow tracking URI (a quick probe, never MLflow's minutes of retries), the data
+(source installed, options known, class ids in range, every task with train and test examples)
+and the model (it builds, LoRA target modules exist, it takes one example of the data). It
+creates no file or folder; a failure is a :class:`PreflightError` with a one-line message.
+
+Pure library code: the tracking URI is checked with the standard library (no mlflow import).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from varmerge import data as vdata
+from varmerge import models
+from varmerge.config import ExperimentConfig
+
+PROBE_TIMEOUT_S = 3.0
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class PreflightError(ValueError):
+    """A run that would fail; the message says what to change."""
+
+
+@dataclass
+class PreflightReport:
+    run_dir: Path
+    tracking_uri: str
+    num_classes: int
+    train_examples: dict[str, int] = field(default_factory=dict)
+    test_examples: dict[str, int] = field(default_factory=dict)
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    """The default MLflow store of a run: ``sqlite:///<output folder>/mlflow.db``."""
+    return f"sqlite:///{(Path(run_dir).parent / 'mlflow.db').resolve()}"
+
+
+def preflight(
+    cfg: ExperimentConfig,
+    tracking_uri: str | None = None,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    check_tracking: bool = True,
+    probe_timeout: float = PROBE_TIMEOUT_S,
+) -> PreflightReport:
+    """Everything a run of ``cfg`` needs, checked without writing; returns what was found."""
+    from varmerge.pipeline import check_accelerator
+
+    try:
+        check_accelerator(cfg.accelerator)
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from None
+    check_constraints(cfg)
+    run_dir = Path(output_dir or cfg.output_dir) / cfg.name
+    check_writable(run_dir, "output folder")
+    uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(run_dir)
+    if check_tracking:
+        check_tracking_uri(uri, timeout=probe_timeout)
+    ds = load_data(cfg, data_dir)
+    report = check_data(cfg, ds)
+    report.run_dir, report.tracking_uri = run_dir, uri
+    check_model(cfg, report.num_classes, ds)
+    return report
+
+
+# ------------------------------------------------------------------------------------- config
+def check_constraints(cfg: ExperimentConfig) -> None:
+    """Selection constraints that no accuracy in [0, 1] can meet are refused up front."""
+    for c in cfg.selection.constraints:
+        impossible = (
+            (c.op == ">=" and c.value > 1) or (c.op == ">" and c.value >= 1)
+            or (c.op == "<=" and c.value < 0) or (c.op == "<" and c.value <= 0)
+        )
+        if impossible:
+            raise PreflightError(
+                f"selection constraint {c.task} {c.op} {c.value} can never hold: accuracies lie in [0, 1]"
+            )
+
+
+# ------------------------------------------------------------------------------------- files
+def check_writable(path: Path, what: str) -> None:
+    """``path`` is a folder or can become one: its nearest existing ancestor is a writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PreflightError(f"{what} {path} exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise PreflightError(f"{what} {path} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PreflightError(f"{what} {path} cannot be written: {probe} is not writable")
+
+
+# ---------------------------------------------------------------------------------- tracking
+def check_tracking_uri(uri: str, *, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """A usable MLflow tracking URI, probed quickly (no retries).
+
+    ``sqlite:///PATH``: the folder can be created and an existing file is an SQLite database.
+    ``http(s)://``: the server answers within ``timeout`` seconds (any HTTP status counts).
+    Other database URIs (``postgresql://host:port/...``): the host accepts a TCP connection.
+    Plain folders (``file:``, a path) are refused as MLflow 3 refuses them, unless
+    ``MLFLOW_ALLOW_FILE_STORE=true``.
+    """
+    parsed = urllib.parse.urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "sqlite":
+        _check_sqlite(uri)
+    elif scheme in ("http", "https"):
+        _probe_http(uri, timeout)
+    elif scheme in ("", "file") or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+            raise PreflightError(
+                f"tracking URI {uri!r} is a plain folder store, which MLflow 3 refuses; "
+                "use sqlite:///PATH/mlflow.db (the default) or an http:// tracking server"
+            )
+    elif parsed.hostname:
+        port = parsed.port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}.get(
+            scheme.split("+")[0]
+        )
+        if port:
+            _probe_tcp(uri, parsed.hostname, port, timeout)
+
+
+def _check_sqlite(uri: str) -> None:
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        raise PreflightError(f"tracking URI {uri!r}: write sqlite stores as sqlite:///PATH/mlflow.db")
+    path = Path(uri[len(prefix):])
+    if str(path) in ("", ":memory:"):
+        raise PreflightError(f"tracking URI {uri!r}: an in-memory store keeps nothing; give a file path")
+    if path.exists():
+        if path.is_dir():
+            raise PreflightError(f"tracking URI {uri!r}: {path} is a folder, not an SQLite file")
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+        if head and head != SQLITE_MAGIC:
+            raise PreflightError(f"tracking URI {uri!r}: {path} exists but is not an SQLite database")
+        if not os.access(path, os.W_OK):
+            raise PreflightError(f"tracking URI {uri!r}: {path} is not writable")
+    else:
+        check_writable(path.parent, f"tracking store folder of {uri!r}:")
+
+
+def _unreachable(uri: str, why: str) -> PreflightError:
+    return PreflightError(
+        f"MLflow tracking server {uri} is not reachable ({why}); start it, fix --tracking-uri, "
+        "or leave --tracking-uri out to use the local SQLite store in the output folder"
+    )
+
+
+def _probe_http(uri: str, timeout: float) -> None:
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered: reachable (auth or routing is MLflow's business)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _unreachable(uri, str(reason) or type(reason).__name__) from None
+
+
+def _probe_tcp(uri: str, host: str, port: int, timeout: float) -> None:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise _unreachable(uri, str(exc) or type(exc).__name__) from None
+
+
+# -------------------------------------------------------------------------------------- data
+def load_data(cfg: ExperimentConfig, data_dir: str | os.PathLike | None = None):
+    """The run's dataset: a prepared folder, else the configured source (nothing is written)."""
+    from varmerge.pipeline import load_dataset
+
+    try:
+        if data_dir is not None:
+            return vdata.load_saved(data_dir)
+        return load_dataset(cfg)
+    except vdata.DataSourceMissing as exc:
+        raise PreflightError(f"data source {cfg.data.source!r} is not available here: {exc}") from None
+    except FileNotFoundError as exc:
+        raise PreflightError(str(exc)) from None
+    except ValueError as exc:
+        msg = str(exc)
+        raise PreflightError(msg if "data source" in msg else f"data ({cfg.data.source}): {msg}") from None
+
+
+def check_data(cfg: ExperimentConfig, ds) -> PreflightReport:
+    """Class ids in range, and every task has train and test examples (after the caps)."""
+    if not hasattr(ds, "items") or not {"train", "test"} <= set(ds):
+        have = list(ds) if hasattr(ds, "keys") else type(ds).__name__
+        raise PreflightError(f"data: need a 'train' and a 'test' split, got {have}")
+    n_classes = vdata.num_classes(ds)
+    tasks = cfg.data.tasks
+    by_domain = [t.domain is not None for t in tasks]
+    if any(by_domain) and not all(by_domain):
+        raise PreflightError("data.tasks: either every task names a 'domain' or none does")
+    report = PreflightReport(Path(), "", n_classes)
+    for t in tasks:
+        bad = [c for c in t.classes if c >= n_classes]
+        if bad:
+            raise PreflightError(
+                f"task {t.name!r}: class ids {bad} out of range: {cfg.data.source} has "
+                f"{n_classes} classes (0..{n_classes - 1})"
+            )
+    for split in ("train", "test"):
+        part = ds[split]
+        if all(by_domain):
+            if "domain" not in part.column_names:
+                raise PreflightError(f"data: tasks name domains but {cfg.data.source} has no 'domain' column")
+            col = part.select_columns(["domain"]).with_format("arrow")[:]["domain"].to_pylist()
+            counts = {t.name: sum(1 for d in col if d == t.domain) for t in tasks}
+        else:
+            labels = vdata._labels(part)
+            counts = {t.name: int(sum((labels == c).sum() for c in t.classes)) for t in tasks}
+        for t in tasks:
+            if counts[t.name] == 0:
+                what = f"domain {t.domain!r}" if t.domain is not None else f"classes {list(t.classes)}"
+                raise PreflightError(
+                    f"task {t.name!r} has no {split} examples ({what} absent from the {split} split "
+                    f"of {cfg.data.source}; check the task, data.options and data.test_fraction)"
+                )
+        cap = cfg.data.max_train_per_task if split == "train" else cfg.data.max_test_per_task
+        store = report.train_examples if split == "train" else report.test_examples
+        store.update({k: min(v, cap) if cap else v for k, v in counts.items()})
+    return report
+
+
+# ------------------------------------------------------------------------------------- model
+def check_model(cfg: ExperimentConfig, num_classes: int, ds=None) -> None:
+    """θ0 builds as the run builds it (LoRA target modules exist) and, given the data, the
+    run's own task preparation succeeds and the model takes two training examples."""
+    from varmerge import pipeline
+
+    with torch.random.fork_rng():  # base_model seeds torch; leave the caller's RNG alone
+        try:
+            model = pipeline.base_model(cfg, num_classes)
+        except TypeError as exc:
+            raise PreflightError(f"model.options: {exc}") from None
+        except (ValueError, ImportError, OSError) as exc:
+            raise PreflightError(f"model {cfg.model.name!r}: {exc}") from None
+    if ds is None:
+        return
+    try:
+        tasks, _ = pipeline.prepare_tasks(cfg, dataset=ds)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise PreflightError(f"data: {exc}") from None
+    x = tasks[0].train[0]
+    x = {k: v[:2] for k, v in x.items()} if isinstance(x, dict) else x[:2]
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = models.forward(model, x)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the model cannot take this data
+        raise PreflightError(
+            f"model {cfg.model.name!r} cannot take the data of {cfg.data.source!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    if logits.shape[-1] < num_classes:
+        raise PreflightError(
+            f"model {cfg.model.name!r} has {logits.shape[-1]} outputs but the data has {num_classes} classes"
+        )
