@@ -78,7 +78,9 @@ def render(results: dict, paper: dict, experiments: dict) -> str:
     add("- **LoRA column** (the paper's RoBERTa row): all-MiniLM-L6-v2 with LoRA adapters on tweet sentiment, "
         "three domains as tasks; posteriors and merges cover only the adapters and the head.")
     add("- Each cell: max over the α grid of the mean per-task test accuracy of the merged model; in brackets "
-        "the best real multitask finetune among that method's five best α. *Multitask finetune*: the best "
+        "the best real multitask finetune among that method's five best α (three for the CNN and LoRA columns: "
+        "`top_k` in the JSON)."
+        " The JSON field keeps the name `multitask_at_top5`. *Multitask finetune*: the best "
         "multitask finetune found (the ground-truth grid plus every top-5 α). Model soup ignores α, so its "
         "bracket is the finetune at the uniform α.")
     add("")

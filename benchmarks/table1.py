@@ -402,6 +402,7 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
         "posterior": {"method": cfg.posterior.method, "components": K, "steps": cfg.posterior.steps,
                       "full_von": exp.full_von},
         "grid": {"spacing": cfg.merge.spacing, "size": len(alpha)},
+        "top_k": cfg.selection.top_k,
         "hypervolume_reference_point": [0.0] * T,
         "methods": results,
         "multitask": multitask,
@@ -524,10 +525,18 @@ def main(argv=None) -> None:
     ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="results JSON (default results/table1.json)")
     ap.add_argument("--report", default=str(REPORT), help="the Markdown report to write")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from the JSON")
+    ap.add_argument("--merge-from", action="append", default=[], metavar="JSON",
+                    help="copy the experiments of another results file (e.g. a run on another machine) into --output")
     args = ap.parse_args(argv)
     console = Console()
     out = Path(args.output)
     results = load_results(out)
+    for other in args.merge_from:
+        more = load_results(Path(other))
+        results["experiments"].update(more["experiments"])
+        results.setdefault("group_wall_seconds", {}).update(more.get("group_wall_seconds", {}))
+    if args.merge_from:
+        save_results(results, out)
     if not args.report_only:
         chosen = list(EXPERIMENTS)
         if args.only:
