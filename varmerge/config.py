@@ -66,7 +66,6 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     name: Literal["logreg", "mlp", "resnet20", "lora_text"] = "logreg"
     options: dict[str, Any] = Field(default_factory=dict)
-    pretrain_steps: int = Field(0, ge=0, description="steps of shared pretraining giving θ0 (0: θ0 = init)")
 
 
 class PosteriorConfig(_Strict):
