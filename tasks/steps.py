@@ -155,7 +155,7 @@ def load_base(cfg: ExperimentConfig, base_ref: dict):
     tensors, header = io.load_tensors(base_ref["path"])
     if header["sha256"] != base_ref["sha256"]:
         raise ValueError(f"{base_ref['path']}: θ0 file changed since the flow recorded it")
-    model = models.build_model(cfg.model.name, num_classes=header["num_classes"], **cfg.model.options)
+    model = pipeline.build_model(cfg, header["num_classes"])
     io.check_matches_model(tensors, model.state_dict(), base_ref["path"])
     model.load_state_dict(tensors)
     return model

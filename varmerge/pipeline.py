@@ -120,13 +120,23 @@ def train_data(task: TaskData):
     return _DictDataset(x, y) if isinstance(x, dict) else (x, y)
 
 
-def base_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
-    """θ0: the configured model, initialised from ``posterior.seed``."""
-    torch.manual_seed(cfg.posterior.seed)
+def model_options(cfg: ExperimentConfig) -> dict:
+    """The builder's keyword options: ``model.options`` plus what the data implies (pooled inputs)."""
     options = dict(cfg.model.options)
     if cfg.data.image_pool > 1 and cfg.model.name in ("logreg", "mlp"):
         options.setdefault("in_features", (28 // cfg.data.image_pool) ** 2)
-    return models.build_model(cfg.model.name, num_classes=num_classes, **options)
+    return options
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    """The configured architecture (weights from torch's current RNG)."""
+    return models.build_model(cfg.model.name, num_classes=num_classes, **model_options(cfg))
+
+
+def base_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    """θ0: the configured model, initialised from ``posterior.seed``."""
+    torch.manual_seed(cfg.posterior.seed)
+    return build_model(cfg, num_classes)
 
 
 def check_accelerator(accelerator: str) -> None:
