@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from varmerge import merge, models, pareto, pipeline, plots, train
+from varmerge import pareto, pipeline, plots, train
 from varmerge.config import load_config
 from varmerge.grid import simplex_grid
 from varmerge.io import atomic_write
@@ -181,35 +181,6 @@ class MultitaskRuns:
         return max(self.acc.items(), key=lambda kv: float(kv[1].mean()))
 
 
-def timed_sweep(cfg, method, posteriors, model, tasks, alpha, block: int = 256) -> dict:
-    """Merge + score over ``alpha``, timing the merge (incl. calibration Grams) and the evaluation."""
-    if method == pipeline.MAP_METHOD:
-        t0 = time.perf_counter()
-        s = pipeline.map_sweep(cfg, posteriors, model, tasks, alpha)
-        return {**s, "merge_seconds": 0.0, "eval_seconds": time.perf_counter() - t0}
-    base = models.trainable_state_dict(model)
-    options = dict(cfg.merge.options.get(method, {}))
-    t0 = time.perf_counter()
-    grams = None
-    if merge.get_method(method).needs_calibration:
-        grams = pipeline.calibration_grams(model, posteriors, tasks, options.pop("calibration_examples", 256))
-    merge_s, eval_s = time.perf_counter() - t0, 0.0
-    acc, loss = [], []
-    for lo in range(0, len(alpha), block):
-        t0 = time.perf_counter()
-        merged = pipeline.merge_sweep(
-            method, posteriors, base, alpha[lo : lo + block], mixture_iterations=cfg.merge.mixture_iterations,
-            task_arithmetic_scale=cfg.merge.task_arithmetic_scale, options=options, grams=grams,
-        )
-        t1 = time.perf_counter()
-        s = pipeline.score_sweep(model, merged, tasks)
-        merge_s, eval_s = merge_s + t1 - t0, eval_s + time.perf_counter() - t1
-        acc.append(s["accuracy"])
-        loss.append(s["loss"])
-    return {"alpha": alpha, "accuracy": torch.cat(acc), "loss": torch.cat(loss),
-            "merge_seconds": merge_s, "eval_seconds": eval_s}
-
-
 def _round(x, n: int = 6):
     if isinstance(x, torch.Tensor):
         x = x.tolist()
@@ -270,7 +241,7 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
         sweeps = {}
         for m in methods:
             say(f"{name}: '{m}' over {len(alpha)} α")
-            sweeps[m] = timed_sweep(cfg, m, full if m == "hessian_full" else posteriors, base, tasks, alpha)
+            sweeps[m] = pipeline.sweep_and_score(cfg, m, full if m == "hessian_full" else posteriors, base, tasks, alpha)
         ledger.seconds["merge"] = sum(s["merge_seconds"] for s in sweeps.values())
         ledger.seconds["evaluation"] = sum(s["eval_seconds"] for s in sweeps.values())
 
@@ -339,7 +310,7 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
         per_component = sum(ft_seconds) / K
         for m in [m for m in MAIN_METHODS if m in sweeps]:
             say(f"{name}: '{m}' on the ground-truth grid (cost ledger)")
-            s = timed_sweep(cfg, m, full if m == "hessian_full" else posteriors, base, tasks, gt_alpha)
+            s = pipeline.sweep_and_score(cfg, m, full if m == "hessian_full" else posteriors, base, tasks, gt_alpha)
             post_s = {"mixture": sum(ft_seconds), "hessian_full": ledger.seconds.get("full_von_posteriors", 0.0)}
             estimate = post_s.get(m, per_component) + s["merge_seconds"] + s["eval_seconds"]
             cost[m] = {
@@ -357,7 +328,7 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
             say(f"{name}: adaptive refinement for '{m}'")
             posts = full if m == "hessian_full" else posteriors
             t0 = time.perf_counter()
-            r = refine_alpha(lambda a, m=m, posts=posts: timed_sweep(cfg, m, posts, base, tasks, a)["accuracy"],
+            r = refine_alpha(lambda a, m=m, posts=posts: pipeline.sweep_and_score(cfg, m, posts, base, tasks, a)["accuracy"],
                              T, coarse=exp.gt_spacing, fine=cfg.merge.spacing)
             refinement[m] = {
                 "best_alpha": _round(r.best_alpha),
@@ -379,7 +350,7 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
             for k in [k for k in exp.ks if k <= K]:
                 say(f"{name}: mixture with K={k}")
                 sub = [MixtureGaussian(p.components[:k]) for p in posteriors]
-                s = timed_sweep(cfg, "mixture", sub, base, tasks, alpha)
+                s = pipeline.sweep_and_score(cfg, "mixture", sub, base, tasks, alpha)
                 mean = s["accuracy"].mean(1)
                 b = int(mean.argmax())
                 k_table.append({"K": k, "max_mean_accuracy": _round(mean[b]), "best_alpha": _round(alpha[b]),

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,6 +352,9 @@ def sweep_and_score(
 ) -> dict[str, torch.Tensor]:
     """Merge and score over the α grid in blocks of ``block`` α (bounds memory for big models).
 
+    Returns ``alpha``, (G, T) ``accuracy`` and ``loss``, and the wall-clock ``merge_seconds``
+    (incl. calibration Grams) and ``eval_seconds`` of the sweep.
+
     ``method`` is a registered merge rule or ``map`` (dispatched to :func:`map_sweep`). Settings
     come from ``cfg.merge.options[method]``; a calibration rule's Grams are computed once per sweep
     from the first ``calibration_examples`` (default 256) training inputs of each task.
@@ -360,21 +364,28 @@ def sweep_and_score(
     alpha = simplex_grid(len(tasks), cfg.merge.spacing) if alpha is None else alpha
     base = models.trainable_state_dict(model)
     options = dict(cfg.merge.options.get(method, {}))
+    t0 = time.perf_counter()
     grams = None
     if merge.get_method(method).needs_calibration:
         grams = calibration_grams(model, posteriors, tasks, options.pop("calibration_examples", 256))
+    merge_s = time.perf_counter() - t0
+    eval_s = 0.0
     acc, loss = [], []
     for lo in range(0, len(alpha), block):
+        t0 = time.perf_counter()
         merged = merge_sweep(
             method, posteriors, base, alpha[lo : lo + block],
             mixture_iterations=cfg.merge.mixture_iterations,
             task_arithmetic_scale=cfg.merge.task_arithmetic_scale,
             options=options, grams=grams,
         )
+        t1 = time.perf_counter()
         s = score_sweep(model, merged, tasks, progress=progress)
+        merge_s, eval_s = merge_s + t1 - t0, eval_s + time.perf_counter() - t1
         acc.append(s["accuracy"])
         loss.append(s["loss"])
-    return {"alpha": alpha, "accuracy": torch.cat(acc), "loss": torch.cat(loss)}
+    return {"alpha": alpha, "accuracy": torch.cat(acc), "loss": torch.cat(loss),
+            "merge_seconds": merge_s, "eval_seconds": eval_s}
 
 
 def map_sweep(
@@ -396,18 +407,11 @@ def map_sweep(
     seed, algorithm, pop_size, n_gen); task arithmetic uses ``merge.task_arithmetic_scale``.
     """
     alpha = simplex_grid(len(tasks), cfg.merge.spacing) if alpha is None else alpha
-    base = models.trainable_state_dict(model)
+    t0 = time.perf_counter()
 
     def evaluate_design(design: torch.Tensor) -> dict[str, torch.Tensor]:
-        acc, loss = [], []
-        for lo in range(0, len(design), block):
-            merged = merge_sweep("task_arithmetic", posteriors, base, design[lo : lo + block],
-                                 task_arithmetic_scale=cfg.merge.task_arithmetic_scale,
-                                 options=cfg.merge.options.get("task_arithmetic"))
-            s = score_sweep(model, merged, tasks, progress=progress)
-            acc.append(s["accuracy"])
-            loss.append(s["loss"])
-        return {"accuracy": torch.cat(acc), "loss": torch.cat(loss)}
+        s = sweep_and_score(cfg, "task_arithmetic", posteriors, model, tasks, design, block=block, progress=progress)
+        return {"accuracy": s["accuracy"], "loss": s["loss"]}
 
     res = map_front.map_front(evaluate_design, alpha, **cfg.merge.options.get(MAP_METHOD, {}))
     return {
@@ -417,6 +421,8 @@ def map_sweep(
         "front_alpha": res.front_alpha,
         "front_accuracy": res.front_values.clamp(0.0, 1.0),
         "evaluations": res.evaluations,
+        "merge_seconds": 0.0,
+        "eval_seconds": time.perf_counter() - t0,
     }
 
 
