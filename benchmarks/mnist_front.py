@@ -16,9 +16,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from varmerge import pipeline
-from varmerge.cli import print_front
+from flows.cli import print_front
 from varmerge.config import load_config
+from varmerge.sequence import LocalRunner, estimate_front
 
 PAPER = {  # Table 1, logistic regression on full MNIST: max mean accuracy (%)
     "mnist_imbalanced": {"simple": 76.9, "hessian_full": 80.3, "mixture": 87.2, "multitask": 90.4},
@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     if args.spacing is not None:
         cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"spacing": args.spacing})})
     console = Console()
-    res = pipeline.estimate_front(cfg, status=console.status)
+    res = estimate_front(cfg, LocalRunner(cfg, status=console.status))
     summary = res.summary()
     print_front(summary, cfg.merge.spacing)
     paper = PAPER.get(cfg.name, {})

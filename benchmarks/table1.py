@@ -44,6 +44,7 @@ from varmerge.grid import simplex_grid
 from varmerge.io import atomic_write
 from varmerge.posterior import MixtureGaussian
 from varmerge.refine import refine_alpha
+from varmerge.sequence import LocalRunner, estimate_front
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "results" / "table1.json"
@@ -200,6 +201,70 @@ def full_posteriors(exp: Experiment, cfg, base, tasks):
     return out
 
 
+class Table1Runner(LocalRunner):
+    """The front-estimation sequence as Table 1 runs it: timed finetunes, the paper's
+    full-Gaussian posteriors beside the config's, ``hessian_full`` among the sweeps, and the
+    multitask finetunes through :class:`MultitaskRuns` (shared with the ground truth)."""
+
+    def __init__(self, cfg, exp: Experiment, say, ledger: Ledger):
+        super().__init__(cfg)
+        self.exp, self.say, self.ledger = exp, say, ledger
+        self.ft_seconds: list[float] = []
+        self.full = None
+        self.runs: MultitaskRuns | None = None
+        self.last_posteriors: list = []
+
+    def data(self):
+        self.say(f"{self.cfg.name}: loading data")
+        with self.ledger("data"):
+            self.tasks, _ = data = pipeline.prepare_tasks(self.cfg)
+        return data
+
+    def base(self, data):
+        self.base_model = super().base(data)
+        self.runs = MultitaskRuns(self.cfg, self.base_model, data[0], self.say, workers=self.exp.workers)
+        return self.base_model
+
+    def finetunes(self, data, base):
+        posteriors = []
+        for t in data[0]:
+            self.say(f"{self.cfg.name}: finetuning {t.name} ({self.cfg.posterior.method}, "
+                     f"K={self.cfg.posterior.components})")
+            t0 = time.perf_counter()
+            posteriors.append(pipeline.finetune_task(self.cfg, base, t)[0])
+            self.ft_seconds.append(time.perf_counter() - t0)
+        self.ledger.seconds["finetunes"] = sum(self.ft_seconds)
+        self.last_posteriors = posteriors
+        if self.exp.full_von:
+            self.say(f"{self.cfg.name}: full-Gaussian VON posteriors")
+            with self.ledger("full_von_posteriors"):
+                self.full = full_posteriors(self.exp, self.cfg, base, data[0])
+        return posteriors
+
+    def posteriors_for(self, method: str, posteriors):
+        return self.full if method == "hessian_full" else posteriors
+
+    def sweep(self, method, data, base, posteriors, alpha=None):
+        return super().sweep(method, data, base, self.posteriors_for(method, posteriors), alpha)
+
+    def sweeps(self, data, base, posteriors, methods):
+        methods = list(methods)
+        if self.full is not None and "hessian_full" not in methods:
+            methods.insert(methods.index("hessian") + 1 if "hessian" in methods else 0, "hessian_full")
+        out = {}
+        for m in methods:
+            self.say(f"{self.cfg.name}: '{m}' over the α grid")
+            out[m] = self.sweep(m, data, base, posteriors)
+        self.ledger.seconds["merge"] = sum(s["merge_seconds"] for s in out.values())
+        self.ledger.seconds["evaluation"] = sum(s["eval_seconds"] for s in out.values())
+        return out
+
+    def multitasks(self, data, base, alphas):
+        with self.ledger("multitask_finetunes"):
+            self.runs.run(alphas, f"{self.cfg.name}: multitask finetune at the chosen α")
+        return list(self.runs(alphas))
+
+
 # --------------------------------------------------------------------------------------------
 # one experiment
 # --------------------------------------------------------------------------------------------
@@ -215,35 +280,13 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
             console.log(msg)
 
     try:
-        with ledger("data"):
-            say(f"{name}: loading data")
-            tasks, n_classes = pipeline.prepare_tasks(cfg)
-            base = pipeline.base_model(cfg, n_classes)
+        runner = Table1Runner(cfg, exp, say, ledger)
+        front = estimate_front(cfg, runner)  # the pipeline's own sequence, in process
+        tasks, base, ft_seconds, sweeps = runner.tasks, runner.base_model, runner.ft_seconds, front.sweeps
+        posteriors = runner.last_posteriors
         T, names = len(tasks), [t.name for t in tasks]
-        posteriors, ft_seconds = [], []
-        for t in tasks:
-            say(f"{name}: finetuning {t.name} ({cfg.posterior.method}, K={cfg.posterior.components})")
-            t0 = time.perf_counter()
-            posteriors.append(pipeline.finetune_task(cfg, base, t)[0])
-            ft_seconds.append(time.perf_counter() - t0)
-        ledger.seconds["finetunes"] = sum(ft_seconds)
         K = len(posteriors[0].components) if isinstance(posteriors[0], MixtureGaussian) else 1
-        full = None
-        if exp.full_von:
-            say(f"{name}: full-Gaussian VON posteriors")
-            with ledger("full_von_posteriors"):
-                full = full_posteriors(exp, cfg, base, tasks)
-
-        alpha = simplex_grid(T, cfg.merge.spacing)
-        methods = list(cfg.merge.methods)
-        if full is not None and "hessian_full" not in methods:
-            methods.insert(methods.index("hessian") + 1 if "hessian" in methods else 0, "hessian_full")
-        sweeps = {}
-        for m in methods:
-            say(f"{name}: '{m}' over {len(alpha)} α")
-            sweeps[m] = pipeline.sweep_and_score(cfg, m, full if m == "hessian_full" else posteriors, base, tasks, alpha)
-        ledger.seconds["merge"] = sum(s["merge_seconds"] for s in sweeps.values())
-        ledger.seconds["evaluation"] = sum(s["eval_seconds"] for s in sweeps.values())
+        alpha = front.alpha
 
         # the α each method would finetune at: its top-k by predicted mean accuracy
         uniform = int(((alpha - 1.0 / T) ** 2).sum(1).argmin())
@@ -253,7 +296,7 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
                 chosen[m] = (torch.tensor([uniform]), alpha[[uniform]])
             else:
                 chosen[m] = pareto.best_alpha(alpha, sw["accuracy"], k=cfg.selection.top_k)
-        runs = MultitaskRuns(cfg, base, tasks, say, workers=exp.workers)
+        runs = runner.runs
         gt_alpha = simplex_grid(T, exp.gt_spacing)
         with ledger("multitask_finetunes"):
             runs.run(torch.cat([gt_alpha] + [top for _, top in chosen.values()]),
@@ -310,7 +353,7 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
         per_component = sum(ft_seconds) / K
         for m in [m for m in MAIN_METHODS if m in sweeps]:
             say(f"{name}: '{m}' on the ground-truth grid (cost ledger)")
-            s = pipeline.sweep_and_score(cfg, m, full if m == "hessian_full" else posteriors, base, tasks, gt_alpha)
+            s = pipeline.sweep_and_score(cfg, m, runner.posteriors_for(m, posteriors), base, tasks, gt_alpha)
             post_s = {"mixture": sum(ft_seconds), "hessian_full": ledger.seconds.get("full_von_posteriors", 0.0)}
             estimate = post_s.get(m, per_component) + s["merge_seconds"] + s["eval_seconds"]
             cost[m] = {
@@ -326,7 +369,7 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
         refinement = {}
         for m in [m for m in ("mixture", "hessian_full", "hessian") if m in sweeps]:
             say(f"{name}: adaptive refinement for '{m}'")
-            posts = full if m == "hessian_full" else posteriors
+            posts = runner.posteriors_for(m, posteriors)
             t0 = time.perf_counter()
             r = refine_alpha(lambda a, m=m, posts=posts: pipeline.sweep_and_score(cfg, m, posts, base, tasks, a)["accuracy"],
                              T, coarse=exp.gt_spacing, fine=cfg.merge.spacing)

@@ -2,41 +2,43 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow
 
-from flows.front import _resolve
-from tasks import steps
+from flows.front import resolve_config
+from tasks.runner import PrefectRunner
 
 
-def _setup(config):
-    cfg = _resolve(config)
+def _runner(config) -> PrefectRunner:
+    cfg = resolve_config(config)
     run_dir = Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    return cfg, run_dir, json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return PrefectRunner(cfg, str(run_dir))
 
 
 @flow(name="varmerge-finetune-task")
 def finetune_task_flow(config: str | dict, task: str) -> dict:
     """Finetune one task of ``config`` and write its posterior (reused if already there)."""
-    cfg, run_dir, cfg_json = _setup(config)
-    names = [t.name for t in cfg.data.tasks]
+    from tasks import steps
+
+    runner = _runner(config)
+    names = [t.name for t in runner.cfg.data.tasks]
     if task not in names:
         raise ValueError(f"unknown task {task!r}; the config's tasks are {names}")
-    data_ref = steps.prepare_data(cfg_json, str(run_dir))
-    base_ref = steps.base_model(cfg_json, str(run_dir), data_ref)
-    return steps.finetune(cfg_json, str(run_dir), data_ref, base_ref, names.index(task))
+    data_ref = runner.data()
+    return steps.finetune(runner.cfg_json, runner.run_dir, data_ref, runner.base(data_ref), names.index(task))
 
 
 @flow(name="varmerge-multitask")
 def multitask_flow(config: str | dict, alpha: list[float]) -> dict:
     """The real multitask finetune of ``config`` at weighting ``alpha`` (on the simplex)."""
+    import torch
+
     from varmerge._checks import check_alpha
 
-    cfg, run_dir, cfg_json = _setup(config)
-    check_alpha(alpha, len(cfg.data.tasks))
-    data_ref = steps.prepare_data(cfg_json, str(run_dir))
-    base_ref = steps.base_model(cfg_json, str(run_dir), data_ref)
-    return steps.multitask(cfg_json, str(run_dir), data_ref, base_ref, [float(a) for a in alpha])
+    runner = _runner(config)
+    check_alpha(alpha, len(runner.cfg.data.tasks))
+    data_ref = runner.data()
+    runner.multitasks(data_ref, runner.base(data_ref), torch.tensor([[float(a) for a in alpha]]))
+    return runner.multitask_refs[0]

@@ -1,8 +1,10 @@
 """The main flow: per-task finetunes → posteriors → α sweeps per merge method → front → α →
 multitask finetune at the top-k α, with everything logged to MLflow.
 
-Run it with ``varmerge run CONFIG`` (Prefect's ephemeral API, MLflow in a local SQLite store) or
-as the ``front`` deployment of ``prefect.yaml``.
+The sequence is :func:`varmerge.sequence.estimate_front`, the same one ``varmerge demo`` and
+``benchmarks.table1`` run; here its steps are Prefect tasks over the run store
+(:class:`tasks.runner.PrefectRunner`). Run it with ``varmerge run CONFIG`` (Prefect's ephemeral
+API, MLflow in a local SQLite store) or as the ``front`` deployment of ``prefect.yaml``.
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ import json
 import os
 from pathlib import Path
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import steps, tracking
-from tasks.faults import fault_point
-from varmerge import io, pareto, plots
+from tasks.runner import PrefectRunner
+from varmerge import io, plots
 from varmerge.config import ExperimentConfig, load_config, parse_config
+from varmerge.sequence import estimate_front
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def _resolve(config: str | dict | ExperimentConfig) -> ExperimentConfig:
+def resolve_config(config: str | dict | ExperimentConfig) -> ExperimentConfig:
     if isinstance(config, ExperimentConfig):
         return config
     if isinstance(config, dict):
@@ -39,7 +42,7 @@ def front_flow(config: str | dict, tracking_uri: str | None = None, output_dir: 
     ``check_inputs`` runs :func:`varmerge.preflight.preflight` first, so a run that would fail
     (bad data, model, tracking store, ...) writes nothing; ``varmerge run`` has already done it.
     """
-    cfg = _resolve(config)
+    cfg = resolve_config(config)
     logger = get_run_logger()
     if check_inputs:
         from varmerge.preflight import preflight
@@ -47,75 +50,47 @@ def front_flow(config: str | dict, tracking_uri: str | None = None, output_dir: 
         preflight(cfg, tracking_uri, output_dir=output_dir, data_dir=data_dir)
     run_dir = Path(output_dir or cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_json = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
     uri = tracking_uri or cfg.tracking.uri or tracking.default_uri(run_dir)
     names = [t.name for t in cfg.data.tasks]
+    runner = PrefectRunner(cfg, str(run_dir), data_dir=data_dir, tracking_uri=uri)
 
-    data_ref = steps.prepare_data(cfg_json, str(run_dir), data_dir)
-    flow_run_id = str(get_run_context().flow_run.id)
+    data_ref = runner.data()
     exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
     for stale in tracking.close_stale_runs(uri, exp_id, cfg.name):
         logger.info("MLflow run %s was left RUNNING by a killed flow: marked KILLED", stale)
     parent = tracking.client(uri).create_run(exp_id, run_name=f"{cfg.name}", tags={
-        "varmerge.flow_run_id": flow_run_id, "varmerge.data_version": data_ref.get("version", data_ref["sha256"][:16]),
+        "varmerge.flow_run_id": str(get_run_context().flow_run.id), "varmerge.data_version": data_ref["version"],
         "varmerge.config": cfg.name, "varmerge.process": tracking.process_tag(),
     }).info.run_id
-    tracking.log_params(uri, parent, {"config": cfg_json})
+    runner.tracking["parent_run_id"] = parent
+    tracking.log_params(uri, parent, {"config": runner.cfg_json})
     try:
-        base_ref = steps.base_model(cfg_json, str(run_dir), data_ref)
-        post_refs = steps.finetune.map(
-            unmapped(cfg_json), unmapped(str(run_dir)), unmapped(data_ref), unmapped(base_ref),
-            list(range(len(names))), tracking_uri=unmapped(uri), parent_run_id=unmapped(parent),
-        ).result()
-        sweep_futs = {m: steps.sweep.submit(cfg_json, str(run_dir), m, data_ref, base_ref, post_refs,
-                                            tracking_uri=uri, parent_run_id=parent)
-                      for m in cfg.merge.methods}
-        sweeps = {m: steps.load_sweep(f.result()) for m, f in sweep_futs.items()}
-
-        method = cfg.selection.method or cfg.merge.methods[-1]
-        alpha = sweeps[method]["alpha"]
-        front_files = {
-            "fronts": plots.front_projections(sweeps, names, run_dir / "front.png", title=cfg.name),
-        }
-        if len(names) == 3:
-            front_files["ternary"] = plots.ternary_mean_accuracy(sweeps, names, run_dir / "ternary.png")
-        cons = [(names.index(c.task), c.op, c.value) for c in cfg.selection.constraints]
-        try:
-            idx, chosen = pareto.select_alpha(alpha, sweeps[method]["accuracy"], k=cfg.selection.top_k,
-                                              constraints=cons, task_names=names)
-        except ValueError as exc:  # the front is still saved and logged
-            front_json = run_dir / "front.json"
-            io.write_text_atomic(front_json, json.dumps(
-                _summary(cfg, names, sweeps, run_dir, parent, uri, method, chosen=None) | {"error": str(exc)},
-                indent=2))
-            for p in [front_json, *front_files.values()]:
-                tracking.log_artifact(uri, parent, p, "front")
-            raise ValueError(f"{exc} (the estimated front is in {front_json})") from None
-
-        mt_refs = steps.multitask.map(
-            unmapped(cfg_json), unmapped(str(run_dir)), unmapped(data_ref), unmapped(base_ref),
-            [a.tolist() for a in chosen], tracking_uri=unmapped(uri), parent_run_id=unmapped(parent),
-        ).result()
-        predicted = sweeps[method]["accuracy"][idx].tolist()
-        realised = [r["accuracy"] for r in mt_refs]
-        front_files["fronts"] = plots.front_projections(sweeps, names, run_dir / "front.png", title=cfg.name,
-                                                        multitask=realised)
-        front_files["predicted_vs_realised"] = plots.predicted_vs_realised(
-            names, predicted[0], realised[0], run_dir / "predicted_vs_realised.png")
-
-        summary = _summary(cfg, names, sweeps, run_dir, parent, uri, method, chosen={
-            "method": method, "alpha": chosen.tolist(), "predicted": predicted, "realised": realised})
-        # register first, then write front.json (atomically, once): it exists only for a finished run
-        summary["registered_model"] = _register(cfg, uri, parent, mt_refs[0], base_ref, data_ref,
-                                                chosen[0].tolist())
+        result = estimate_front(cfg, runner)
+        summary = {"config": cfg.name, **result.summary(), "spacing": cfg.merge.spacing, "run_dir": str(run_dir),
+                   "mlflow_run_id": parent, "tracking_uri": uri}
         front_json = run_dir / "front.json"
+        realised = result.realised.tolist() if result.realised is not None else []
+        files = [front_json, plots.front_projections(result.sweeps, names, run_dir / "front.png", title=cfg.name,
+                                                     multitask=realised)]
+        if len(names) == 3:
+            files.append(plots.ternary_mean_accuracy(result.sweeps, names, run_dir / "ternary.png"))
+        if result.error is not None:  # the front is still saved and logged
+            io.write_text_atomic(front_json, json.dumps(summary, indent=2))
+            for p in files:
+                tracking.log_artifact(uri, parent, p, "front")
+            raise ValueError(f"{result.error} (the estimated front is in {front_json})")
+        predicted = result.predicted
+        files.append(plots.predicted_vs_realised(names, predicted[0].tolist(), realised[0],
+                                                 run_dir / "predicted_vs_realised.png"))
+        # register first, then write front.json (atomically, once): it exists only for a finished run
+        summary["registered_model"] = register_model(runner, uri, parent, result.chosen_alpha[0].tolist())
         io.write_text_atomic(front_json, json.dumps(summary, indent=2))
         tracking.log_metrics(uri, parent, {
             **{f"{m}/max_mean_accuracy": s["max_mean_accuracy"] for m, s in summary["methods"].items()},
-            "chosen/predicted_mean": sum(predicted[0]) / len(names),
-            "chosen/realised_mean": sum(realised[0]) / len(names),
+            "chosen/predicted_mean": float(predicted[0].mean()),
+            "chosen/realised_mean": float(result.realised[0].mean()),
         })
-        for p in [front_json, *front_files.values()]:
+        for p in files:
             tracking.log_artifact(uri, parent, p, "front")
         tracking.finish(uri, parent)
         logger.info("front written to %s (MLflow run %s)", front_json, parent)
@@ -125,47 +100,34 @@ def front_flow(config: str | dict, tracking_uri: str | None = None, output_dir: 
         raise
 
 
-def _summary(cfg: ExperimentConfig, names: list, sweeps: dict, run_dir: Path, parent: str, uri: str, method: str,
-             chosen: dict | None) -> dict:
-    """front.json: per-method fronts and the chosen α (None when no α met the constraints)."""
-    summary = {"config": cfg.name, "tasks": names, "grid_size": len(sweeps[method]["alpha"]),
-               "spacing": cfg.merge.spacing, "run_dir": str(run_dir), "mlflow_run_id": parent, "tracking_uri": uri,
-               "methods": {}, "chosen": chosen}
-    for m, sw in sweeps.items():
-        mean = sw["accuracy"].mean(1)
-        b = int(mean.argmax())
-        mask = pareto.pareto_mask(sw["accuracy"])
-        summary["methods"][m] = {
-            "max_mean_accuracy": float(mean[b]), "best_alpha": sw["alpha"][b].tolist(),
-            "front_size": int(mask.sum()), "seconds": sw["seconds"],
-            "front": {"alpha": sw["alpha"][mask].tolist(), "accuracy": sw["accuracy"][mask].tolist()},
-        }
-    return summary
-
-
-def _register(cfg: ExperimentConfig, uri: str, parent: str, mt_ref: dict, base_ref: dict, data_ref: dict,
-              alpha: list) -> str:
-    """Log the multitask model in a nested run and register it with α as a tag.
+def register_model(runner: PrefectRunner, uri: str, parent: str, alpha: list) -> str:
+    """Log the runner's first multitask model in a nested run and register it with α as a tag.
 
     Idempotent: a READY version already registered for the same weights (tag ``varmerge.sha256``,
     the multitask file's content hash) is reused, so a re-run or a resumed run never registers the
     same model twice. A version is created only after its model artifact is fully logged.
     """
+    cfg, run_dir, mt_ref = runner.cfg, runner.run_dir, runner.multitask_refs[0]
+    with steps.store_for(run_dir).lock(f"register-{mt_ref['sha256'][:20]}"):  # one version, also when two runs race
+        return _register(runner, uri, parent, alpha, f"varmerge-{cfg.name}")
+
+
+def _register(runner: PrefectRunner, uri: str, parent: str, alpha: list, name: str) -> str:
     import mlflow
     import mlflow.pytorch
 
-    name = f"varmerge-{cfg.name}"
+    cfg, run_dir, mt_ref = runner.cfg, runner.run_dir, runner.multitask_refs[0]
     existing = tracking.find_model_version(uri, name, mt_ref["sha256"])
     if existing is not None:
         return f"{name}/{existing.version}"
     child = tracking.start_child(uri, parent, "multitask/final", {
         "varmerge.stage": "multitask", "varmerge.alpha": json.dumps([round(a, 6) for a in alpha])})
-    model = steps.multitask_model(cfg, mt_ref, base_ref)
-    example = steps.example_input(cfg, data_ref)
+    model = steps.multitask_model(cfg, run_dir, mt_ref, runner.base_ref)
+    example = steps.example_input(run_dir, runner.data_ref)
     tracking.log_metrics(uri, child, {f"test/{t.name}/accuracy": a
                                       for t, a in zip(cfg.data.tasks, mt_ref["accuracy"], strict=True)})
     if example is None:  # text models: the weights file is the artifact; no registry entry yet
-        tracking.log_artifact(uri, child, Path(mt_ref["path"]), "model")
+        tracking.log_artifact(uri, child, steps.store_for(run_dir).resolve(mt_ref), "model")
         tracking.finish(uri, child)
         return f"(not registered: text model; weights logged in run {child})"
     mlflow.set_tracking_uri(uri)
@@ -173,7 +135,6 @@ def _register(cfg: ExperimentConfig, uri: str, parent: str, mt_ref: dict, base_r
         # pt2 (torch.export), never pickle: also where MLflow would default to pickle (Databricks)
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
                                         pip_requirements=["torch", "varmerge"])
-    fault_point("register")
     version = mlflow.register_model(info.model_uri, name, tags={"alpha": json.dumps(alpha),
                                                                  "varmerge.sha256": mt_ref["sha256"]})
     tracking.finish(uri, child)

@@ -11,6 +11,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Prefect reads its log level when it is first imported: quiet, as `varmerge run` keeps it, so a
+# CLI test sees the CLI's own output whatever test imported Prefect first.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -22,18 +25,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def random_models(T, seed=0, dtype=torch.float64, shapes=None):
-    """T state dicts with random means and positive precisions (a test helper)."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = shapes or {"layer.weight": (4, 3), "layer.bias": (4,), "head": (5,)}
-    means = [{k: torch.randn(s, generator=g, dtype=dtype) for k, s in shapes.items()} for _ in range(T)]
-    precs = [
-        {k: torch.rand(s, generator=g, dtype=dtype) * 3 + 0.05 for k, s in shapes.items()}
-        for _ in range(T)
-    ]
-    return means, precs
 
 
 @pytest.fixture(scope="session")
@@ -63,10 +54,10 @@ def prefect_harness(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_run(prefect_harness, tmp_path_factory):
-    """One uninterrupted front flow of ``tests_helpers.RESUME`` (shared by the resume and
+    """One uninterrupted front flow of ``helpers.RESUME`` (shared by the resume and
     determinism tests): ``{"config", "out", "run_dir", "uri", "summary"}``."""
     import yaml
-    from tests_helpers import RESUME
+    from helpers import RESUME
 
     from flows.front import front_flow
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests_helpers import TINY
+from helpers import TINY
 from typer.testing import CliRunner
 
+from flows.cli import app
 from varmerge import data as vdata
 from varmerge import io, merge
-from varmerge.cli import app
 from varmerge.posterior import DiagonalGaussian, MixtureGaussian, load_posterior
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,9 +374,8 @@ def test_sweep_task_rejects_a_posterior_of_another_model(prepared, tmp_path):
 def test_tampered_posterior_is_rejected_by_the_tasks(prepared, tmp_path):
     """One byte flipped in the tensor data: the finetune task refuses to reuse (or silently
     overwrite) it, and a sweep refuses to read it."""
-    from tasks.steps import _done, _finetune_path
-
     steps, cfg_json, run_dir, data_ref, base_ref = prepared
+    cfg, store = steps._cfg(cfg_json), steps.store_for(run_dir)
     from varmerge.models import build_model, trainable_state_dict
 
     expected = trainable_state_dict(build_model("logreg", num_classes=10))
@@ -384,16 +383,16 @@ def test_tampered_posterior_is_rejected_by_the_tasks(prepared, tmp_path):
                               {k: torch.ones_like(v) for k, v in expected.items()}) for _ in range(3)]
     refs = []
     for i, post in enumerate(posts):
-        _, path = _finetune_path(cfg_json, run_dir, data_ref, base_ref, i)
-        refs.append({"path": str(path), "sha256": MixtureGaussian([post, post]).save(path)})
-    _flip_byte(Path(refs[1]["path"]))
+        path = store.path("posterior", steps._posterior_key(store, cfg, data_ref, base_ref, i), cfg.data.tasks[i].name)
+        refs.append(store.ref(path, MixtureGaussian([post, post]).save(path)))
+    _flip_byte(store.resolve(refs[1]))
     with pytest.raises(ValueError, match=r"content hash mismatch .* modified or corrupted; delete it to recompute"):
-        _done(Path(refs[1]["path"]))
+        steps.finetune.fn(cfg_json, run_dir, data_ref, base_ref, 1)
     with pytest.raises(ValueError, match="content hash mismatch"):
         steps.sweep.fn(cfg_json, run_dir, "simple", data_ref, base_ref, refs)
-    _flip_byte(Path(base_ref["path"]))
+    _flip_byte(store.resolve(base_ref))
     with pytest.raises(ValueError, match="content hash mismatch"):
-        steps.load_base(steps._cfg(cfg_json), base_ref)
+        steps.store_for(tmp_path / "fresh-process").load({**base_ref, "path": str(store.resolve(base_ref))})
 
 
 # ------------------------------------------------------------------------------- runtime case

@@ -6,11 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import random_models
+from helpers import random_models
 from torch import nn
 
-from varmerge import baselines, merge
+from varmerge import merge
 from varmerge.grid import simplex_grid
+from varmerge.merging import baselines
 
 F64 = torch.float64
 NEW_RULES = ["ties", "dare", "slerp", "model_soup", "regmean", "esm"]
@@ -566,7 +567,11 @@ def test_config_accepts_options_and_map():
         (["ties"], {"tie": {"density": 0.3}}, "options name unknown merge methods \\['tie'\\]"),
         (["ties"], {"ties": {"dens": 0.3}}, "options.ties: unknown option 'dens'"),
         (["map"], {"map": {"grid": 3}}, "options.map: unknown option 'grid'"),
-        (["task_arithmetic"], {"task_arithmetic": {"scale": 0.5}}, "merge.task_arithmetic_scale"),
+        (["ties"], {"ties": {"density": "high"}}, "options.ties.density: Input should be a valid number"),
+        (["dare"], {"dare": {"seed": True}}, "options.dare.seed: Input should be a valid integer"),
+        (["mixture"], {"mixture": {"iterations": -1}}, "merge.options.mixture: iterations must be a non-negative"),
+        (["task_arithmetic"], {"task_arithmetic": {"scale": float("inf")}},
+         "merge.options.task_arithmetic: task arithmetic scale must be finite"),
         (["ties", "mapp"], {}, "unknown merge methods \\['mapp'\\]"),
         # bad values fail at validation, before any finetune
         (["ties"], {"ties": {"density": 2.0}}, "merge.options.ties: TIES density must be in"),

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from varmerge.cli import app
+from flows.cli import app
 from varmerge.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]

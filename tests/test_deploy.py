@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests_helpers import TINY as SHARED_TINY
+from helpers import TINY as SHARED_TINY
 
 pytest.importorskip("prefect")
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import random_models
+from helpers import random_models
 from scipy.optimize import minimize_scalar
 
 from varmerge import expfam, merge

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("prefect")
 
+from helpers import TINY  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from tests_helpers import TINY  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     # `varmerge front RUN_ID` reads the front back from MLflow
     from typer.testing import CliRunner
 
-    from varmerge.cli import app
+    from flows.cli import app
 
     shown = CliRunner().invoke(app, ["front", summary["mlflow_run_id"], "--tracking-uri", uri], terminal_width=200)
     assert shown.exit_code == 0, shown.output
@@ -91,8 +91,9 @@ def test_prepare_data_from_a_prepared_folder(tmp_path):
     vdata.save_dataset(ds, tmp_path / "data")
     cfg_json = json.dumps(TINY)
     r = steps.prepare_data.fn(cfg_json, str(tmp_path / "run"), str(tmp_path / "data"))
-    assert r["path"] == str(tmp_path / "data")
+    assert r["path"].startswith("data/tasks-")  # the per-task tensors, prepared once
     assert r["version"] == r["sha256"][:16]  # not DVC-tracked: the content hash
-    assert not (tmp_path / "run").exists()  # nothing copied
-    with pytest.raises(FileNotFoundError):
+    tasks, _ = steps.load_tasks(str(tmp_path / "run"), r)
+    assert [t.name for t in tasks] == ["a", "b", "c"] and len(tasks[0].train[1]) == 300
+    with pytest.raises((FileNotFoundError, ValueError)):
         steps.prepare_data.fn(cfg_json, str(tmp_path / "run"), str(tmp_path / "nope"))

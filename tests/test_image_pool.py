@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tests_helpers import TINY
+from helpers import TINY
 
 from varmerge import io, pipeline
 from varmerge.config import ConfigError, parse_config
@@ -27,9 +27,9 @@ def test_pooled_tasks_and_model_agree_and_the_base_file_loads_back(tmp_path):
     base = pipeline.base_model(cfg, n_classes)
     assert base.in_features == 196
     base(tasks[0].test[0][:4])  # the model takes the pooled images
-    path = tmp_path / "base.safetensors"
+    path = tmp_path / "base" / "base.safetensors"
     sha = io.save_state_dict(path, base.state_dict(), {"num_classes": n_classes, "model": cfg.model.name})
-    loaded = steps.load_base(cfg, {"path": str(path), "sha256": sha})  # what the flows do
+    loaded = steps.load_base(cfg, str(tmp_path), {"path": "base/base.safetensors", "sha256": sha})  # as the flows do
     for k, v in base.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
 

@@ -40,8 +40,9 @@ def test_lora_posteriors_merge_and_load_back():
     frozen_before = {n: p.detach().clone() for n, p in base.named_parameters() if not p.requires_grad}
     posts = []
     for t, ds in enumerate(tasks):
-        model, post = train.fit(copy.deepcopy(base), ds, optimizer="ivon", max_steps=3, batch_size=4, lr=0.05,
-                                ess=100.0, hess_init=0.1, seed=t, progress=False, accelerator="cpu")
+        model, post = train.fit(copy.deepcopy(base), ds,
+                                train.OptimizerSettings(name="ivon", lr=0.05, ess=100.0, ivon={"hess_init": 0.1}),
+                                train.TrainerSettings(steps=3, batch_size=4, accelerator="cpu"), seed=t)
         assert set(post.mean) == set(trainable)  # only adapters + head carry posteriors
         posts.append(post)
     merged = merge.hessian_weighted([p.mean for p in posts], [p.precision for p in posts], [0.5, 0.5])
@@ -69,8 +70,8 @@ def test_text_front_estimation_end_to_end():
 
     import yaml
 
-    from varmerge import pipeline
     from varmerge.config import parse_config
+    from varmerge.sequence import LocalRunner, estimate_front
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "lora_tweets.yaml").read_text())
     raw["name"] = "lora_tiny"
@@ -78,7 +79,8 @@ def test_text_front_estimation_end_to_end():
     raw["posterior"].update(steps=3, batch_size=8)
     raw["merge"]["spacing"] = 0.5
     raw["multitask_steps"] = 3
-    res = pipeline.estimate_front(parse_config(raw))
+    cfg = parse_config(raw)
+    res = estimate_front(cfg, LocalRunner(cfg))
     assert res.alpha.shape == (6, 3)
     for m in ("simple", "hessian", "mixture"):
         acc = res.sweeps[m]["accuracy"]

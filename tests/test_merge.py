@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import random_models
+from helpers import random_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

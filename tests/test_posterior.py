@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_models
+from helpers import random_models
 
 from varmerge import io
 from varmerge.posterior import (

@@ -14,10 +14,10 @@ How each stage is killed:
 * finetuning — from outside, as soon as the first task's posterior file appears (task 2 is training);
 * posterior computation — from outside, as soon as the first MultiIVON run of task 1 is persisted
   (``posteriors/parts/<task>/run-0.safetensors``; its second run is training);
-* merge sweep — ``VARMERGE_FAULT_AT=sweep:hessian`` (``tasks/faults.py``): a sweep takes well under a
+* merge sweep — kill point ``sweep:hessian`` (``tests/fault_launcher.py``): a sweep takes well under a
   second, too short to hit from outside; the flow dies after the ``simple`` sweep was written;
-* multitask finetune — ``VARMERGE_FAULT_AT=multitask`` (no file appears when it starts);
-* registration — ``VARMERGE_FAULT_AT=register``: after the model is logged, before it is registered.
+* multitask finetune — kill point ``multitask`` (no file appears when it starts);
+* registration — kill point ``register``: after the model is logged, before it is registered.
 The later stages start from a copy of the reference run's finished files (same content keys), so
 they do not retrain what they do not test.
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests_helpers import RESUME, TINY
+from helpers import RESUME, TINY
 
 from varmerge import io, pipeline, train
 
@@ -53,11 +53,9 @@ def _launch(tmp_path: Path, api_url: str, fault: str | None = None) -> tuple[sub
     out, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-sub"), "PREFECT_API_URL": api_url,
            "PREFECT_LOGGING_LEVEL": "INFO"}  # the flow's log (flow.log) explains a failure
-    env.pop("VARMERGE_FAULT_AT", None)
-    if fault:
-        env["VARMERGE_FAULT_AT"] = fault
     log = open(tmp_path / "flow.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([sys.executable, "-m", "varmerge.cli", "run", str(config), "--output", str(out),
+    launch = [str(ROOT / "tests" / "fault_launcher.py"), fault] if fault else ["-m", "flows.cli"]
+    proc = subprocess.Popen([sys.executable, *launch, "run", str(config), "--output", str(out),
                              "--tracking-uri", uri], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     return proc, out, uri
@@ -279,7 +277,7 @@ def test_tampered_posterior_stops_the_cli_with_one_line(reference_run, prefect_h
     """A finished run whose posterior file had one byte flipped: `varmerge run` refuses it."""
     from typer.testing import CliRunner
 
-    from varmerge.cli import app
+    from flows.cli import app
 
     out = tmp_path / "runs"
     _seed_from(reference_run, out, ("data", "base", "posteriors", "sweeps", "multitask"))
@@ -372,13 +370,14 @@ def test_parts_left_by_a_kill_right_after_the_posterior_are_cleaned_up(tmp_path)
     from varmerge.posterior import DiagonalGaussian, MixtureGaussian
 
     cfg_json, run_dir = json.dumps(RESUME), str(tmp_path / "run")
+    cfg, store = steps._cfg(cfg_json), steps.store_for(run_dir)
     data_ref = steps.prepare_data.fn(cfg_json, run_dir)
     base_ref = steps.base_model.fn(cfg_json, run_dir, data_ref)
-    _, path = steps._finetune_path(cfg_json, run_dir, data_ref, base_ref, 0)
-    theta = trainable_state_dict(steps.load_base(steps._cfg(cfg_json), base_ref))
+    path = store.path("posterior", steps._posterior_key(store, cfg, data_ref, base_ref, 0), "a")
+    theta = trainable_state_dict(steps.load_base(cfg, run_dir, base_ref))
     post = DiagonalGaussian(theta, {k: torch.ones_like(v) for k, v in theta.items()})
     sha = MixtureGaussian([post, post]).save(path)
     parts = path.parent / "parts" / path.stem
     MixtureGaussian([post]).save(parts / "run-0.safetensors")
-    assert steps.finetune.fn(cfg_json, run_dir, data_ref, base_ref, 0) == {"path": str(path), "sha256": sha}
+    assert steps.finetune.fn(cfg_json, run_dir, data_ref, base_ref, 0) == store.ref(path, sha)
     assert not parts.exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from varmerge import cli
+from flows import cli
 from varmerge.services import LOOPBACK, SERVICE_ENV, apply_service_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_apply_service_env_sets_defaults_and_keeps_user_choices():
         assert env[key] == value
 
 
-@pytest.mark.parametrize("module", ["varmerge.cli", "tasks"])
+@pytest.mark.parametrize("module", ["flows.cli", "tasks"])
 def test_importing_the_entry_points_applies_the_env(module):
     """In a clean environment, importing the CLI (or tasks/, as a Prefect worker does) sets them."""
     code = f"import os, json, {module}; print(json.dumps({{k: os.environ.get(k) for k in {sorted(SERVICE_ENV)!r}}}))"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -18,8 +19,19 @@ from varmerge.posterior import (
     MixtureGaussian,
     squared_gradient_precision,
 )
+from varmerge.train import OptimizerSettings, TrainerSettings
 
-QUIET = {"progress": False, "accelerator": "cpu"}
+
+def ivon(**kw) -> OptimizerSettings:
+    return OptimizerSettings(name="ivon", **kw)
+
+
+def adamw(**kw) -> OptimizerSettings:
+    return OptimizerSettings(name="adamw", **kw)
+
+
+def steps(n: int, batch_size: int = 128, **kw) -> TrainerSettings:
+    return TrainerSettings(steps=n, batch_size=batch_size, accelerator="cpu", **kw)
 
 
 def blobs(n=240, d=6, c=3, seed=0, sep=4.0, dtype=torch.float32):
@@ -67,16 +79,8 @@ def test_ivon_precision_matches_optimizer_state():
     model, post = train.fit(
         model,
         (x, y),
-        optimizer="ivon",
-        max_steps=12,
-        lr=0.05,
-        batch_size=32,
-        ess=240.0,
-        weight_decay=1e-3,
-        hess_init=0.5,
-        mc_samples=2,
-        callbacks=[cap],
-        **QUIET,
+        ivon(lr=0.05, ess=240.0, weight_decay=1e-3, mc_samples=2, ivon={"hess_init": 0.5}),
+        steps(12, batch_size=32, callbacks=[cap]),
     )
     opt = cap.optimizer
     assert opt.current_step == 12
@@ -107,17 +111,7 @@ def test_ivon_finetune_reaches_high_accuracy():
     x, y = blobs(n=300, d=8, c=3, seed=1, sep=2.0)
     model = nn.Linear(8, 3)
     before = accuracy(model, x, y)
-    model, post = train.fit(
-        model,
-        (x, y),
-        optimizer="ivon",
-        max_steps=150,
-        lr=0.1,
-        batch_size=32,
-        hess_init=0.1,
-        seed=3,
-        **QUIET,
-    )
+    model, post = train.fit(model, (x, y), ivon(lr=0.1, ivon={"hess_init": 0.1}), steps(150, 32), seed=3)
     assert accuracy(model, x, y) > 0.95 > before
     assert isinstance(post, DiagonalGaussian) and set(post.names) == {"weight", "bias"}
     assert post.meta.ess == 300.0  # defaults to N
@@ -129,9 +123,7 @@ def test_ivon_is_deterministic_given_seed():
     for _ in range(2):
         torch.manual_seed(0)
         model = TinyMLP()
-        model, post = train.fit(
-            model, (x, y), optimizer="ivon", max_steps=10, lr=0.05, batch_size=16, seed=7, **QUIET
-        )
+        model, post = train.fit(model, (x, y), ivon(lr=0.05), steps(10, 16), seed=7)
         runs.append(post)
     for n in runs[0].names:
         torch.testing.assert_close(runs[0].mean[n], runs[1].mean[n], rtol=0, atol=0)
@@ -141,11 +133,9 @@ def test_ivon_is_deterministic_given_seed():
 def test_ivon_rejects_gradient_scaler_precision():
     x, y = blobs()
     with pytest.raises(ValueError, match="IVON"):
-        train.fit(
-            nn.Linear(6, 3), (x, y), optimizer="ivon", max_steps=2, precision="16-mixed", **QUIET
-        )
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        train.fit(nn.Linear(6, 3), (x, y), optimizer="sgd", max_steps=2, **QUIET)
+        train.fit(nn.Linear(6, 3), (x, y), ivon(), steps(2, precision="16-mixed"))
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        OptimizerSettings(name="sgd")
 
 
 def test_multi_ivon_gives_k_distinct_components():
@@ -153,9 +143,7 @@ def test_multi_ivon_gives_k_distinct_components():
     x, y = blobs()
     model = TinyMLP()
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
-    mix = train.fit_multi_ivon(
-        model, (x, y), num_runs=3, seed=10, max_steps=15, lr=0.05, batch_size=32, **QUIET
-    )
+    mix = train.fit_multi_ivon(model, (x, y), ivon(lr=0.05), steps(15, 32), num_runs=3, seed=10)
     assert isinstance(mix, MixtureGaussian) and mix.K == 3
     assert mix.meta.optimizer == "multi_ivon" and mix.meta.extra["seeds"] == [10, 11, 12]
     assert [c.meta.seed for c in mix.components] == [10, 11, 12]
@@ -165,9 +153,7 @@ def test_multi_ivon_gives_k_distinct_components():
     for k, v in model.state_dict().items():  # the model comes back at θ0
         torch.testing.assert_close(v, theta0[k], rtol=0, atol=0)
     # every run started from θ0: run 0 equals a plain fit with seed 10
-    _, single = train.fit(
-        model, (x, y), optimizer="ivon", seed=10, max_steps=15, lr=0.05, batch_size=32, **QUIET
-    )
+    _, single = train.fit(model, (x, y), ivon(lr=0.05), steps(15, 32), seed=10)
     for n in single.names:
         torch.testing.assert_close(single.mean[n], mix.means[0][n], rtol=0, atol=0)
 
@@ -177,14 +163,7 @@ def test_soup_ivon_gives_runs_times_steps_components(tmp_path):
     x, y = blobs()
     model = TinyMLP()
     mix = train.fit_soup_ivon(
-        model,
-        (x, y),
-        num_runs=2,
-        snapshot_steps=[5, 10, 15],
-        seed=0,
-        lr=0.05,
-        batch_size=32,
-        **QUIET,
+        model, (x, y), ivon(lr=0.05), steps(15, 32), num_runs=2, snapshot_steps=[5, 10, 15], seed=0
     )
     assert (
         mix.K == 6 and mix.meta.optimizer == "soup_ivon" and mix.meta.extra["steps"] == [5, 10, 15]
@@ -193,9 +172,7 @@ def test_soup_ivon_gives_runs_times_steps_components(tmp_path):
         (r, s) for r in (0, 1) for s in (5, 10, 15)
     ]
     # the last snapshot of run 0 is the final posterior of a 15-step run with the same seed
-    _, final = train.fit(
-        model, (x, y), optimizer="ivon", seed=0, max_steps=15, lr=0.05, batch_size=32, **QUIET
-    )
+    _, final = train.fit(model, (x, y), ivon(lr=0.05), steps(15, 32), seed=0)
     for n in final.names:
         torch.testing.assert_close(mix.components[2].mean[n], final.mean[n], rtol=0, atol=0)
         torch.testing.assert_close(
@@ -242,16 +219,7 @@ def test_adamw_sg_posterior_pipeline():
     torch.manual_seed(0)
     x, y = blobs(n=120)
     model = TinyMLP(frozen=True)
-    model, post = train.fit(
-        model,
-        (x, y),
-        optimizer="adamw",
-        max_steps=20,
-        lr=1e-2,
-        batch_size=32,
-        weight_decay=0.01,
-        **QUIET,
-    )
+    model, post = train.fit(model, (x, y), adamw(lr=1e-2, weight_decay=0.01), steps(20, 32))
     assert isinstance(post, DiagonalGaussian)
     assert post.names == ["head.weight", "head.bias"]  # only trainable parameters
     assert post.meta.optimizer == "adamw_sg"
@@ -262,9 +230,7 @@ def test_adamw_sg_posterior_pipeline():
         assert torch.isfinite(p).all() and (p >= delta - 1e-6).all() and (p > delta).any()
         torch.testing.assert_close(post.mean[n], dict(model.named_parameters())[n].detach())
     # an explicit prior precision is used as given
-    _, post2 = train.fit(
-        TinyMLP(), (x, y), optimizer="adamw", max_steps=2, lr=1e-3, prior_precision=0.0, **QUIET
-    )
+    _, post2 = train.fit(TinyMLP(), (x, y), adamw(lr=1e-3, prior_precision=0.0), steps(2))
     assert min(float(v.min()) for v in post2.precision.values()) >= 0.0
 
 
@@ -299,33 +265,16 @@ class BagModel(nn.Module):
 
 
 @pytest.mark.parametrize("optimizer", ["ivon", "adamw"])
-def test_dict_batches_and_forward_hook(optimizer):
+def test_dict_batches(optimizer):
     torch.manual_seed(0)
     ds = DictTokens()
-    model, post = train.fit(
-        BagModel(), ds, optimizer=optimizer, max_steps=6, lr=1e-2, batch_size=16, **QUIET
-    )
+    model, post = train.fit(BagModel(), ds, OptimizerSettings(name=optimizer, lr=1e-2), steps(6, 16))
     assert set(post.names) == {"emb.weight", "head.weight", "head.bias"}
     assert all(torch.isfinite(v).all() for v in post.precision.values())
-
-    calls = []
-
-    def forward_fn(m, batch):
-        calls.append(1)
-        return m(batch["input_ids"], batch["attention_mask"])
-
-    train.fit(
-        BagModel(),
-        ds,
-        optimizer=optimizer,
-        max_steps=2,
-        lr=1e-2,
-        batch_size=16,
-        forward_fn=forward_fn,
-        compute_posterior=False,
-        **QUIET,
+    _, none = train.fit(
+        BagModel(), ds, OptimizerSettings(name=optimizer, lr=1e-2), steps(2, 16), compute_posterior=False
     )
-    assert len(calls) >= 2
+    assert none is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,17 +300,14 @@ def test_weighted_multitask_loss_at_vertex_equals_single_task_loss():
         assert per_task[1 - t] is None
     mixed, _ = train.weighted_multitask_loss(model, batches, [0.3, 0.7])
     torch.testing.assert_close(mixed, 0.3 * single[0] + 0.7 * single[1])
-    # the Lightning modules compute the same objective (incl. an explicit L2-to-θ0 term)
-    mt = train.WeightedMultitaskModule(model, [0.0, 1.0], optimizer="adamw", l2_to_init=0.5)
-    st = train.SingleTaskModule(model, optimizer="adamw", l2_to_init=0.5)
-    with torch.no_grad():
-        model.head.bias.add_(0.1)  # move away from θ0 so the L2 term is non-zero
+    # the Lightning modules compute the same objective
+    mt = train.WeightedMultitaskModule(model, [0.0, 1.0], adamw())
+    st = train.SingleTaskModule(model, adamw())
     torch.testing.assert_close(
         mt.compute_loss(batches), st.compute_loss(batches[1]), rtol=0, atol=0
     )
-    assert st.regulariser().item() == pytest.approx(0.5 * 0.5 * 5 * 0.01)
     with pytest.raises(ValueError, match="simplex"):
-        train.WeightedMultitaskModule(model, [0.5, 0.6], optimizer="adamw")
+        train.WeightedMultitaskModule(model, [0.5, 0.6], adamw())
 
 
 @pytest.mark.parametrize("optimizer", ["ivon", "adamw"])
@@ -369,13 +315,13 @@ def test_multitask_finetune_at_vertex_equals_single_task_finetune(optimizer):
     tasks = _tasks()
     torch.manual_seed(0)
     init = TinyMLP(c=5).state_dict()
-    kw = dict(optimizer=optimizer, max_steps=12, lr=0.02, batch_size=16, seed=4, ess=100.0, **QUIET)
+    opt, tr = OptimizerSettings(name=optimizer, lr=0.02, ess=100.0), steps(12, 16)
     m_single = TinyMLP(c=5)
     m_single.load_state_dict(init)
-    train.fit(m_single, tasks[0], compute_posterior=False, **kw)
+    train.fit(m_single, tasks[0], opt, tr, seed=4, compute_posterior=False)
     m_multi = TinyMLP(c=5)
     m_multi.load_state_dict(init)
-    train.fit_multitask(m_multi, tasks, [1.0, 0.0], **kw)
+    train.fit_multitask(m_multi, tasks, [1.0, 0.0], opt, tr, seed=4)
     for (n, a), (_, b) in zip(
         m_single.state_dict().items(), m_multi.state_dict().items(), strict=True
     ):
@@ -388,15 +334,7 @@ def test_multitask_finetune_fits_all_tasks():
     torch.manual_seed(0)
     model = nn.Linear(6, 5)
     train.fit_multitask(
-        model,
-        {"a": tasks[0], "b": tasks[1]},
-        [0.5, 0.5],
-        optimizer="ivon",
-        max_steps=80,
-        lr=0.1,
-        batch_size=32,
-        hess_init=0.1,
-        **QUIET,
+        model, {"a": tasks[0], "b": tasks[1]}, [0.5, 0.5], ivon(lr=0.1, ivon={"hess_init": 0.1}), steps(80, 32)
     )
     for x, y in tasks:
         assert accuracy(model, x, y) > 0.9
@@ -478,11 +416,8 @@ def test_full_von_sampled_matches_laplace_and_fills_model():
     model, post = train.fit(
         model,
         (x.float(), y),
-        optimizer="full_von",
-        lr=0.1,
-        mc_samples=3,
-        max_steps=120,
-        prior_precision=delta,
+        OptimizerSettings(name="full_von", lr=0.1, mc_samples=3, prior_precision=delta),
+        TrainerSettings(steps=120),
         seed=0,
     )
     assert isinstance(post, FullGaussian) and post.meta.optimizer == "full_von"
@@ -510,6 +445,131 @@ def test_full_von_rejects_non_logreg_models():
     scaled = nn.Sequential(nn.Flatten(), nn.Linear(5, 3), nn.Tanh())
     with pytest.raises(ValueError, match="not plain logistic regression"):
         train.fit_full_von(scaled, x.float(), y)
+
+
+# --------------------------------------------------------------------------------------------
+# settings: validated once, and what a config sets reaches the optimizer
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"name": "sgd"}, "unknown optimizer 'sgd'"),
+        ({"lr": -0.1}, "lr must be .* got -0.1"),
+        ({"lr": float("nan")}, "lr must be"),
+        ({"weight_decay": -1.0}, "weight_decay must be .* got -1.0"),
+        ({"ess": 0.0}, "ess must be .* got 0.0"),
+        ({"prior_precision": -1e-3}, "prior_precision must be"),
+        ({"mc_samples": 0}, "mc_samples must be an int >= 1, got 0"),
+        ({"mc_samples": 1.5}, "mc_samples must be an int"),
+        ({"name": "full_von", "lr": 1.5}, r"full VON's lr .* \(0, 1\], got 1.5"),
+        ({"ivon": {"beta3": 0.9}}, r"unknown IVON argument\(s\) \['beta3'\]"),
+        ({"ivon": {"lr": 0.1}}, r"unknown IVON argument\(s\) \['lr'\].*fields of their own"),
+        ({"ivon": {"beta2": 1.5}}, "beta2.*1.5"),
+        ({"ivon": {"hess_init": -1.0}}, "hess_init.*-1.0"),
+        ({"ivon": {"clip_radius": 0.0}}, "clip_radius.*0.0"),
+        ({"ivon": {"beta1": "high"}}, "beta1.*high"),
+    ],
+)
+def test_optimizer_settings_reject_bad_values_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimizerSettings(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps": 0}, "steps must be an int >= 1, got 0"),
+        ({"steps": 2.5}, "steps must be an int"),
+        ({"steps": 5, "batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"steps": 5, "accelerator": "tpu9"}, "unknown accelerator 'tpu9'"),
+        ({"steps": 5, "precision": "8-bit"}, "precision must be one of .* got '8-bit'"),
+        ({"steps": 5, "log_every_n_steps": 0}, "log_every_n_steps must be"),
+    ],
+)
+def test_trainer_settings_reject_bad_values_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainerSettings(**kwargs)
+
+
+def test_settings_are_frozen_and_ivon_arguments_read_only():
+    s = OptimizerSettings(ivon={"beta2": 0.99})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.lr = 1.0
+    with pytest.raises(TypeError):
+        s.ivon["beta2"] = 0.5
+    t = TrainerSettings(steps=3, callbacks=[CaptureOptimizer()])
+    assert isinstance(t.callbacks, tuple)
+
+
+def _smoke_config(**posterior):
+    import yaml
+
+    from varmerge.config import parse_config
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    d = yaml.safe_load((root / "configs" / "smoke.yaml").read_text())
+    d["posterior"] = {**d["posterior"], **posterior}
+    if d["posterior"]["method"] not in ("multi_ivon", "soup_ivon"):
+        d["merge"] = {"methods": ["simple", "hessian"], "spacing": 0.5}
+        d["selection"] = {"top_k": 1, "method": "hessian"}
+    d["accelerator"] = "cpu"
+    return parse_config(d, "smoke.yaml")
+
+
+def test_config_ivon_arguments_reach_ivon_optimizer():
+    from varmerge import pipeline
+
+    cfg = _smoke_config(beta2=0.95, hess_init=0.2, mc_samples=2, ivon={"beta1": 0.8, "clip_radius": 5.0})
+    opt, tr = pipeline.optimizer_settings(cfg), pipeline.trainer_settings(cfg)
+    assert opt.name == "ivon" and dict(opt.ivon) == {"hess_init": 0.2, "beta2": 0.95, "beta1": 0.8, "clip_radius": 5.0}
+    assert (tr.steps, tr.batch_size, tr.accelerator, tr.precision) == (150, 128, "cpu", "32-true")
+    cap = CaptureOptimizer()
+    x, y = blobs(n=40)
+    train.fit(nn.Linear(6, 3), (x, y), opt, dataclasses.replace(tr, steps=2, callbacks=[cap]))
+    (group,) = cap.optimizer.param_groups
+    assert (group["beta1"], group["beta2"], group["hess_init"], group["clip_radius"]) == (0.8, 0.95, 0.2, 5.0)
+    assert (group["lr"], group["weight_decay"], group["ess"], group["mc_samples"]) == (0.1, 1e-4, 40.0, 2)
+    # the multitask finetune of a config trains with the same IVON arguments
+    assert pipeline.optimizer_settings(cfg, name="ivon") == opt
+
+
+def test_config_precision_reaches_the_trainer():
+    from varmerge import pipeline
+
+    class CapturePrecision(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.precision = trainer.precision
+
+    cfg = _smoke_config(precision="bf16-mixed")
+    cap = CapturePrecision()
+    tr = dataclasses.replace(pipeline.trainer_settings(cfg), steps=1, callbacks=[cap])
+    train.fit(nn.Linear(6, 3), blobs(n=20), pipeline.optimizer_settings(cfg), tr)
+    assert tr.precision == cap.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize(
+    "posterior, match",
+    [
+        ({"ivon": {"beta3": 0.9}}, r"posterior: .*unknown IVON argument\(s\) \['beta3'\]"),
+        ({"ivon": {"beta2": 0.9}}, r"posterior: .*\['beta2'\] have fields of their own: set posterior.beta2"),
+        ({"ivon": {"clip_radius": -1.0}}, "posterior: .*clip_radius.*-1.0"),
+        ({"precision": "16-mixed"}, "posterior: .*16-mixed .*multi_ivon"),
+        ({"precision": "8-bit"}, "posterior.precision"),
+    ],
+)
+def test_config_refuses_bad_ivon_arguments(posterior, match):
+    from varmerge.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _smoke_config(**posterior)
+
+
+def test_config_optimizer_per_method():
+    from varmerge import pipeline
+
+    assert pipeline.optimizer_settings(_smoke_config(method="adamw_sg", components=1, prior_precision=0.5)).name == "adamw"
+    von = pipeline.optimizer_settings(_smoke_config(method="full_von", components=1, mc_samples=3))
+    assert (von.name, von.mc_samples, von.prior_precision) == ("full_von", 3, 1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,13 +601,8 @@ def test_ivon_logreg_on_mnist_subset():
     model, post = train.fit(
         model,
         (x[tr], y[tr]),
-        optimizer="ivon",
-        max_steps=1000,
-        lr=0.2,
-        batch_size=64,
-        hess_init=0.1,
-        weight_decay=1e-4,
-        **QUIET,
+        ivon(lr=0.2, weight_decay=1e-4, ivon={"hess_init": 0.1}),
+        steps(1000, 64),
     )
     assert accuracy(model, x[te], y[te]) > 0.85
     assert all(torch.isfinite(v).all() and (v > 0).all() for v in post.precision.values())

@@ -78,10 +78,50 @@ class PosteriorConfig(_Strict):
     hess_init: float = Field(0.1, gt=0)
     beta2: float = Field(0.99999, gt=0, lt=1, description="IVON Hessian EMA; 0.999 lets short runs learn h")
     mc_samples: int = Field(1, ge=1)
+    ivon: dict[str, Any] = Field(
+        default_factory=dict,
+        description="IVON's other keyword arguments, passed to ivon.IVON (beta1, clip_radius, hess_approx, "
+        "rescale_lr, debias, sync)",
+    )
     prior_precision: float = Field(1e-4, ge=0, description="δ added to squared-gradient precisions")
+    precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed"] = Field(
+        "32-true", description="Lightning training precision (16-mixed needs a gradient scaler: AdamW only)"
+    )
     components: int = Field(1, ge=1, description="K: seeds (multi_ivon) or runs (soup_ivon)")
     checkpoint_steps: list[int] = Field(default_factory=list, description="soup_ivon checkpoints")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _precision(self):
+        if self.precision == "16-mixed" and self.method != "adamw_sg":
+            raise ValueError(f"precision 16-mixed needs a gradient scaler, which {self.method} (IVON) cannot use; "
+                             "use 32-true or bf16-mixed")
+        return self
+
+    @model_validator(mode="after")
+    def _ivon_arguments(self):
+        if not self.ivon:
+            return self
+        import inspect
+
+        import ivon
+        import torch
+
+        dedicated = {"hess_init", "beta2", "mc_samples", "lr", "ess", "weight_decay"}
+        taken = sorted(set(self.ivon) & dedicated)
+        if taken:
+            raise ValueError(f"ivon: {taken} have fields of their own: set posterior.{taken[0]} instead")
+        allowed = set(inspect.signature(ivon.IVON).parameters) - dedicated - {"params"}
+        unknown = sorted(set(self.ivon) - allowed)
+        if unknown:
+            raise ValueError(f"ivon: unknown IVON argument(s) {unknown}; ivon.IVON also takes {sorted(allowed)}")
+        try:  # IVON checks the values itself
+            ivon.IVON([torch.zeros(1, requires_grad=True)], lr=self.lr, ess=self.ess or 1.0,
+                      weight_decay=self.weight_decay, mc_samples=self.mc_samples, hess_init=self.hess_init,
+                      beta2=self.beta2, **self.ivon)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"ivon: {self.ivon} rejected by ivon.IVON: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _mixtures(self):
@@ -98,64 +138,30 @@ class PosteriorConfig(_Strict):
 #: ``merge.methods`` may name this front estimator (varmerge.map_front) besides the merge rules.
 MAP_METHOD = "map"
 
-#: Per-method options the pipeline itself reads (besides the rule's keyword arguments).
-PIPELINE_OPTIONS = {"regmean": {"calibration_examples"}}
+#: The posterior structure each ``posterior.method`` produces (see varmerge.posterior.EXACT_VIEWS
+#: for the views each structure gives the merging rules).
+POSTERIOR_KINDS = {"adamw_sg": "diagonal", "ivon": "diagonal", "multi_ivon": "mixture",
+                   "soup_ivon": "mixture", "full_von": "full"}
 
-#: Options that have a dedicated MergeConfig field instead.
-_DEDICATED_OPTIONS = {("task_arithmetic", "scale"): "merge.task_arithmetic_scale",
-                      ("mixture", "iterations"): "merge.mixture_iterations"}
-
-#: Keyword arguments of the rules that are data, not settings.
-_NOT_OPTIONS = {"base", "means", "precisions", "alpha", "grams", "out", "callback", "base_precision",
-                "weights", "evaluate", "metric", "maximize"}
+#: Former MergeConfig fields, now options of their rule's model.
+_MOVED = {"mixture_iterations": "options.mixture.iterations",
+          "task_arithmetic_scale": "options.task_arithmetic.scale"}
 
 
-def method_option_names(method: str) -> set[str]:
-    """The keys ``merge.options[method]`` may use: the rule's settings (keyword arguments)."""
-    import inspect
+def _registry():
+    from varmerge.merging import registry
 
-    if method == MAP_METHOD:
-        from varmerge.map_front import map_front as fn
-    else:
-        from varmerge.merge import get_method
-
-        fn = get_method(method).fn
-    params = inspect.signature(fn).parameters.values()
-    names = {p.name for p in params if p.default is not inspect.Parameter.empty}
-    return (names - _NOT_OPTIONS) | PIPELINE_OPTIONS.get(method, set())
+    return registry
 
 
 def check_method_options(method: str, options: dict[str, Any], num_tasks: int) -> None:
-    """Try ``options`` on a tiny problem so that a bad value fails now, not after the finetunes.
+    """Validate ``options`` through the method's model and try them on a tiny problem of the
+    method's posterior kind, so that a bad value fails now, not after the finetunes.
 
-    Rules needing precisions are not probed (their options are checked when they run).
     Raises ValueError naming the method.
     """
-    import torch
-
-    from varmerge.merge import get_method
-
-    opts = dict(options)
     try:
-        if method == MAP_METHOD:
-            from varmerge.map_front import check_settings
-
-            check_settings(num_tasks, **opts)
-            return
-        n_cal = opts.pop("calibration_examples", 1)
-        if isinstance(n_cal, bool) or not isinstance(n_cal, int) or n_cal < 1:
-            raise ValueError(f"calibration_examples must be a positive integer, got {n_cal!r}")
-        spec = get_method(method)
-        if spec.needs_precision:
-            return
-        f64 = torch.float64
-        base = {"w": torch.zeros(2, 2, dtype=f64), "b": torch.zeros(2, dtype=f64)}
-        means = [{"w": torch.eye(2, dtype=f64) * (t + 1), "b": torch.ones(2, dtype=f64) * t}
-                 for t in range(num_tasks)]
-        kwargs: dict[str, Any] = {"base": base} if spec.needs_base else {}
-        if spec.needs_calibration:
-            kwargs["grams"] = [{"w": torch.eye(2, dtype=f64)} for _ in range(num_tasks)]
-        spec.fn(means=means, alpha=torch.full((num_tasks,), 1.0 / num_tasks, dtype=f64), **kwargs, **opts)
+        _registry().probe(method, options, num_tasks)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"merge.options.{method}: {exc}") from None
 
@@ -163,13 +169,21 @@ def check_method_options(method: str, options: dict[str, Any], num_tasks: int) -
 class MergeConfig(_Strict):
     methods: list[str] = Field(default_factory=lambda: ["simple", "hessian", "mixture"])
     spacing: float = Field(0.1, description="α grid spacing; must divide 1")
-    mixture_iterations: int = Field(10, ge=0)
-    task_arithmetic_scale: float = 1.0
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="per-method settings, e.g. {ties: {density: 0.2}, dare: {drop: 0.9}, esm: {rank: 8}, "
-        "regmean: {ridge: 1e-4, calibration_examples: 256}, map: {n_evaluations: 12}}",
+        description="per-method settings, e.g. {mixture: {iterations: 10}, task_arithmetic: {scale: 1.0}, "
+        "ties: {density: 0.2}, dare: {drop: 0.9}, esm: {rank: 8}, regmean: {ridge: 1e-4, "
+        "calibration_examples: 256}, map: {n_evaluations: 12}}",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict):
+            for old, new in _MOVED.items():
+                if old in data:
+                    raise ValueError(f"merge.{old} is now merge.{new}")
+        return data
 
     @field_validator("spacing")
     @classmethod
@@ -182,35 +196,22 @@ class MergeConfig(_Strict):
     @field_validator("methods")
     @classmethod
     def _methods(cls, v):
-        from varmerge.merge import MERGE_METHODS
-
-        unknown = [m for m in v if m not in MERGE_METHODS and m != MAP_METHOD]
+        known = _registry().names()
+        unknown = [m for m in v if m not in known]
         if unknown or not v:
-            raise ValueError(
-                f"unknown merge methods {unknown}; known: {sorted([*MERGE_METHODS, MAP_METHOD])}"
-            )
+            raise ValueError(f"unknown merge methods {unknown}; known: {known}")
         return v
 
     @field_validator("options")
     @classmethod
     def _options(cls, v):
-        from varmerge.merge import MERGE_METHODS
-
-        known = sorted([*MERGE_METHODS, MAP_METHOD])
+        registry = _registry()
+        known = registry.names()
         unknown = [m for m in v if m not in known]
         if unknown:
             raise ValueError(f"options name unknown merge methods {unknown}; known: {known}")
         for method, opts in v.items():
-            allowed = method_option_names(method)
-            for key in opts:
-                if (method, key) in _DEDICATED_OPTIONS:
-                    raise ValueError(
-                        f"options.{method}.{key}: set {_DEDICATED_OPTIONS[method, key]} instead"
-                    )
-                if key not in allowed:
-                    raise ValueError(
-                        f"options.{method}: unknown option {key!r}; {method} takes {sorted(allowed)}"
-                    )
+            registry.get_method(method).parse_options(opts)
         return v
 
 
@@ -254,13 +255,17 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"selection.method {self.selection.method!r} is not among merge.methods {self.merge.methods}"
             )
-        if "mixture" in self.merge.methods and self.posterior.method not in ("multi_ivon", "soup_ivon"):
-            raise ValueError(
-                "merge method 'mixture' needs a mixture posterior: set posterior.method to "
-                "multi_ivon or soup_ivon"
-            )
-        if "hessian_full" in self.merge.methods and self.posterior.method != "full_von":
-            raise ValueError("merge method 'hessian_full' needs posterior.method: full_von")
+        from varmerge.posterior import EXACT_VIEWS
+
+        have = POSTERIOR_KINDS[self.posterior.method]
+        for method in self.merge.methods:
+            need = _registry().get_method(method).posterior
+            if need not in EXACT_VIEWS[have]:
+                producers = " or ".join(m for m, k in POSTERIOR_KINDS.items() if need in EXACT_VIEWS[k])
+                raise ValueError(
+                    f"merge method {method!r} needs a {need} posterior but posterior.method "
+                    f"{self.posterior.method!r} gives a {have} one: set posterior.method to {producers}"
+                )
         for method, opts in self.merge.options.items():
             check_method_options(method, opts, len(self.data.tasks))
         return self

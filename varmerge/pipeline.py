@@ -7,12 +7,13 @@
 5. :func:`select`: the front and the chosen α;
 6. :func:`multitask_finetune`: the real multitask finetune at a chosen α (the realised score).
 
-``tasks/`` wraps these as Prefect tasks (with caching, MLflow logging and files); the
-``varmerge demo`` command and the benchmarks call them directly.
+:mod:`varmerge.sequence` runs them in order (in process, or as Prefect tasks over the run store
+of ``tasks/``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from varmerge import baselines, evaluate, map_front, merge, models, pareto, train
 from varmerge import data as vdata
+from varmerge import evaluate, merge, models, pareto, train
 from varmerge.config import MAP_METHOD, ExperimentConfig
 from varmerge.grid import simplex_grid
 from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian, PosteriorMeta
@@ -39,13 +40,60 @@ class TaskData:
     test: tuple[torch.Tensor, torch.Tensor]
 
 
+def tasks_to_tensors(tasks: Sequence[TaskData], num_classes: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Per-task train/test tensors as one flat tensor dict (``<task>/<split>/x[/<field>]``, ``.../y``)
+    plus the header that :func:`tasks_from_tensors` needs: what one run prepares once and every step
+    reads back."""
+    tensors: dict[str, torch.Tensor] = {}
+    for t in tasks:
+        for split, (x, y) in (("train", t.train), ("test", t.test)):
+            if isinstance(x, dict):
+                tensors.update({f"{t.name}/{split}/x/{k}": v for k, v in x.items()})
+            else:
+                tensors[f"{t.name}/{split}/x"] = x
+            tensors[f"{t.name}/{split}/y"] = y
+    header = {"kind": "tasks", "num_classes": int(num_classes),
+              "tasks": [{"name": t.name, "classes": list(t.classes)} for t in tasks]}
+    return tensors, header
+
+
+def tasks_from_tensors(tensors: dict[str, torch.Tensor], header: dict) -> tuple[list[TaskData], int]:
+    """The inverse of :func:`tasks_to_tensors` (views of ``tensors``, no copies)."""
+    if header.get("kind") != "tasks":
+        raise ValueError(f"not a prepared-tasks file (kind {header.get('kind')!r})")
+    out = []
+    for t in header["tasks"]:
+        splits = []
+        for split in ("train", "test"):
+            prefix = f"{t['name']}/{split}/x"
+            x = tensors.get(prefix)
+            if x is None:
+                x = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
+                if not x:
+                    raise ValueError(f"prepared tasks lack {prefix!r}")
+            splits.append((x, tensors[f"{t['name']}/{split}/y"]))
+        out.append(TaskData(t["name"], tuple(t["classes"]), splits[0], splits[1]))
+    return out, int(header["num_classes"])
+
+
+#: The last dataset loaded and the last tasks prepared in this process, so that the checks before
+#: a run (preflight) and the run itself read, split and tokenise the data once.
+_LAST: dict[str, tuple] = {}
+
+
+def _remember(slot: str, key: str, make):
+    if slot not in _LAST or _LAST[slot][0] != key:
+        _LAST[slot] = (key, make())
+    return _LAST[slot][1]
+
+
 def load_dataset(cfg: ExperimentConfig):
     """The configured source as a DatasetDict (seed/test_fraction passed where the source takes them)."""
     opts = dict(cfg.data.options)
     if cfg.data.source in ("mnist5k", "fortunes", "tweets"):
         opts.setdefault("seed", cfg.data.seed)
         opts.setdefault("test_fraction", cfg.data.test_fraction)
-    return vdata.load_source(cfg.data.source, **opts)
+    return _remember("dataset", cfg.data.model_dump_json(), lambda: vdata.load_source(cfg.data.source, **opts))
 
 
 def _cap(x, y, n: int | None):
@@ -70,6 +118,13 @@ def prepare_tasks(cfg: ExperimentConfig, dataset=None) -> tuple[list[TaskData], 
     ``domain`` column (tweets), domains sharing one label space.
     """
     ds = load_dataset(cfg) if dataset is None else dataset
+    key = json.dumps([cfg.data.model_dump(mode="json"), cfg.model.name, cfg.model.options.get("model_path"),
+                      {split: getattr(part, "_fingerprint", id(part)) for split, part in ds.items()}],
+                     sort_keys=True, default=str)
+    return _remember("tasks", key, lambda: _prepare_tasks(cfg, ds))
+
+
+def _prepare_tasks(cfg: ExperimentConfig, ds) -> tuple[list[TaskData], int]:
     n_classes = vdata.num_classes(ds)
     for t in cfg.data.tasks:
         bad = [c for c in t.classes if c >= n_classes]
@@ -151,22 +206,29 @@ def check_accelerator(accelerator: str) -> None:
         raise ValueError(f"unknown accelerator {accelerator!r}; use auto, cpu or gpu")
 
 
-def _fit_kwargs(cfg: ExperimentConfig, progress: bool, logger=None) -> dict:
+#: The optimizer each posterior method trains with.
+_METHOD_OPTIMIZER = {"adamw_sg": "adamw", "ivon": "ivon", "multi_ivon": "ivon", "soup_ivon": "ivon",
+                     "full_von": "full_von"}
+
+
+def optimizer_settings(cfg: ExperimentConfig, *, name: str | None = None) -> train.OptimizerSettings:
+    """The optimizer of ``cfg.posterior`` (``name`` overrides the method's: the multitask finetune
+    of a full VON config trains with IVON)."""
+    p = cfg.posterior
+    return train.OptimizerSettings(
+        name=name or _METHOD_OPTIMIZER[p.method], lr=p.lr, weight_decay=p.weight_decay, ess=p.ess,
+        mc_samples=p.mc_samples, prior_precision=p.prior_precision,
+        ivon={"hess_init": p.hess_init, "beta2": p.beta2, **p.ivon},
+    )
+
+
+def trainer_settings(cfg: ExperimentConfig, *, progress: bool = False, logger=None) -> train.TrainerSettings:
+    """How Lightning runs ``cfg.posterior.steps`` steps on ``cfg.accelerator`` (checked first)."""
     check_accelerator(cfg.accelerator)
     p = cfg.posterior
-    return dict(
-        logger=logger,
-        log_every_n_steps=max(1, min(50, p.steps // 20)),
-        max_steps=p.steps,
-        lr=p.lr,
-        batch_size=p.batch_size,
-        ess=p.ess,
-        weight_decay=p.weight_decay,
-        mc_samples=p.mc_samples,
-        hess_init=p.hess_init,
-        beta2=p.beta2,
-        accelerator=cfg.accelerator,
-        progress=progress,
+    return train.TrainerSettings(
+        steps=p.steps, batch_size=p.batch_size, accelerator=cfg.accelerator, precision=p.precision, logger=logger,
+        progress=progress, log_every_n_steps=max(1, min(50, p.steps // 20)),
     )
 
 
@@ -188,35 +250,26 @@ def finetune_task(
 
     p = cfg.posterior
     model = copy.deepcopy(base)
-    kw = _fit_kwargs(cfg, progress, logger)
+    opt, tr = optimizer_settings(cfg), trainer_settings(cfg, progress=progress, logger=logger)
     if p.method == "adamw_sg" and resume_dir is not None:
-        return _adamw_sg_resumable(cfg, model, task, kw, Path(resume_dir))
+        return _adamw_sg_resumable(cfg, model, task, opt, tr, Path(resume_dir))
     runs = {}
     if p.method in ("multi_ivon", "soup_ivon") and resume_dir is not None:
         parts = _RunParts(Path(resume_dir), models.trainable_state_dict(base), p.components)
         runs = {"completed_runs": parts.completed(), "on_run": parts.save}
-    if p.method in ("ivon", "adamw_sg"):
-        model, post = train.fit(
-            model, train_data(task), optimizer="ivon" if p.method == "ivon" else "adamw", seed=p.seed,
-            task=task.name, prior_precision=p.prior_precision if p.method == "adamw_sg" else None, **kw
-        )
+    if p.method in ("ivon", "adamw_sg", "full_von"):
+        model, post = train.fit(model, train_data(task), opt, tr, seed=p.seed, task=task.name)
         return post, models.trainable_state_dict(model)
     if p.method == "multi_ivon":
-        post = train.fit_multi_ivon(model, train_data(task), num_runs=p.components, seed=p.seed, task=task.name,
-                                    **runs, **kw)
+        post = train.fit_multi_ivon(model, train_data(task), opt, tr, num_runs=p.components, seed=p.seed,
+                                    task=task.name, **runs)
         return post, post.components[0].mean
     if p.method == "soup_ivon":
         post = train.fit_soup_ivon(
-            model, train_data(task), num_runs=p.components, snapshot_steps=p.checkpoint_steps, seed=p.seed,
-            task=task.name, **runs, **kw,
+            model, train_data(task), opt, tr, num_runs=p.components, snapshot_steps=p.checkpoint_steps,
+            seed=p.seed, task=task.name, **runs,
         )
         return post, post.components[-1].mean
-    if p.method == "full_von":
-        model, post = train.fit(
-            model, train_data(task), optimizer="full_von", seed=p.seed, task=task.name,
-            prior_precision=p.prior_precision, **kw,
-        )
-        return post, models.trainable_state_dict(model)
     raise ValueError(f"unknown posterior method {p.method!r}")
 
 
@@ -242,7 +295,10 @@ def _resumable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**models.trainable_state_dict(model), **{n: b.detach().clone() for n, b in model.named_buffers()}}
 
 
-def _adamw_sg_resumable(cfg: ExperimentConfig, model: nn.Module, task: TaskData, kw: dict, folder: Path):
+def _adamw_sg_resumable(
+    cfg: ExperimentConfig, model: nn.Module, task: TaskData, opt: train.OptimizerSettings,
+    tr: train.TrainerSettings, folder: Path,
+):
     """AdamW training, its weights persisted, then the squared-gradient pass (as ``train.fit`` does)."""
     from varmerge import io
 
@@ -254,23 +310,14 @@ def _adamw_sg_resumable(cfg: ExperimentConfig, model: nn.Module, task: TaskData,
         if unexpected:
             raise ValueError(f"{trained}: unexpected entries {unexpected[:5]}")
     else:
-        model, _ = train.fit(model, train_data(task), optimizer="adamw", seed=p.seed, task=task.name,
-                             compute_posterior=False, **kw)
+        model, _ = train.fit(model, train_data(task), opt, tr, seed=p.seed, task=task.name, compute_posterior=False)
         io.save_state_dict(trained, _resumable_state(model), {"task": task.name, "stage": "adamw-trained"})
-    post = train.trained_sg_posterior(
-        model, train_data(task), batch_size=p.batch_size, weight_decay=p.weight_decay,
-        prior_precision=p.prior_precision, accelerator=cfg.accelerator,
-        meta=PosteriorMeta(task=task.name, seed=p.seed),
-    )
+    post = train.trained_sg_posterior(model, train_data(task), opt, tr, meta=PosteriorMeta(task=task.name, seed=p.seed))
     return post, models.trainable_state_dict(model)
 
 
 def _diagonal(post: Posterior) -> DiagonalGaussian:
     """The single diagonal Gaussian a non-mixture rule uses (a mixture's first component)."""
-    if isinstance(post, DiagonalGaussian):
-        return post
-    if isinstance(post, MixtureGaussian):
-        return post.components[0]
     return post.diagonal()
 
 
@@ -280,46 +327,19 @@ def merge_sweep(
     base: dict[str, torch.Tensor],
     alpha: torch.Tensor,
     *,
-    mixture_iterations: int = 10,
-    task_arithmetic_scale: float = 1.0,
-    options: dict | None = None,
+    options: dict | merge.Options | None = None,
     grams: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merged trainable weights for every α row (tensors with a leading G dimension).
 
-    Non-mixture rules take each task's single Gaussian (for a mixture posterior, its first
-    component: the cost of one IVON run, as in the paper's Hessian-weighted rows).
-    ``options`` are the rule's keyword settings (``merge.options[method]``); ``grams`` the
-    per-task calibration Grams a calibration rule (``regmean``) needs, see :func:`calibration_grams`.
+    The generic dispatch of :func:`varmerge.merge.apply`: each posterior gives the view the rule
+    declares (a single diagonal Gaussian — a mixture's first component, the cost of one IVON run
+    as in the paper's Hessian-weighted rows —, a mixture, or a full Gaussian, solved in float32).
+    ``options`` are the rule's settings (``merge.options[method]``, validated by its options
+    model); ``grams`` the per-task calibration Grams a calibration rule (``regmean``) needs, see
+    :func:`calibration_grams`.
     """
-    spec = merge.get_method(method)
-    opts = dict(options or {})
-    if method == "mixture":
-        mixes = [p if isinstance(p, MixtureGaussian) else MixtureGaussian([_diagonal(p)]) for p in posteriors]
-        return merge.mixture_weighted(
-            [m.means for m in mixes], [m.precisions for m in mixes], alpha, iterations=mixture_iterations, **opts
-        )
-    if method == "hessian_full":
-        if not all(isinstance(p, FullGaussian) for p in posteriors):
-            raise ValueError("hessian_full needs full-Gaussian posteriors (posterior.method: full_von)")
-        # solved in float32 (the model's dtype): half the memory traffic of float64 and ~2.5x faster
-        flat = merge.hessian_weighted_full([p.mean.float() for p in posteriors],
-                                           [p.precision.float() for p in posteriors], alpha, **opts)
-        return posteriors[0].state_dict(flat.to(torch.float32))
-    diag = [_diagonal(p) for p in posteriors]
-    means = [d.mean for d in diag]
-    if method == "simple":
-        return merge.simple_average(means, alpha, **opts)
-    if method == "task_arithmetic":
-        return merge.task_arithmetic(base, means, alpha, scale=task_arithmetic_scale, **opts)
-    if method == "hessian":
-        return merge.hessian_weighted(means, [d.precision for d in diag], alpha, **opts)
-    kwargs = {"base": base} if spec.needs_base else {}
-    if spec.needs_calibration:
-        if grams is None:
-            raise ValueError(f"merge method {method!r} needs calibration Grams (grams=...)")
-        kwargs["grams"] = grams
-    return spec.fn(means=means, alpha=alpha, **kwargs, **opts)
+    return merge.apply(method, posteriors, base, alpha, options, grams=grams)
 
 
 def calibration_grams(
@@ -329,7 +349,7 @@ def calibration_grams(
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
         raise ValueError(f"calibration_examples must be a positive integer, got {examples!r}")
     inputs = [evaluate.slice_inputs(t.train[0], 0, examples) for t in tasks]
-    return baselines.calibration_grams(model, [_diagonal(p).mean for p in posteriors], inputs)
+    return merge.calibration_grams(model, [_diagonal(p).mean for p in posteriors], inputs)
 
 
 def score_sweep(
@@ -355,30 +375,27 @@ def sweep_and_score(
     Returns ``alpha``, (G, T) ``accuracy`` and ``loss``, and the wall-clock ``merge_seconds``
     (incl. calibration Grams) and ``eval_seconds`` of the sweep.
 
-    ``method`` is a registered merge rule or ``map`` (dispatched to :func:`map_sweep`). Settings
-    come from ``cfg.merge.options[method]``; a calibration rule's Grams are computed once per sweep
-    from the first ``calibration_examples`` (default 256) training inputs of each task.
+    ``method`` is a registered merge rule or a front estimator (``map``, dispatched on the spec's
+    kind to :func:`map_sweep`). Settings come from ``cfg.merge.options[method]``, validated by the
+    method's options model; a calibration rule's Grams are computed once per sweep from the first
+    ``calibration_examples`` (default 256) training inputs of each task.
     """
-    if method == MAP_METHOD:
+    spec = merge.get_method(method)
+    if spec.kind == "estimator":
         return map_sweep(cfg, posteriors, model, tasks, alpha, block=block, progress=progress)
     alpha = simplex_grid(len(tasks), cfg.merge.spacing) if alpha is None else alpha
     base = models.trainable_state_dict(model)
-    options = dict(cfg.merge.options.get(method, {}))
+    options = spec.parse_options(cfg.merge.options.get(method, {}))
     t0 = time.perf_counter()
     grams = None
-    if merge.get_method(method).needs_calibration:
-        grams = calibration_grams(model, posteriors, tasks, options.pop("calibration_examples", 256))
+    if spec.needs_calibration:
+        grams = calibration_grams(model, posteriors, tasks, options.calibration_examples)
     merge_s = time.perf_counter() - t0
     eval_s = 0.0
     acc, loss = [], []
     for lo in range(0, len(alpha), block):
         t0 = time.perf_counter()
-        merged = merge_sweep(
-            method, posteriors, base, alpha[lo : lo + block],
-            mixture_iterations=cfg.merge.mixture_iterations,
-            task_arithmetic_scale=cfg.merge.task_arithmetic_scale,
-            options=options, grams=grams,
-        )
+        merged = merge_sweep(method, posteriors, base, alpha[lo : lo + block], options=options, grams=grams)
         t1 = time.perf_counter()
         s = score_sweep(model, merged, tasks, progress=progress)
         merge_s, eval_s = merge_s + t1 - t0, eval_s + time.perf_counter() - t1
@@ -404,8 +421,10 @@ def map_sweep(
     [0, 1]) and ``loss`` (clipped at 0), so fronts, selection and indicators treat MAP like any
     merge, plus the NSGA front of the accuracy surrogate (``front_alpha``, ``front_accuracy``)
     and the number of real evaluations. Options: ``cfg.merge.options["map"]`` (n_evaluations,
-    seed, algorithm, pop_size, n_gen); task arithmetic uses ``merge.task_arithmetic_scale``.
+    seed, algorithm, pop_size, n_gen); task arithmetic uses ``merge.options.task_arithmetic``.
     """
+    spec = merge.get_method(MAP_METHOD)
+    options = spec.parse_options(cfg.merge.options.get(MAP_METHOD, {}))
     alpha = simplex_grid(len(tasks), cfg.merge.spacing) if alpha is None else alpha
     t0 = time.perf_counter()
 
@@ -413,7 +432,7 @@ def map_sweep(
         s = sweep_and_score(cfg, "task_arithmetic", posteriors, model, tasks, design, block=block, progress=progress)
         return {"accuracy": s["accuracy"], "loss": s["loss"]}
 
-    res = map_front.map_front(evaluate_design, alpha, **cfg.merge.options.get(MAP_METHOD, {}))
+    res = spec.fn(evaluate_design, alpha, **options.rule_kwargs())
     return {
         "alpha": alpha,
         "accuracy": res.predictions["accuracy"].clamp(0.0, 1.0),
@@ -430,7 +449,7 @@ def select(cfg: ExperimentConfig, alpha: torch.Tensor, accuracy: torch.Tensor) -
     """Indices and α of the top-k by mean accuracy among rows meeting the constraints."""
     names = [t.name for t in cfg.data.tasks]
     cons = [(names.index(c.task), c.op, c.value) for c in cfg.selection.constraints]
-    return pareto.select_alpha(alpha, accuracy, k=cfg.selection.top_k, constraints=cons)
+    return pareto.select_alpha(alpha, accuracy, k=cfg.selection.top_k, constraints=cons, task_names=names)
 
 
 def multitask_finetune(
@@ -439,101 +458,16 @@ def multitask_finetune(
 ) -> tuple[nn.Module, torch.Tensor]:
     """The real finetune of Σ_t α_t l_t from θ0; returns the model and its (T,) test accuracies."""
     import copy
+    import dataclasses
 
     p = cfg.posterior
     model = copy.deepcopy(base)
-    kw = _fit_kwargs(cfg, progress, logger)
-    kw["max_steps"] = cfg.multitask_steps or p.steps
-    optimizer = "adamw" if p.method == "adamw_sg" else "ivon"
-    if p.method == "full_von":
-        optimizer = "ivon"
-    if kw["ess"] is None:
-        kw["ess"] = float(sum(len(t.train[1]) for t in tasks))
+    # IVON's ess defaults to the examples of all tasks; full VON configs finetune with IVON
+    opt = optimizer_settings(cfg, name="adamw" if p.method == "adamw_sg" else "ivon")
+    tr = dataclasses.replace(trainer_settings(cfg, progress=progress, logger=logger),
+                             steps=cfg.multitask_steps or p.steps)
     model = train.fit_multitask(model, [train_data(t) for t in tasks], torch.as_tensor(alpha, dtype=torch.float64),
-                                optimizer=optimizer, seed=p.seed, **kw)
+                                opt, tr, seed=p.seed)
     sd = {k: v.unsqueeze(0) for k, v in models.trainable_state_dict(model).items()}
     scores = score_sweep(model, sd, tasks)
     return model, scores["accuracy"][0]
-
-
-
-@dataclass
-class FrontResult:
-    """Everything a front estimation produced, in memory (the flows persist each piece)."""
-
-    tasks: list[str]
-    alpha: torch.Tensor
-    sweeps: dict[str, dict[str, torch.Tensor]]  # method -> alpha/accuracy/loss (+ seconds)
-    chosen_method: str
-    chosen_index: torch.Tensor
-    chosen_alpha: torch.Tensor
-    predicted: torch.Tensor  # (k, T) accuracies of the merged models at the chosen α
-    realised: torch.Tensor  # (k, T) accuracies of the real multitask finetunes there
-    seconds: dict[str, float]
-
-    def summary(self) -> dict:
-        out = {}
-        for m, r in self.sweeps.items():
-            mean = r["accuracy"].mean(1)
-            b = int(mean.argmax())
-            out[m] = {
-                "max_mean_accuracy": float(mean[b]),
-                "best_alpha": [round(v, 6) for v in self.alpha[b].tolist()],
-                "front_size": int(pareto.pareto_mask(r["accuracy"]).sum()),
-                "seconds": float(r["seconds"]),
-            }
-        return {
-            "tasks": self.tasks,
-            "grid_size": len(self.alpha),
-            "methods": out,
-            "chosen": {
-                "method": self.chosen_method,
-                "alpha": self.chosen_alpha.tolist(),
-                "predicted": self.predicted.tolist(),
-                "realised": self.realised.tolist(),
-            },
-            "seconds": self.seconds,
-        }
-
-
-def estimate_front(cfg: ExperimentConfig, *, status=None) -> FrontResult:
-    """All six steps in one process; ``status(msg)`` (optional) is told what runs now."""
-    import contextlib
-    import time
-
-    def stage(msg):
-        return status(msg) if status is not None else contextlib.nullcontext()
-
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    with stage("loading data"):
-        tasks, n_classes = prepare_tasks(cfg)
-    base = base_model(cfg, n_classes)
-    seconds["data"] = time.perf_counter() - t0
-    posteriors = []
-    t0 = time.perf_counter()
-    for t in tasks:
-        with stage(f"finetuning {t.name} ({cfg.posterior.method}, {len(t.train[1])} examples)"):
-            posteriors.append(finetune_task(cfg, base, t)[0])
-    seconds["finetunes"] = time.perf_counter() - t0
-    alpha = simplex_grid(len(tasks), cfg.merge.spacing)
-    sweeps = {}
-    for m in cfg.merge.methods:
-        t0 = time.perf_counter()
-        with stage(f"merging + evaluating '{m}' over {len(alpha)} α"):
-            sweeps[m] = sweep_and_score(cfg, m, posteriors, base, tasks, alpha)
-        sweeps[m]["seconds"] = time.perf_counter() - t0
-    seconds["sweeps"] = sum(float(s["seconds"]) for s in sweeps.values())
-    method = cfg.selection.method or cfg.merge.methods[-1]
-    idx, chosen = select(cfg, alpha, sweeps[method]["accuracy"])
-    realised = []
-    t0 = time.perf_counter()
-    for a in chosen:
-        with stage(f"multitask finetune at α={[round(v, 2) for v in a.tolist()]}"):
-            realised.append(multitask_finetune(cfg, base, tasks, a)[1])
-    seconds["multitask"] = time.perf_counter() - t0
-    return FrontResult(
-        tasks=[t.name for t in tasks], alpha=alpha, sweeps=sweeps, chosen_method=method,
-        chosen_index=idx, chosen_alpha=chosen, predicted=sweeps[method]["accuracy"][idx],
-        realised=torch.stack(realised), seconds=seconds,
-    )

@@ -3,6 +3,20 @@
 A posterior is a file: :meth:`save` writes safetensors (means, precisions, mixture components)
 plus metadata; :meth:`load` checks the content hash, the kind, the keys/shapes against an
 expected model and that every precision is finite and non-negative.
+
+One interface over the three structures: every posterior gives the view a merging rule reads,
+``as_kind("diagonal" | "mixture" | "full")`` (or :meth:`diagonal`, :meth:`mixture`, :meth:`full`):
+
+===============  =====================  ==========================  ======================
+posterior        ``diagonal()``         ``mixture()``               ``full()``
+===============  =====================  ==========================  ======================
+DiagonalGaussian itself                 a 1-component mixture       ValueError
+MixtureGaussian  its first component    itself                      ValueError
+FullGaussian     diag of the precision  1 component (its diagonal)  itself
+===============  =====================  ==========================  ======================
+
+:data:`EXACT_VIEWS` lists the views a config may rely on (a mixture rule needs a real mixture,
+not the degenerate K = 1 one a single Gaussian gives).
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ import copy
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -43,6 +58,45 @@ class PosteriorMeta:
         return cls(**dict(d))
 
 
+#: Posterior structure -> the views it gives exactly: a rule reading means only ("none") or one
+#: diagonal Gaussian can use any (a mixture's first component, a full Gaussian's diagonal); the
+#: mixture and full rules need their own structure.
+EXACT_VIEWS: dict[str, tuple[str, ...]] = {
+    "diagonal": ("none", "diagonal"),
+    "mixture": ("none", "diagonal", "mixture"),
+    "full": ("none", "diagonal", "full"),
+}
+
+class _Views:
+    """``as_kind`` over the ``diagonal`` / ``mixture`` / ``full`` methods of each structure."""
+
+    kind: ClassVar[str]
+
+    def as_kind(self, kind: str, *, user: str | None = None):
+        """The ``kind`` view ("none" and "diagonal": one DiagonalGaussian; "mixture"; "full").
+
+        ``user`` (e.g. the merge rule's name) is named in the error when the view does not exist.
+        """
+        if kind in ("none", "diagonal"):
+            return self.diagonal()
+        if kind == "mixture":
+            return self.mixture()
+        if kind == "full":
+            return self.full(user=user)
+        raise ValueError(f"unknown posterior kind {kind!r}; kinds: none, diagonal, mixture, full")
+
+    @classmethod
+    def load(cls, path, expected: Mapping | None = None):
+        """Read a file written by ``save`` (its hash checked; keys and shapes against ``expected``)."""
+        return cls.from_tensors(*io.load_tensors(path), expected, str(path))
+
+    def full(self, *, user: str | None = None):
+        raise ValueError(
+            f"{user or 'this rule'} needs full-Gaussian posteriors (posterior.method: full_von); got a {self.kind} posterior "
+            f"(task {self.meta.task!r}), which has no full precision matrix"
+        )
+
+
 def _check_pair(mean: Mapping, precision: Mapping, where: str) -> None:
     if not mean:
         raise ValueError(f"{where}: empty posterior (no parameters)")
@@ -65,8 +119,10 @@ def _check_expected(mean: Mapping, expected, where: str) -> None:
 
 
 @dataclass
-class DiagonalGaussian:
+class DiagonalGaussian(_Views):
     """N(mean, diag(1 / precision)) over named parameters."""
+
+    kind: ClassVar[str] = "diagonal"
 
     mean: dict[str, torch.Tensor]
     precision: dict[str, torch.Tensor]
@@ -74,6 +130,13 @@ class DiagonalGaussian:
 
     def __post_init__(self):
         _check_pair(self.mean, self.precision, f"DiagonalGaussian(task={self.meta.task!r})")
+
+    def diagonal(self) -> DiagonalGaussian:
+        return self
+
+    def mixture(self) -> MixtureGaussian:
+        """This Gaussian as a 1-component mixture."""
+        return MixtureGaussian([self], meta=self.meta)
 
     @property
     def names(self) -> list[str]:
@@ -95,12 +158,10 @@ class DiagonalGaussian:
         )
 
     @classmethod
-    def load(cls, path, expected: Mapping | None = None) -> DiagonalGaussian:
-        tensors, header = io.load_tensors(path)
-        if header.get("kind") != "diagonal":
-            raise ValueError(f"{path}: holds a {header.get('kind')!r} posterior, not 'diagonal'")
-        mean, prec = _split(tensors, "", header["names"], str(path))
-        _check_expected(mean, expected, str(path))
+    def from_tensors(cls, tensors, header, expected: Mapping | None = None, where: str = "posterior"):
+        _check_kind(header, "diagonal", where)
+        mean, prec = _split(tensors, "", header["names"], where)
+        _check_expected(mean, expected, where)
         return cls(mean, prec, PosteriorMeta.from_dict(header.get("meta", {})))
 
     # -- sources -------------------------------------------------------------------------
@@ -144,8 +205,10 @@ class DiagonalGaussian:
 
 
 @dataclass
-class MixtureGaussian:
+class MixtureGaussian(_Views):
     """Σ_k weight_k N(mean_k, diag(1/precision_k)): MultiIVON / SoupIVON posteriors."""
+
+    kind: ClassVar[str] = "mixture"
 
     components: list[DiagonalGaussian]
     weights: list[float] | None = None
@@ -179,6 +242,13 @@ class MixtureGaussian:
     def precisions(self) -> list[dict[str, torch.Tensor]]:
         return [c.precision for c in self.components]
 
+    def diagonal(self) -> DiagonalGaussian:
+        """The first component (the cost of one IVON run, as in the paper's Hessian-weighted rows)."""
+        return self.components[0]
+
+    def mixture(self) -> MixtureGaussian:
+        return self
+
     def save(self, path) -> str:
         tensors = {}
         for k, c in enumerate(self.components):
@@ -194,23 +264,23 @@ class MixtureGaussian:
         return io.save_tensors(path, tensors, header)
 
     @classmethod
-    def load(cls, path, expected: Mapping | None = None) -> MixtureGaussian:
-        tensors, header = io.load_tensors(path)
-        if header.get("kind") != "mixture":
-            raise ValueError(f"{path}: holds a {header.get('kind')!r} posterior, not 'mixture'")
+    def from_tensors(cls, tensors, header, expected: Mapping | None = None, where: str = "posterior"):
+        _check_kind(header, "mixture", where)
         comps = []
         for k, cm in enumerate(header["component_meta"]):
-            mean, prec = _split(tensors, f"c{k}/", header["names"], f"{path} component {k}")
+            mean, prec = _split(tensors, f"c{k}/", header["names"], f"{where} component {k}")
             comps.append(DiagonalGaussian(mean, prec, PosteriorMeta.from_dict(cm)))
         if len(comps) != header.get("K") or len(tensors) != 2 * len(header["names"]) * len(comps):
-            raise ValueError(f"{path}: mixture has inconsistent component count (header K={header.get('K')})")
-        _check_expected(comps[0].mean, expected, str(path))
+            raise ValueError(f"{where}: mixture has inconsistent component count (header K={header.get('K')})")
+        _check_expected(comps[0].mean, expected, where)
         return cls(comps, header["weights"], PosteriorMeta.from_dict(header.get("meta", {})))
 
 
 @dataclass
-class FullGaussian:
+class FullGaussian(_Views):
     """N(mean, precision⁻¹) over a flat parameter vector; ``shapes`` unflattens it by name."""
+
+    kind: ClassVar[str] = "full"
 
     mean: torch.Tensor
     precision: torch.Tensor
@@ -241,23 +311,29 @@ class FullGaussian:
         return out
 
     def diagonal(self) -> DiagonalGaussian:
+        """N(mean, diag(1 / diag(precision))) by name."""
         return DiagonalGaussian(self.state_dict(), self.state_dict(torch.diagonal(self.precision).clone()), self.meta)
+
+    def mixture(self) -> MixtureGaussian:
+        """The diagonal as a 1-component mixture."""
+        return MixtureGaussian([self.diagonal()], meta=self.meta)
+
+    def full(self, *, user: str | None = None) -> FullGaussian:
+        return self
 
     def save(self, path) -> str:
         header = {"kind": "full", "meta": self.meta.to_dict(), "shapes": {k: list(v) for k, v in self.shapes.items()}}
         return io.save_tensors(path, {"mean": self.mean, "precision": self.precision}, header)
 
     @classmethod
-    def load(cls, path, expected: Mapping | None = None) -> FullGaussian:
-        tensors, header = io.load_tensors(path)
-        if header.get("kind") != "full":
-            raise ValueError(f"{path}: holds a {header.get('kind')!r} posterior, not 'full'")
+    def from_tensors(cls, tensors, header, expected: Mapping | None = None, where: str = "posterior"):
+        _check_kind(header, "full", where)
         if set(tensors) != {"mean", "precision"}:
-            raise ValueError(f"{path}: full posterior needs exactly 'mean' and 'precision' tensors")
+            raise ValueError(f"{where}: full posterior needs exactly 'mean' and 'precision' tensors")
         shapes = {k: tuple(v) for k, v in header["shapes"].items()}
         post = cls(tensors["mean"], tensors["precision"], shapes, PosteriorMeta.from_dict(header.get("meta", {})))
         if expected is not None:
-            io.check_matches_model(post.state_dict(), expected, str(path))
+            io.check_matches_model(post.state_dict(), expected, where)
         return post
 
 
@@ -272,14 +348,23 @@ def _split(tensors, prefix, names, where):
     return mean, prec
 
 
-def load_posterior(path, expected: Mapping | None = None):
-    """Load whichever posterior kind the file holds."""
-    _, header = io.load_tensors(path)
+def _check_kind(header: Mapping, kind: str, where: str) -> None:
+    if header.get("kind") != kind:
+        raise ValueError(f"{where}: holds a {header.get('kind')!r} posterior, not {kind!r}")
+
+
+def posterior_from_tensors(tensors, header, expected: Mapping | None = None, where: str = "posterior"):
+    """Whichever posterior kind ``header`` names, from tensors already read (and hash-checked)."""
     kind = header.get("kind")
     cls = {"diagonal": DiagonalGaussian, "mixture": MixtureGaussian, "full": FullGaussian}.get(kind)
     if cls is None:
-        raise ValueError(f"{path}: not a posterior file (kind {kind!r})")
-    return cls.load(path, expected=expected)
+        raise ValueError(f"{where}: not a posterior file (kind {kind!r})")
+    return cls.from_tensors(tensors, header, expected, where)
+
+
+def load_posterior(path, expected: Mapping | None = None):
+    """Load whichever posterior kind the file holds (read and hash-checked once)."""
+    return posterior_from_tensors(*io.load_tensors(path), expected, str(path))
 
 
 # --------------------------------------------------------------------------------------------

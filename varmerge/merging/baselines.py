@@ -1,10 +1,11 @@
 """Baseline merging rules from the model-merging literature (METHOD.md, "Other mergers").
 
-Each rule is registered in :data:`varmerge.merge.MERGE_METHODS` under its name and, like the
-posterior-based rules, takes ``alpha`` as a (T,) vector (one merged state dict) or a (G, T) batch
-(tensors with a leading G dimension). α always enters as the weight of task t in a weighted
-combination, so that α = e_t returns (a processed version of) model t and the rule reduces to
-the α-weighted task arithmetic θ0 + Σ_t α_t τ_t, τ_t = θ_t − θ0, in its "no-op" setting:
+Each rule is registered (:mod:`varmerge.merging.registry`) under its name with a pydantic model
+of its settings and, like the posterior-based rules, takes ``alpha`` as a (T,) vector (one merged
+state dict) or a (G, T) batch (tensors with a leading G dimension). α always enters as the
+weight of task t in a weighted combination, so that α = e_t returns (a processed version of)
+model t and the rule reduces to the α-weighted task arithmetic θ0 + Σ_t α_t τ_t,
+τ_t = θ_t − θ0, in its "no-op" setting:
 
 ============  =============================================================  ==================
 name          merged θ̂_α                                                     reduces to TA when
@@ -32,19 +33,24 @@ from torch import nn
 from torch.nn import functional as F
 
 from varmerge._checks import check_alpha, check_state_dicts
-from varmerge.merge import (
+from varmerge.merging.gaussian import simple_average
+from varmerge.merging.kernels import (
+    LazyStack,
     StateDict,
-    _check_base,
-    _chunked_merge,
-    _compute_dtype,
-    _finish,
-    _flat,
-    _LazyStack,
-    register,
-    simple_average,
+    check_base,
+    chunked_merge,
+    compute_dtype,
+    finish,
+    flat,
 )
+from varmerge.merging.registry import CalibrationOptions, ChunkedOptions, Options, register
 
 __all__ = [
+    "DareOptions",
+    "EsmOptions",
+    "RegmeanOptions",
+    "SlerpOptions",
+    "TiesOptions",
     "calibration_grams",
     "dare",
     "esm",
@@ -53,6 +59,39 @@ __all__ = [
     "slerp",
     "ties",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# settings (merge.options.<name> in a config; the rules check the values)
+# --------------------------------------------------------------------------------------------
+class TiesOptions(ChunkedOptions):
+    density: float = 0.2  # fraction of each task vector kept
+    scale: float = 1.0
+    trim: str = "global"  # global | tensor
+
+
+class DareOptions(ChunkedOptions):
+    drop: float = 0.9  # drop probability p
+    seed: int = 0
+    scale: float = 1.0
+
+
+class SlerpOptions(Options):
+    dot_threshold: float = 0.9995  # |cos Ω| above which slerp falls back to linear interpolation
+    eps: float = 1e-8
+    max_block_elems: int = 1 << 22
+
+
+class RegmeanOptions(CalibrationOptions):
+    ridge: float = 1e-4
+    off_diagonal: float = 1.0
+    max_batch_bytes: int = 1 << 28
+
+
+class EsmOptions(ChunkedOptions):
+    rank: int | None = None  # singular directions kept per task (default ⌊min(out, rest)/T⌋)
+    energy: float | None = None  # or the fewest reaching this fraction of Σ s²
+    scale: float = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,8 +109,8 @@ def _scale(scale) -> float:
 
 def _task_vectors(base: StateDict, means: Sequence[StateDict], key: str, dtype) -> torch.Tensor:
     """(T, n) stack of τ_t = θ_t − θ0 for one key, in ``dtype`` (a fresh tensor)."""
-    b = _flat(base[key]).to(dtype)
-    return torch.stack([_flat(m[key]).to(dtype) - b for m in means])
+    b = flat(base[key]).to(dtype)
+    return torch.stack([flat(m[key]).to(dtype) - b for m in means])
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +141,7 @@ def _ties_thresholds(base, means, keys, density: float, trim: str) -> dict[str, 
     return {k: thr for k in keys}
 
 
-@register("ties", needs_base=True)
+@register("ties", needs_base=True, options=TiesOptions)
 @torch.no_grad()
 def ties(
     base: StateDict,
@@ -134,7 +173,7 @@ def ties(
     all G rows at once, chunk by chunk, from four (G, T) @ (T, chunk) products.
     """
     keys = check_state_dicts(means, "means")
-    _check_base(base, means[0])
+    check_base(base, means[0])
     density = _number(density, "TIES density")
     if not 0 < density <= 1:
         raise ValueError(f"TIES density must be in (0, 1], got {density!r}")
@@ -147,7 +186,7 @@ def ties(
     def sources(k):
         n = means[0][k].numel()
         thr = thresholds[k].to(device=means[0][k].device)
-        return [_flat(base[k]), _LazyStack([m[k] for m in means]), thr[:, None].expand(-1, n)]
+        return [flat(base[k]), LazyStack([m[k] for m in means]), thr[:, None].expand(-1, n)]
 
     def kernel(al, b, th, thr, out, scratch):
         tau = th.sub_(b)  # (T, m), a fresh copy
@@ -162,13 +201,13 @@ def ties(
                              torch.where(mass < 0, neg_mass / neg_weight, zero))
         torch.add(b, merged, alpha=lam, out=out)
 
-    return _chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
+    return chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
 
 
 # --------------------------------------------------------------------------------------------
 # DARE
 # --------------------------------------------------------------------------------------------
-@register("dare", needs_base=True)
+@register("dare", needs_base=True, options=DareOptions)
 @torch.no_grad()
 def dare(
     base: StateDict,
@@ -191,7 +230,7 @@ def dare(
     p = 0 is task arithmetic exactly.
     """
     keys = check_state_dicts(means, "means")
-    _check_base(base, means[0])
+    check_base(base, means[0])
     p = _number(drop, "DARE drop")
     if not 0 <= p < 1:
         raise ValueError(f"DARE drop must be in [0, 1), got {drop!r}")
@@ -208,16 +247,16 @@ def dare(
 
     def sources(k):
         ref = means[0][k]
-        cdt = _compute_dtype(ref.dtype)
+        cdt = compute_dtype(ref.dtype)
         tau = _task_vectors(base, means, k, cdt)
         tau.mul_(keep[k].to(ref.device)).div_(1.0 - p)
-        return [_flat(base[k]), tau]
+        return [flat(base[k]), tau]
 
     def kernel(al, b, tau, out, scratch):
         torch.mm(al, tau, out=out)
         out.mul_(lam).add_(b)
 
-    return _chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
+    return chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +283,7 @@ def _slerp_rows(r: torch.Tensor, v: torch.Tensor, w: torch.Tensor, dot_threshold
     return s0[:, None] * r + s1[:, None] * v
 
 
-@register("slerp", needs_base=True)
+@register("slerp", needs_base=True, options=SlerpOptions)
 @torch.no_grad()
 def slerp(
     base: StateDict | None,
@@ -274,7 +313,7 @@ def slerp(
     """
     keys = check_state_dicts(means, "means")
     if base is not None:
-        _check_base(base, means[0])
+        check_base(base, means[0])
     dot_threshold = _number(dot_threshold, "slerp dot_threshold")
     if not 0 < dot_threshold <= 1:
         raise ValueError(f"slerp dot_threshold must be in (0, 1], got {dot_threshold!r}")
@@ -284,13 +323,13 @@ def slerp(
     result = {}
     for k in keys:
         ref = means[0][k]
-        cdt = _compute_dtype(ref.dtype)
+        cdt = compute_dtype(ref.dtype)
         n = ref.numel()
         if base is not None:
             v = _task_vectors(base, means, k, cdt)
-            b = _flat(base[k]).to(cdt)
+            b = flat(base[k]).to(cdt)
         else:
-            v = torch.stack([_flat(m[k]).to(cdt) for m in means])
+            v = torch.stack([flat(m[k]).to(cdt) for m in means])
             b = None
         al = a.to(device=ref.device, dtype=cdt)
         merged = torch.empty((G, n), dtype=cdt, device=ref.device)
@@ -307,13 +346,13 @@ def slerp(
                 cum = total
             merged[lo : lo + rows] = r if b is None else r + b
         result[k] = merged.to(ref.dtype).reshape((G, *ref.shape))
-    return _finish(result, batched)
+    return finish(result, batched)
 
 
 # --------------------------------------------------------------------------------------------
 # model soup
 # --------------------------------------------------------------------------------------------
-@register("model_soup")
+@register("model_soup", options=ChunkedOptions)
 @torch.no_grad()
 def model_soup(means: Sequence[StateDict], alpha, *, chunk_elems: int | None = None, out=None):
     """Uniform model soup (Wortsman et al., ICML 2022): (1/T) Σ_t θ_t, whatever α is.
@@ -370,7 +409,7 @@ def _esm_updates(taus: torch.Tensor, rank, energy) -> torch.Tensor:
     return qu @ core @ qv.T
 
 
-@register("esm", needs_base=True)
+@register("esm", needs_base=True, options=EsmOptions)
 @torch.no_grad()
 def esm(
     base: StateDict,
@@ -409,7 +448,7 @@ def esm(
     projection used here does.
     """
     keys = check_state_dicts(means, "means")
-    _check_base(base, means[0])
+    check_base(base, means[0])
     if rank is not None and energy is not None:
         raise ValueError("ESM takes rank or energy, not both")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -423,18 +462,18 @@ def esm(
 
     def sources(k):
         ref = means[0][k]
-        cdt = _compute_dtype(ref.dtype)
+        cdt = compute_dtype(ref.dtype)
         if ref.ndim < 2:
-            return [_flat(base[k]), _task_vectors(base, means, k, cdt)]
+            return [flat(base[k]), _task_vectors(base, means, k, cdt)]
         taus = _task_vectors(base, means, k, torch.float64).reshape(len(means), ref.shape[0], -1)
         updates = _esm_updates(taus, rank, energy).reshape(len(means), -1)
-        return [_flat(base[k]), updates.to(cdt)]
+        return [flat(base[k]), updates.to(cdt)]
 
     def kernel(al, b, upd, out, scratch):
         torch.mm(al, upd, out=out)
         out.mul_(lam).add_(b)
 
-    return _chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
+    return chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,7 +539,7 @@ def _check_grams(grams, means, keys) -> dict[str, tuple[int, str | None]]:
     return plan
 
 
-@register("regmean", needs_calibration=True)
+@register("regmean", needs_calibration=True, options=RegmeanOptions)
 @torch.no_grad()
 def regmean(
     means: Sequence[StateDict],
@@ -586,7 +625,7 @@ def regmean(
         if bias is not None:
             result[bias] = sol[:, :, n_in].to(means[0][bias].dtype).contiguous()
     ordered = {k: result[k] for k in keys}
-    return _finish(ordered, batched)
+    return finish(ordered, batched)
 
 
 def _gram_targets(model: nn.Module, trainable: set[str], conv: bool) -> dict[str, tuple]:

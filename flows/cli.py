@@ -1,4 +1,5 @@
-"""The ``varmerge`` command line (typer + rich).
+"""The ``varmerge`` command line (typer + rich). It lives with the flows it runs; the library
+(``varmerge/``) stays free of Prefect and MLflow.
 
 Errors a user can act on (bad config, missing data, α off the simplex, ...) print one line;
 ``--debug`` shows the traceback.
@@ -123,12 +124,14 @@ def demo(
     output: Path = typer.Option(Path("runs/demo"), help="where the front table goes"),
 ) -> None:
     """Estimate a front with the library alone (no Prefect, no MLflow) and print it."""
-    from varmerge import pipeline
+    from varmerge.sequence import LocalRunner, estimate_front
 
     cfg = _load(config)
     t0 = time.perf_counter()
     try:
-        res = pipeline.estimate_front(cfg, status=console.status)
+        res = estimate_front(cfg, LocalRunner(cfg, status=console.status))
+        if res.error is not None:
+            raise ValueError(res.error)
     except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
         _fail(exc)
     summary = res.summary()

@@ -1,0 +1,41 @@
+"""Shared test helpers: configs and random models (import as ``from helpers import ...``)."""
+
+import torch
+
+TINY = {
+    "name": "tiny",
+    "data": {
+        "source": "mnist5k",
+        "max_train_per_task": 300,
+        "tasks": [
+            {"name": "a", "classes": [0, 1]},
+            {"name": "b", "classes": [2, 3, 4]},
+            {"name": "c", "classes": [5, 6, 7, 8, 9]},
+        ],
+    },
+    "model": {"name": "logreg"},
+    "posterior": {"method": "multi_ivon", "components": 2, "steps": 25, "batch_size": 64, "lr": 0.1},
+    "merge": {"methods": ["simple", "hessian", "mixture"], "spacing": 0.25, "options": {"mixture": {"iterations": 5}}},
+    "selection": {"top_k": 1, "method": "mixture"},
+    "multitask_steps": 25,
+}
+
+# TINY with a few more steps: each IVON run takes a few seconds, a window to kill a flow in.
+RESUME = {
+    **TINY,
+    "name": "resume",
+    "posterior": {**TINY["posterior"], "steps": 300},
+    "multitask_steps": 100,
+}
+
+
+def random_models(T, seed=0, dtype=torch.float64, shapes=None):
+    """T state dicts with random means and positive precisions (a test helper)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or {"layer.weight": (4, 3), "layer.bias": (4,), "head": (5,)}
+    means = [{k: torch.randn(s, generator=g, dtype=dtype) for k, s in shapes.items()} for _ in range(T)]
+    precs = [
+        {k: torch.rand(s, generator=g, dtype=dtype) * 3 + 0.05 for k, s in shapes.items()}
+        for _ in range(T)
+    ]
+    return means, precs

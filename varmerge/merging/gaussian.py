@@ -1,0 +1,499 @@
+"""The posterior-based rules: each is the mode of a product of (powered) task posteriors.
+
+See METHOD.md. Isotropic Gaussians give simple averaging and task arithmetic, diagonal Gaussians
+the Hessian-weighted merge, mixtures of diagonal Gaussians the EM fixed point of Algorithm 1 and
+full Gaussians the full-precision Hessian-weighted merge.
+
+Every rule takes ``alpha`` as a (T,) vector, returning one merged state dict, or as a (G, T)
+batch, returning a state dict whose tensors carry a leading G dimension. A batch is computed in
+one pass over the parameters: each parameter is cut into cache-sized chunks and every chunk is
+merged for all G weightings at once with a small (G, T) @ (T, chunk) matrix product
+(:mod:`varmerge.merging.kernels`), so the sweep reads each input once and writes each output once.
+
+Inputs are never modified. Mismatched keys, shapes or dtypes, α off the simplex and negative or
+non-finite precisions raise :class:`ValueError` naming the offending key or value. Each rule is
+registered (:mod:`varmerge.merging.registry`) with the posterior view it reads and a pydantic
+model of its settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from varmerge._checks import (
+    check_alpha,
+    check_precision_tensor,
+    check_precisions,
+    check_state_dicts,
+)
+from varmerge.merging.kernels import (
+    LazyStack,
+    StateDict,
+    check_base,
+    chunk_size,
+    chunked_merge,
+    compute_dtype,
+    finish,
+    flat,
+    stack_rows,
+)
+from varmerge.merging.registry import ChunkedOptions, Options, register
+
+__all__ = [
+    "DEFAULT_PRECISION_FLOOR",
+    "FullOptions",
+    "HessianOptions",
+    "MixtureOptions",
+    "TaskArithmeticOptions",
+    "hessian_weighted",
+    "hessian_weighted_full",
+    "mixture_objective",
+    "mixture_weighted",
+    "simple_average",
+    "task_arithmetic",
+]
+
+#: Precisions are floored at this value so that a parameter no task constrains falls back to
+#: averaging instead of 0/0.
+DEFAULT_PRECISION_FLOOR = 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# settings (merge.options.<name> in a config)
+# --------------------------------------------------------------------------------------------
+class TaskArithmeticOptions(ChunkedOptions):
+    scale: float = 1.0  # λ of θ0 + λ Σ_t α_t τ_t
+
+
+class HessianOptions(ChunkedOptions):
+    precision_floor: float = DEFAULT_PRECISION_FLOOR
+
+
+class MixtureOptions(ChunkedOptions):
+    iterations: int = 10  # EM steps after the Hessian-weighted start
+    precision_floor: float = DEFAULT_PRECISION_FLOOR
+    tol: float | None = None  # stop once no responsibility moves more than this
+
+
+class FullOptions(Options):
+    max_batch_bytes: int = 1 << 28  # memory of one batch of (P, P) systems
+
+
+# --------------------------------------------------------------------------------------------
+# isotropic posteriors
+# --------------------------------------------------------------------------------------------
+@register("simple", options=ChunkedOptions)
+@torch.no_grad()
+def simple_average(means: Sequence[StateDict], alpha, *, chunk_elems: int | None = None, out=None):
+    """Simple averaging Σ_t α_t θ_t (isotropic Gaussians, prior N(0, I); eq. 9)."""
+    keys = check_state_dicts(means, "means")
+    a, batched = check_alpha(alpha, len(means))
+
+    def sources(k):
+        return [LazyStack([m[k] for m in means])]
+
+    def kernel(al, th, out, scratch):
+        torch.mm(al, th, out=out)
+
+    return chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
+
+
+@register("task_arithmetic", needs_base=True, options=TaskArithmeticOptions)
+@torch.no_grad()
+def task_arithmetic(
+    base: StateDict,
+    means: Sequence[StateDict],
+    alpha,
+    scale: float = 1.0,
+    *,
+    chunk_elems: int | None = None,
+    out=None,
+):
+    """Task arithmetic θ0 + λ Σ_t α_t (θ_t − θ0) (isotropic Gaussians, prior N(θ0, I); eq. 11)."""
+    keys = check_state_dicts(means, "means")
+    check_base(base, means[0])
+    if not math.isfinite(scale):
+        raise ValueError(f"task arithmetic scale must be finite, got {scale!r}")
+    a, batched = check_alpha(alpha, len(means))
+
+    def sources(k):
+        return [flat(base[k]), LazyStack([m[k] for m in means])]
+
+    def kernel(al, b, th, out, scratch):
+        torch.mm(al, th.sub_(b), out=out)
+        out.mul_(scale).add_(b)
+
+    return chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
+
+
+# --------------------------------------------------------------------------------------------
+# diagonal Gaussian posteriors
+# --------------------------------------------------------------------------------------------
+@register("hessian", posterior="diagonal", options=HessianOptions)
+@torch.no_grad()
+def hessian_weighted(
+    means: Sequence[StateDict],
+    precisions: Sequence[StateDict],
+    alpha,
+    *,
+    base: StateDict | None = None,
+    base_precision: StateDict | None = None,
+    precision_floor: float = DEFAULT_PRECISION_FLOOR,
+    chunk_elems: int | None = None,
+    out=None,
+):
+    """Hessian-weighted merging (Σ α_t H_t)⁻¹ Σ α_t H_t θ_t with diagonal H (eq. 12).
+
+    With ``base`` θ0 (and optionally ``base_precision`` H0) the prior form
+    θ0 + (H0 + Σ α_t H_t)⁻¹ Σ α_t (H0 + H_t)(θ_t − θ0) is returned; α = e_t gives θ_t.
+    Precisions are floored at ``precision_floor``. ``out`` (as for every chunked rule) takes
+    preallocated (G, *shape) tensors to write into, e.g. reused across blocks of a long sweep.
+    """
+    keys = check_state_dicts(means, "means")
+    check_precisions(precisions, means)
+    a, batched = check_alpha(alpha, len(means))
+    if base_precision is not None and base is None:
+        raise ValueError("base_precision was given without base; pass base=θ0 as well")
+    if base is not None:
+        check_base(base, means[0])
+    if base_precision is not None:
+        check_state_dicts([base_precision], "base_precision", reference=means[0])
+        for k, t in base_precision.items():
+            check_precision_tensor(t, f"base_precision[{k!r}]")
+    floor = float(precision_floor)
+
+    if base is None:
+
+        def sources(k):
+            return [LazyStack([m[k] for m in means]), LazyStack([p[k] for p in precisions])]
+
+        def kernel(al, th, h, out, scratch):
+            h.clamp_min_(floor)
+            torch.mm(al, h, out=scratch)  # Σ α h
+            torch.mm(al, th.mul_(h), out=out)  # Σ α h θ
+            out.div_(scratch)
+
+    else:
+
+        def sources(k):
+            h0 = (
+                flat(base_precision[k])
+                if base_precision is not None
+                else torch.zeros(base[k].numel(), dtype=base[k].dtype, device=base[k].device)
+            )
+            return [
+                flat(base[k]),
+                h0,
+                LazyStack([m[k] for m in means]),
+                LazyStack([p[k] for p in precisions]),
+            ]
+
+        def kernel(al, b, h0, th, h, out, scratch):
+            h.clamp_min_(floor)
+            torch.mm(al, h, out=scratch)
+            scratch.add_(h0)  # H0 + Σ α h
+            torch.mm(al, th.sub_(b).mul_(h.add_(h0)), out=out)  # Σ α (H0 + h)(θ − θ0)
+            out.div_(scratch).add_(b)
+
+    return chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
+
+
+# --------------------------------------------------------------------------------------------
+# mixtures of diagonal Gaussians (Algorithm 1)
+# --------------------------------------------------------------------------------------------
+def _check_mixture(means, precisions):
+    if isinstance(means, Mapping) or len(means) == 0:
+        raise ValueError("mixture means must be a non-empty list (tasks) of lists (components)")
+    if len(precisions) != len(means):
+        raise ValueError(f"got {len(means)} tasks of means but {len(precisions)} of precisions")
+    flat_m, flat_p, task_of = [], [], []
+    for t, (mt, pt) in enumerate(zip(means, precisions, strict=True)):
+        if isinstance(mt, Mapping):
+            raise ValueError(
+                f"means[{t}] is a single state dict; mixture merging needs a list of K components"
+            )
+        if len(mt) == 0:
+            raise ValueError(f"task {t} has no mixture components")
+        if len(pt) != len(mt):
+            raise ValueError(
+                f"task {t} has {len(mt)} mean components but {len(pt)} precision components"
+            )
+        flat_m.extend(mt)
+        flat_p.extend(pt)
+        task_of.extend([t] * len(mt))
+    keys = check_state_dicts(flat_m, "mixture means")
+    for i, d in enumerate(flat_p):
+        check_state_dicts([d], f"mixture precisions (component {i})", reference=flat_m[0])
+        for k, v in d.items():
+            check_precision_tensor(v, f"mixture precisions (component {i})[{k!r}]")
+    return keys, flat_m, flat_p, torch.tensor(task_of)
+
+
+def _mixture_logweights(weights, means) -> torch.Tensor:
+    """log π_tk flattened over components, uniform 1/K_t unless ``weights`` is given."""
+    logs = []
+    for t, mt in enumerate(means):
+        if weights is None:
+            w = torch.full((len(mt),), 1.0 / len(mt), dtype=torch.float64)
+        else:
+            w = torch.as_tensor(weights[t], dtype=torch.float64)
+            if w.shape != (len(mt),) or (w <= 0).any() or abs(float(w.sum()) - 1) > 1e-6:
+                raise ValueError(
+                    f"mixture weights of task {t} must be {len(mt)} positive numbers summing to 1, "
+                    f"got {w.tolist()}"
+                )
+        logs.append(w.log())
+    return torch.cat(logs)
+
+
+class _MixtureState:
+    """Per-key (C, n) stacks of the components, centred on their mean for numerical accuracy."""
+
+    def __init__(self, keys, flat_m, flat_p, floor):
+        self.keys = keys
+        self.anchor, self.delta, self.h, self.hdelta = {}, {}, {}, {}
+        self.half_logdet = torch.zeros(len(flat_m), dtype=torch.float64)
+        self.const = torch.zeros(len(flat_m), dtype=torch.float64)  # Σ h δ²
+        for k in keys:
+            cdt = compute_dtype(flat_m[0][k].dtype)
+            th = stack_rows(flat_m, k).to(cdt)
+            h = stack_rows(flat_p, k).to(cdt).clamp_min(floor)
+            anchor = th.mean(0)
+            delta = th - anchor
+            self.anchor[k], self.delta[k], self.h[k] = anchor, delta, h
+            self.hdelta[k] = h * delta
+            self.half_logdet += 0.5 * h.log().sum(1, dtype=torch.float64).cpu()
+            self.const += (self.hdelta[k] * delta).sum(1, dtype=torch.float64).cpu()
+
+    def sq_mahalanobis(self, theta: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """(G, C) Σ_p h_c (θ̂_g − θ_c)², accumulated in float64 over chunks."""
+        G = next(iter(theta.values())).shape[0]
+        q = torch.zeros(G, len(self.const), dtype=torch.float64)
+        for k in self.keys:
+            d_all = theta[k].reshape(G, -1)
+            n = d_all.shape[1]
+            for lo in range(0, n, step):
+                hi = min(lo + step, n)
+                d = d_all[:, lo:hi].to(self.h[k].dtype) - self.anchor[k][lo:hi]
+                h, hd = self.h[k][:, lo:hi], self.hdelta[k][:, lo:hi]
+                part = (d * d) @ h.T - 2.0 * (d @ hd.T)
+                q += part.to(torch.float64).cpu()
+        return q + self.const
+
+    def update(
+        self, weights: torch.Tensor, ref: StateDict, step: int, *, out: dict | None = None, score: bool = False
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """θ̂ = anchor + (Σ w_c h_c δ_c) / (Σ w_c h_c) for (G, C) weights w, in one pass.
+
+        With ``score`` the (G, C) squared Mahalanobis distances of the new θ̂ are accumulated
+        while each chunk is still in cache (what the next E-step needs). ``out`` (the previous
+        iterate) is overwritten in place when given.
+        """
+        G, C = weights.shape
+        out = {} if out is None else out
+        q = torch.zeros(G, C, dtype=torch.float64) if score else None
+        for k in self.keys:
+            cdt = self.h[k].dtype
+            w = weights.to(cdt)
+            n = self.h[k].shape[1]
+            if k not in out:
+                out[k] = torch.empty((G, *ref[k].shape), dtype=cdt, device=ref[k].device)
+            merged = out[k].view(G, n)
+            scratch = torch.empty((G, min(step, n)), dtype=cdt, device=ref[k].device)
+            part = torch.empty((G, C), dtype=cdt) if score else None
+            for lo in range(0, n, step):
+                hi = min(lo + step, n)
+                o, sc = merged[:, lo:hi], scratch[:, : hi - lo]
+                h, hd = self.h[k][:, lo:hi], self.hdelta[k][:, lo:hi]
+                torch.mm(w, hd, out=o)
+                torch.mm(w, h, out=sc)
+                o.div_(sc)  # o = θ̂ − anchor
+                if score:
+                    # Σ h (d − δ)² = Σ h d² − 2 Σ h δ d (+ Σ h δ², added once by the caller)
+                    torch.mm(o, hd.T, out=part)
+                    q.add_(part.to(torch.float64), alpha=-2.0)
+                    torch.mul(o, o, out=sc)
+                    torch.mm(sc, h.T, out=part)
+                    q.add_(part.to(torch.float64))
+                o.add_(self.anchor[k][lo:hi])
+        return out, (q + self.const if score else None)
+
+
+def _responsibilities(log_joint: torch.Tensor, task_of: torch.Tensor, T: int) -> torch.Tensor:
+    """Normalise (G, C) log π_k N(θ̂ | θ_tk, ·) over the components of each task (log space)."""
+    resp = torch.empty_like(log_joint)
+    for t in range(T):
+        idx = task_of == t
+        resp[:, idx] = torch.softmax(log_joint[:, idx], dim=1)
+    return resp
+
+
+@register("mixture", posterior="mixture", options=MixtureOptions)
+@torch.no_grad()
+def mixture_weighted(
+    means: Sequence[Sequence[StateDict]],
+    precisions: Sequence[Sequence[StateDict]],
+    alpha,
+    *,
+    iterations: int = 10,
+    weights: Sequence[Sequence[float]] | None = None,
+    precision_floor: float = DEFAULT_PRECISION_FLOOR,
+    tol: float | None = None,
+    callback: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    chunk_elems: int | None = None,
+):
+    """Mixture-weighted merging: EM fixed point of Π_t (Σ_k π_k N(θ_tk, H_tk⁻¹))^{α_t} (Alg. 1).
+
+    ``means[t][k]`` and ``precisions[t][k]`` are the K_t diagonal components of task t.
+    θ̂ starts at the Hessian-weighted merge of all components with uniform responsibilities
+    (iteration 0); each of ``iterations`` EM steps then recomputes the responsibilities
+    π̂_tk ∝ π_k N(θ̂ | θ_tk, diag(1/h_tk)) from log-densities (logsumexp, ½ Σ log h included)
+    and sets θ̂ = (Σ π̂_tk α_t h_tk θ_tk) / (Σ π̂_tk α_t h_tk). ``tol`` stops early when no
+    responsibility moves more than ``tol``. ``callback(i, θ̂)`` sees every iterate (the buffers are
+    reused by the next iteration: copy what you keep). Each iteration is one pass over the
+    components: the M-step and the next E-step's distances are computed chunk by chunk.
+    """
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    keys, flat_m, flat_p, task_of = _check_mixture(means, precisions)
+    T = len(means)
+    a, batched = check_alpha(alpha, T)
+    log_pi = _mixture_logweights(weights, means)
+    state = _MixtureState(keys, flat_m, flat_p, float(precision_floor))
+    step = chunk_size(a.shape[0], chunk_elems)
+    alpha_c = a[:, task_of]  # (G, C): α_t of each component's task
+
+    resp = _responsibilities(log_pi.expand(a.shape[0], -1).clone(), task_of, T)
+    theta, q = state.update(alpha_c * resp, flat_m[0], step, score=iterations > 0)
+    if callback is not None:
+        callback(0, theta if batched else {k: v[0] for k, v in theta.items()})
+    for i in range(1, iterations + 1):
+        new_resp = _responsibilities(log_pi + state.half_logdet - 0.5 * q, task_of, T)
+        moved = (new_resp - resp).abs().max().item()
+        resp = new_resp
+        last = i == iterations or (tol is not None and moved <= tol)
+        theta, q = state.update(alpha_c * resp, flat_m[0], step, out=theta, score=not last)
+        if callback is not None:
+            callback(i, theta if batched else {k: v[0] for k, v in theta.items()})
+        if last:
+            break
+    theta = {k: v.to(flat_m[0][k].dtype) for k, v in theta.items()}
+    return finish(theta, batched)
+
+
+@torch.no_grad()
+def mixture_objective(
+    theta: StateDict,
+    means: Sequence[Sequence[StateDict]],
+    precisions: Sequence[Sequence[StateDict]],
+    alpha,
+    *,
+    weights: Sequence[Sequence[float]] | None = None,
+    precision_floor: float = DEFAULT_PRECISION_FLOOR,
+) -> torch.Tensor:
+    """Σ_t α_t log q_t(θ̂) up to a constant (what Algorithm 1 increases), for one or G points.
+
+    ``theta`` is one state dict (with α of shape (T,)) or a batched one (with α (G, T));
+    returns a float64 scalar or (G,) tensor.
+    """
+    keys, flat_m, flat_p, task_of = _check_mixture(means, precisions)
+    T = len(means)
+    a, batched = check_alpha(alpha, T)
+    th = theta if batched else {k: v.unsqueeze(0) for k, v in theta.items()}
+    log_pi = _mixture_logweights(weights, means)
+    state = _MixtureState(keys, flat_m, flat_p, float(precision_floor))
+    q = state.sq_mahalanobis(th, chunk_size(a.shape[0], None))
+    log_joint = log_pi + state.half_logdet - 0.5 * q  # (G, C)
+    per_task = torch.stack(
+        [torch.logsumexp(log_joint[:, task_of == t], dim=1) for t in range(T)], dim=1
+    )
+    obj = (a * per_task).sum(1)
+    return obj if batched else obj[0]
+
+
+# --------------------------------------------------------------------------------------------
+# full Gaussian posteriors (small models)
+# --------------------------------------------------------------------------------------------
+def _check_full(means, precisions):
+    if len(means) == 0:
+        raise ValueError("means is empty: need at least one task")
+    if len(precisions) != len(means):
+        raise ValueError(f"got {len(means)} means but {len(precisions)} precision matrices")
+    P = None
+    for t, (m, H) in enumerate(zip(means, precisions, strict=True)):
+        if not isinstance(m, torch.Tensor) or m.ndim != 1:
+            raise ValueError(f"means[{t}] must be a flat (P,) tensor, got {getattr(m, 'shape', m)}")
+        P = m.shape[0] if P is None else P
+        if m.shape[0] != P:
+            raise ValueError(f"means[{t}] has {m.shape[0]} entries, expected {P}")
+        if not isinstance(H, torch.Tensor) or H.shape != (P, P):
+            raise ValueError(
+                f"precisions[{t}] must be a ({P}, {P}) matrix, got {tuple(getattr(H, 'shape', ()))}"
+            )
+        if m.dtype != means[0].dtype or H.dtype != means[0].dtype:
+            raise ValueError(f"task {t}: dtypes differ ({m.dtype}, {H.dtype} vs {means[0].dtype})")
+        if not torch.isfinite(m).all():
+            raise ValueError(f"means[{t}] has non-finite entries")
+        if not torch.isfinite(H).all():
+            raise ValueError(f"precisions[{t}] has non-finite entries (NaN/Inf)")
+        if not torch.allclose(H, H.T, rtol=1e-5, atol=1e-8 * float(H.abs().max().clamp_min(1))):
+            raise ValueError(f"precisions[{t}] is not symmetric")
+    return P
+
+
+@register("hessian_full", posterior="full", options=FullOptions, dtype=torch.float32)
+@torch.no_grad()
+def hessian_weighted_full(
+    means: Sequence[torch.Tensor],
+    precisions: Sequence[torch.Tensor],
+    alpha,
+    *,
+    base: torch.Tensor | None = None,
+    base_precision: torch.Tensor | None = None,
+    max_batch_bytes: int = 1 << 28,
+):
+    """Hessian-weighted merging with full precision matrices: (Σ α_t H_t)⁻¹ Σ α_t H_t θ_t.
+
+    ``means[t]`` is a flat (P,) tensor, ``precisions[t]`` a symmetric (P, P) matrix. The (G, P, P)
+    batch of combined precisions is built and Cholesky-solved in chunks of at most
+    ``max_batch_bytes``. With ``base`` (and ``base_precision``) the prior form is used.
+    """
+    P = _check_full(means, precisions)
+    a, batched = check_alpha(alpha, len(means))
+    dt = means[0].dtype
+    H = torch.stack(list(precisions))  # (T, P, P)
+    th = torch.stack(list(means))  # (T, P)
+    if base_precision is not None and base is None:
+        raise ValueError("base_precision was given without base; pass base=θ0 as well")
+    if base is not None:
+        if base.shape != (P,) or base.dtype != dt:
+            raise ValueError(f"base must be a ({P},) tensor of dtype {dt}, got {tuple(base.shape)}")
+        H0 = base_precision if base_precision is not None else torch.zeros(P, P, dtype=dt)
+        if H0.shape != (P, P) or not torch.isfinite(H0).all():
+            raise ValueError(f"base_precision must be a finite ({P}, {P}) matrix")
+        rhs = torch.einsum("tij,tj->ti", H0 + H, th - base)  # (T, P)
+    else:
+        H0 = torch.zeros(P, P, dtype=dt)
+        rhs = torch.einsum("tij,tj->ti", H, th)
+    al = a.to(dt)
+    per = max(1, int(max_batch_bytes // max(P * P * th.element_size(), 1)))
+    outs = []
+    for lo in range(0, al.shape[0], per):
+        ag = al[lo : lo + per]
+        A = H0 + torch.einsum("gt,tij->gij", ag, H)
+        b = ag @ rhs
+        L, info = torch.linalg.cholesky_ex(A)
+        if (info != 0).any():
+            g = int(torch.nonzero(info)[0]) + lo
+            raise ValueError(
+                f"combined precision Σ α_t H_t is not positive definite at α row {g}: "
+                f"{a[g].tolist()} (add a prior precision or check the posteriors)"
+            )
+        outs.append(torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1))
+    x = torch.cat(outs)
+    if base is not None:
+        x = base + x
+    return x if batched else x[0]

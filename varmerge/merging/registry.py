@@ -1,0 +1,348 @@
+"""The registry of merging methods and the one dispatcher over them.
+
+Every method is a :class:`MergeMethod` spec, declared with :func:`register` next to its function:
+
+* ``posterior``: the posterior view the rule reads — ``"none"`` (means only), ``"diagonal"``
+  (means and diagonal precisions), ``"mixture"`` (per task a list of diagonal components and
+  their weights) or ``"full"`` (flat means and (P, P) precision matrices);
+* ``needs_base`` (θ0) and ``needs_calibration`` (per-task layer-input Grams, ``grams=``);
+* ``options``: a pydantic model (frozen, ``extra="forbid"``, strict types) of the rule's
+  settings with their defaults — the only place a setting's name, type and default is declared;
+* ``kind``: ``"rule"`` (returns merged weights) or ``"estimator"`` (a front estimator such as
+  MAP, which predicts scores and returns no models).
+
+:func:`apply` turns posteriors into the declared view, passes means / precisions / θ0 / Grams as
+the spec says, validates the options through the spec's model and calls the rule; callers (the
+pipeline, the config checks) never branch on a method's name. :func:`probe` runs a rule on a tiny
+problem of its declared kind, so that a bad option value fails when a config is read.
+
+The rule modules are listed in :data:`RULE_MODULES` and loaded on the first lookup, whatever
+was imported before; nothing here imports :mod:`varmerge.merge` (the public facade).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+__all__ = [
+    "METHOD_KINDS",
+    "POSTERIOR_KINDS",
+    "RULE_MODULES",
+    "CalibrationOptions",
+    "ChunkedOptions",
+    "MergeMethod",
+    "Options",
+    "all_methods",
+    "apply",
+    "get_method",
+    "names",
+    "probe",
+    "register",
+]
+
+PosteriorKind = Literal["none", "diagonal", "mixture", "full"]
+MethodKind = Literal["rule", "estimator"]
+
+#: What a rule may read from the posteriors (see the module docstring).
+POSTERIOR_KINDS: tuple[str, ...] = ("none", "diagonal", "mixture", "full")
+METHOD_KINDS: tuple[str, ...] = ("rule", "estimator")
+
+#: The modules whose ``@register`` declarations make up the registry, in listing order.
+RULE_MODULES = ("varmerge.merging.gaussian", "varmerge.merging.baselines", "varmerge.merging.estimators")
+
+_METHODS: dict[str, MergeMethod] = {}
+_loaded = False
+
+
+# --------------------------------------------------------------------------------------------
+# options
+# --------------------------------------------------------------------------------------------
+class Options(BaseModel):
+    """A method's settings: names, strict types and defaults (the empty model: no settings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    #: Fields the pipeline reads itself: validated here, never passed to the rule.
+    pipeline_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def rule_kwargs(self) -> dict[str, Any]:
+        """The keyword settings the rule's function takes (every field but the pipeline's)."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k not in self.pipeline_fields}
+
+
+class ChunkedOptions(Options):
+    """Settings of the rules built on :func:`varmerge.merging.kernels.chunked_merge`."""
+
+    chunk_elems: int | None = None  # columns per chunk (default: a cache-sized chunk)
+
+
+class CalibrationOptions(Options):
+    """Settings of a calibration rule: the pipeline computes Grams on ``calibration_examples``."""
+
+    pipeline_fields: ClassVar[frozenset[str]] = frozenset({"calibration_examples"})
+
+    calibration_examples: int = 256  # first N training inputs of each task
+
+    @field_validator("calibration_examples")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"calibration_examples must be a positive integer, got {v!r}")
+        return v
+
+
+def _error_text(name: str, err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "value_error":  # our own validators name the value
+            problems.append(f"options.{name}.{loc}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            problems.append(f"options.{name}.{loc}: {e['msg']} (got {e['input']!r})")
+    return "; ".join(problems)
+
+
+# --------------------------------------------------------------------------------------------
+# specs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method and what it needs (see the module docstring)."""
+
+    name: str
+    fn: Callable[..., Any]
+    posterior: PosteriorKind = "none"
+    needs_base: bool = False
+    needs_calibration: bool = False
+    options: type[Options] = Options
+    kind: MethodKind = "rule"
+    #: Cast the posteriors' tensors to this dtype before calling (None: keep theirs).
+    dtype: torch.dtype | None = None
+    #: ``check(options, num_tasks)`` raises ValueError for values that cannot work; methods
+    #: without one are probed on a tiny problem of their posterior kind (see :func:`probe`).
+    check: Callable[[Options, int], None] | None = None
+    description: str = ""
+
+    @property
+    def needs_precision(self) -> bool:
+        return self.posterior in ("diagonal", "mixture", "full")
+
+    @property
+    def needs_mixture(self) -> bool:
+        return self.posterior == "mixture"
+
+    def option_names(self) -> list[str]:
+        return sorted(self.options.model_fields)
+
+    def parse_options(self, options: Mapping[str, Any] | Options | None = None) -> Options:
+        """``options`` validated by the spec's model (ValueError naming method and option)."""
+        if isinstance(options, self.options):
+            return options
+        if options is None:
+            options = {}
+        if isinstance(options, Options) or not isinstance(options, Mapping):
+            raise ValueError(
+                f"options.{self.name} must be a mapping of {self.name}'s settings, got {type(options).__name__}"
+            )
+        for key in options:
+            if key not in self.options.model_fields:
+                raise ValueError(
+                    f"options.{self.name}: unknown option {key!r}; {self.name} takes {self.option_names()}"
+                )
+        try:
+            return self.options.model_validate(dict(options))
+        except ValidationError as err:
+            raise ValueError(_error_text(self.name, err)) from None
+
+
+def register(
+    name: str,
+    *,
+    posterior: PosteriorKind = "none",
+    needs_base: bool = False,
+    needs_calibration: bool = False,
+    options: type[Options] = Options,
+    kind: MethodKind = "rule",
+    dtype: torch.dtype | None = None,
+    check: Callable[[Options, int], None] | None = None,
+) -> Callable:
+    """Declare ``fn`` as the method ``name`` (the name configs, the CLI and plots use)."""
+    if posterior not in POSTERIOR_KINDS:
+        raise ValueError(f"{name}: posterior must be one of {POSTERIOR_KINDS}, got {posterior!r}")
+    if kind not in METHOD_KINDS:
+        raise ValueError(f"{name}: kind must be one of {METHOD_KINDS}, got {kind!r}")
+    if not (isinstance(options, type) and issubclass(options, Options)):
+        raise ValueError(f"{name}: options must be a subclass of registry.Options, got {options!r}")
+    cfg = options.model_config
+    if cfg.get("extra") != "forbid" or not cfg.get("frozen"):
+        raise ValueError(f"{name}: the options model {options.__name__} must be frozen with extra='forbid'")
+    required = [k for k, f in options.model_fields.items() if f.is_required()]
+    if required:
+        raise ValueError(f"{name}: every option needs a default; {options.__name__} requires {required}")
+    if needs_calibration and not issubclass(options, CalibrationOptions):
+        raise ValueError(f"{name}: a calibration rule's options must derive from CalibrationOptions")
+
+    def deco(fn):
+        if name in _METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        _METHODS[name] = MergeMethod(
+            name, fn, posterior=posterior, needs_base=needs_base, needs_calibration=needs_calibration,
+            options=options, kind=kind, dtype=dtype, check=check, description=doc[0] if doc else "",
+        )
+        return fn
+
+    return deco
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in RULE_MODULES:
+            importlib.import_module(module)
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    """name -> spec of every registered method (the live registry)."""
+    _load()
+    return _METHODS
+
+
+def get_method(name: str) -> MergeMethod:
+    _load()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(_METHODS))
+        raise ValueError(f"unknown merge method {name!r}; known methods: {known}") from None
+
+
+def names(kind: MethodKind | None = None) -> list[str]:
+    """Sorted names of the registered methods (of one ``kind`` if given)."""
+    return sorted(n for n, s in all_methods().items() if kind is None or s.kind == kind)
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------
+def _cast(x, dtype):
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype)
+    if isinstance(x, Mapping):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return [_cast(v, dtype) for v in x]
+
+
+def _views(spec: MergeMethod, posteriors: Sequence) -> list:
+    want = "diagonal" if spec.posterior == "none" else spec.posterior
+    out = []
+    for i, p in enumerate(posteriors):
+        if not hasattr(p, "as_kind"):
+            raise ValueError(
+                f"{spec.name}: posteriors[{i}] is a {type(p).__name__}, not a posterior "
+                "(DiagonalGaussian, MixtureGaussian or FullGaussian)"
+            )
+        out.append(p.as_kind(want, user=spec.name))
+    return out
+
+
+def apply(
+    method: str | MergeMethod,
+    posteriors: Sequence,
+    base: Mapping[str, torch.Tensor] | None,
+    alpha,
+    options: Mapping[str, Any] | Options | None = None,
+    *,
+    grams: Sequence[Mapping[str, torch.Tensor]] | None = None,
+):
+    """Merge ``posteriors`` with ``method`` at ``alpha`` ((T,) or (G, T)).
+
+    The posteriors are turned into the spec's view (``as_kind``): ``none`` passes
+    ``means=`` (each task's single diagonal Gaussian's mean: a mixture's first component, a full
+    Gaussian's mean), ``diagonal`` adds ``precisions=``, ``mixture`` passes per-task lists of
+    component means and precisions and ``weights=``, ``full`` flat means and precision
+    matrices (the flat result is unflattened by name). θ0 (``base=``) and ``grams=`` go to the
+    rules that declare them; ``options`` are validated by the spec's model.
+    """
+    spec = method if isinstance(method, MergeMethod) else get_method(method)
+    if spec.kind != "rule":
+        raise ValueError(
+            f"{spec.name!r} is a front estimator, not a merge rule: it predicts scores and returns no models"
+        )
+    if len(posteriors) == 0:
+        raise ValueError(f"{spec.name}: no posteriors to merge")
+    opts = spec.parse_options(options)
+    views = _views(spec, posteriors)
+    if spec.posterior == "mixture":
+        data = {"means": [v.means for v in views], "precisions": [v.precisions for v in views]}
+    else:
+        data = {"means": [v.mean for v in views]}
+        if spec.posterior != "none":
+            data["precisions"] = [v.precision for v in views]
+    if spec.dtype is not None:
+        data = {k: _cast(v, spec.dtype) for k, v in data.items()}
+    if spec.posterior == "mixture":
+        data["weights"] = [list(v.weights) for v in views]
+    if spec.needs_base:
+        if base is None:
+            raise ValueError(f"merge method {spec.name!r} needs θ0 (base=...)")
+        data["base"] = base
+    if spec.needs_calibration:
+        if grams is None:
+            raise ValueError(f"merge method {spec.name!r} needs calibration Grams (grams=...)")
+        data["grams"] = grams
+    merged = spec.fn(alpha=alpha, **data, **opts.rule_kwargs())
+    if spec.posterior == "full":
+        return views[0].state_dict(merged)
+    return merged
+
+
+def _tiny_problem(kind: str, num_tasks: int):
+    """θ0, posteriors of ``kind`` and Grams on a 2x2 weight + bias model (float64)."""
+    from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian
+
+    f64 = torch.float64
+    base = {"w": torch.zeros(2, 2, dtype=f64), "b": torch.zeros(2, dtype=f64)}
+
+    def gaussian(t: int, shift: float = 0.0):
+        mean = {"w": torch.eye(2, dtype=f64) * (t + 1) + shift, "b": torch.ones(2, dtype=f64) * t}
+        return DiagonalGaussian(mean, {k: torch.ones_like(v) * (t + 1) for k, v in mean.items()})
+
+    if kind == "mixture":
+        posts = [MixtureGaussian([gaussian(t), gaussian(t, 0.5)]) for t in range(num_tasks)]
+    elif kind == "full":
+        shapes = {"w": (2, 2), "b": (2,)}
+        posts = []
+        for t in range(num_tasks):
+            g = gaussian(t)
+            mean = torch.cat([g.mean["w"].reshape(-1), g.mean["b"]])
+            posts.append(FullGaussian(mean, torch.eye(6, dtype=f64) * (t + 1), shapes))
+    else:
+        posts = [gaussian(t) for t in range(num_tasks)]
+    grams = [{"w": torch.eye(2, dtype=f64)} for _ in range(num_tasks)]
+    return base, posts, grams
+
+
+def probe(method: str | MergeMethod, options: Mapping[str, Any] | Options | None, num_tasks: int) -> None:
+    """Raise ValueError now for options that cannot work (before any finetune is spent).
+
+    The options are validated by the spec's model, then checked by the spec's ``check`` or,
+    for a rule without one, tried on a tiny problem of the rule's posterior kind.
+    """
+    spec = method if isinstance(method, MergeMethod) else get_method(method)
+    opts = spec.parse_options(options)
+    if spec.check is not None:
+        spec.check(opts, num_tasks)
+        return
+    if spec.kind != "rule":
+        return
+    base, posts, grams = _tiny_problem(spec.posterior, num_tasks)
+    alpha = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+    apply(spec, posts, base, alpha, opts, grams=grams)

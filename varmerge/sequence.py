@@ -1,0 +1,173 @@
+"""The one sequence of a front estimation, written once and run by every entry point.
+
+    data → θ0 → per-task finetunes (posteriors) → α sweep per merge method → selection
+         → real multitask finetunes at the chosen α → :class:`FrontResult` (and its summary)
+
+Where each step runs is a :class:`Runner`'s business: :class:`LocalRunner` runs the library
+functions of :mod:`varmerge.pipeline` in this process (``varmerge demo``, ``benchmarks.table1``);
+the Prefect flow's runner (``tasks/runner.py``) runs each step as a Prefect task that reads and
+writes the run store and logs to MLflow. A runner returns whatever handles it likes for data, θ0
+and posteriors (tensors in memory, or file references); the sequence only passes them on. Sweeps
+come back as ``{"alpha", "accuracy", "loss", "seconds"}`` and multitask finetunes as (T,) test
+accuracies, so selection and the summary are the same code everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from varmerge import pareto, pipeline
+from varmerge.config import ExperimentConfig
+
+
+class Runner(Protocol):
+    """Runs the steps of :func:`estimate_front` (see the module docstring)."""
+
+    def data(self) -> Any: ...
+
+    def base(self, data: Any) -> Any: ...
+
+    def finetunes(self, data: Any, base: Any) -> list[Any]: ...
+
+    def sweeps(self, data: Any, base: Any, posteriors: list[Any], methods: Sequence[str]) -> dict[str, dict]: ...
+
+    def multitasks(self, data: Any, base: Any, alphas: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+def selection_method(cfg: ExperimentConfig) -> str:
+    """The merge method whose front picks α (``selection.method``, default the last one)."""
+    return cfg.selection.method or cfg.merge.methods[-1]
+
+
+@dataclass
+class FrontResult:
+    """What a front estimation produced; :meth:`summary` is front.json's content."""
+
+    tasks: list[str]
+    sweeps: dict[str, dict]  # method -> alpha / accuracy / loss (G, T) / seconds
+    method: str
+    chosen_index: torch.Tensor | None = None
+    chosen_alpha: torch.Tensor | None = None
+    realised: torch.Tensor | None = None  # (k, T) accuracies of the multitask finetunes
+    error: str | None = None  # why no α was chosen (constraints nobody meets)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.sweeps[self.method]["alpha"]
+
+    @property
+    def predicted(self) -> torch.Tensor | None:
+        """(k, T) accuracies of the merged models at the chosen α."""
+        if self.chosen_index is None:
+            return None
+        return self.sweeps[self.method]["accuracy"][self.chosen_index]
+
+    def summary(self) -> dict:
+        methods = {}
+        for m, sw in self.sweeps.items():
+            mean = sw["accuracy"].mean(1)
+            b = int(mean.argmax())
+            mask = pareto.pareto_mask(sw["accuracy"])
+            methods[m] = {
+                "max_mean_accuracy": float(mean[b]),
+                "best_alpha": sw["alpha"][b].tolist(),
+                "front_size": int(mask.sum()),
+                "seconds": float(sw["seconds"]),
+                "front": {"alpha": sw["alpha"][mask].tolist(), "accuracy": sw["accuracy"][mask].tolist()},
+            }
+        chosen = None
+        if self.chosen_alpha is not None:
+            chosen = {"method": self.method, "alpha": self.chosen_alpha.tolist(),
+                      "predicted": self.predicted.tolist(),
+                      "realised": self.realised.tolist() if self.realised is not None else None}
+        out = {"tasks": self.tasks, "grid_size": len(self.alpha), "methods": methods, "chosen": chosen,
+               "seconds": dict(self.seconds)}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+def estimate_front(cfg: ExperimentConfig, runner: Runner) -> FrontResult:
+    """Run the sequence with ``runner``. An α no constraint admits is not an exception here: the
+    result carries the fronts and ``error`` (the caller saves what there is, then reports it)."""
+    seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(stage: str):
+        t0 = time.perf_counter()
+        yield
+        seconds[stage] = time.perf_counter() - t0
+
+    with timed("data"):
+        data = runner.data()
+        base = runner.base(data)
+    with timed("finetunes"):
+        posteriors = runner.finetunes(data, base)
+    with timed("sweeps"):
+        sweeps = runner.sweeps(data, base, posteriors, cfg.merge.methods)
+    method = selection_method(cfg)
+    result = FrontResult([t.name for t in cfg.data.tasks], sweeps, method, seconds=seconds)
+    try:
+        result.chosen_index, result.chosen_alpha = pipeline.select(cfg, result.alpha, sweeps[method]["accuracy"])
+    except ValueError as exc:
+        result.error = str(exc)
+        return result
+    with timed("multitask"):
+        result.realised = torch.stack(runner.multitasks(data, base, result.chosen_alpha))
+    return result
+
+
+class LocalRunner:
+    """The steps in this process, in memory (no files, no Prefect, no MLflow).
+
+    ``status(msg)`` (a context manager factory, e.g. ``rich.Console.status``) is told what runs.
+    Handles: data = ``(tasks, num_classes)``, base = θ0 as a module, posteriors in memory.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, status: Callable[[str], Any] | None = None):
+        self.cfg = cfg
+        self.status = status
+
+    def stage(self, msg: str):
+        return self.status(msg) if self.status is not None else contextlib.nullcontext()
+
+    def data(self):
+        with self.stage("loading data"):
+            return pipeline.prepare_tasks(self.cfg)
+
+    def base(self, data):
+        return pipeline.base_model(self.cfg, data[1])
+
+    def finetunes(self, data, base):
+        out = []
+        for t in data[0]:
+            with self.stage(f"finetuning {t.name} ({self.cfg.posterior.method}, {len(t.train[1])} examples)"):
+                out.append(pipeline.finetune_task(self.cfg, base, t)[0])
+        return out
+
+    def sweep(self, method: str, data, base, posteriors, alpha: torch.Tensor | None = None) -> dict:
+        """One method's sweep (over ``alpha``, default the config's grid), with its seconds."""
+        t0 = time.perf_counter()
+        res = pipeline.sweep_and_score(self.cfg, method, posteriors, base, data[0], alpha)
+        return {**res, "seconds": time.perf_counter() - t0}
+
+    def sweeps(self, data, base, posteriors, methods):
+        out = {}
+        for m in methods:
+            with self.stage(f"merging + evaluating '{m}' over the α grid"):
+                out[m] = self.sweep(m, data, base, posteriors)
+        return out
+
+    def multitasks(self, data, base, alphas):
+        out = []
+        for a in alphas:
+            with self.stage(f"multitask finetune at α={[round(v, 2) for v in a.tolist()]}"):
+                out.append(pipeline.multitask_finetune(self.cfg, base, data[0], a)[1])
+        return out

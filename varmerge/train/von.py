@@ -1,0 +1,300 @@
+"""Full-Gaussian variational online Newton (VON) for multinomial logistic regression.
+
+:func:`full_von` is the algorithm on (x, y) tensors (Khan & Rue 2023, §1.3.2);
+:func:`fit_full_von` runs it on a model's single ``nn.Linear`` and returns a
+:class:`~varmerge.posterior.FullGaussian`; :func:`varmerge.train.fit` with
+``OptimizerSettings(name="full_von")`` calls it with ``lr``, ``mc_samples``, ``prior_precision``
+and ``trainer.steps`` iterations.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from varmerge.posterior import FullGaussian, PosteriorMeta
+from varmerge.train.batches import Data, as_logits
+
+__all__ = ["fit_full_von", "full_von", "softmax_regression_hessian"]
+
+
+def full_tensors(data: Data) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` tensors of ``data`` (tensors, a TensorDataset, a Dataset or DataLoader of (x, y))."""
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    ):
+        return data[0], data[1]
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        return data.tensors[0], data.tensors[1]
+    ds = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(ds, Dataset):
+        loader = DataLoader(ds, batch_size=4096, shuffle=False)
+        xs, ys = zip(*[(b[0], b[1]) for b in loader], strict=True)
+        return torch.cat(xs), torch.cat(ys)
+    raise ValueError(
+        f"full VON needs (x, y) tensors or a dataset of (x, y), got {type(data).__name__}"
+    )
+
+
+def _find_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    if isinstance(model, nn.Linear):
+        return "", model
+    lins = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if len(lins) != 1:
+        raise ValueError(
+            f"full VON needs a model with exactly one nn.Linear (logistic regression), found {len(lins)}"
+        )
+    name, lin = lins[0]
+    own = {id(lin.weight)} | ({id(lin.bias)} if lin.bias is not None else set())
+    other = [n for n, p in model.named_parameters() if id(p) not in own]
+    if other:
+        raise ValueError(
+            f"full VON covers one nn.Linear only; the model has other parameters {other[:5]}"
+        )
+    return name + ".", lin
+
+
+def softmax_regression_hessian(
+    x: Tensor, a: Tensor, *, chunk_size: int = 4096, out: Tensor | None = None
+) -> Tensor:
+    """``Σ_i A_i ⊗ x_i x_iᵀ`` with ``A_i = diag(p_i) − p_i p_iᵀ`` (or any symmetric (C, C) weights).
+
+    ``x`` is (N, D), ``a`` is (N, C, C); the result is (C·D, C·D) in class-major order (index
+    ``c·D + d``). It is built block by block, ``H_{cc'} = Xᵀ diag(a[:, c, c']) X`` for c ≤ c', so
+    the cost is C(C+1)/2 matrix products of (D × N)(N × D) and no (N, C·D) intermediate.
+    """
+    N, D = x.shape
+    C = a.shape[-1]
+    if a.shape != (N, C, C):
+        raise ValueError(f"a must be (N, C, C) = ({N}, {C}, {C}), got {tuple(a.shape)}")
+    H = out if out is not None else torch.zeros(C * D, C * D, dtype=x.dtype, device=x.device)
+    H.zero_()
+    for lo in range(0, N, chunk_size):
+        xc, ac = x[lo : lo + chunk_size], a[lo : lo + chunk_size]
+        for c in range(C):
+            for c2 in range(c, C):
+                blk = (xc * ac[:, c, c2, None]).T @ xc
+                H[c * D : (c + 1) * D, c2 * D : (c2 + 1) * D] += blk
+    for c in range(C):
+        for c2 in range(c + 1, C):
+            H[c2 * D : (c2 + 1) * D, c * D : (c + 1) * D] = H[
+                c * D : (c + 1) * D, c2 * D : (c2 + 1) * D
+            ].T
+    return H
+
+
+@torch.no_grad()
+def full_von(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    *,
+    lr: float = 0.1,
+    mc_samples: int = 3,
+    num_iters: int = 25,
+    prior_precision: float = 1.0,
+    prior_mean: Tensor | None = None,
+    init_mean: Tensor | None = None,
+    init_precision: float | None = None,
+    batch_size: int | None = None,
+    reduce_inactive: bool = True,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device | None = None,
+    chunk_size: int = 4096,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Full-Gaussian VON (Khan & Rue 2023, §1.3.2) for softmax regression; returns ``(m, S)``.
+
+    Parameters are θ = [W.flatten() (C·D, class-major), b (C)], the likelihood is
+    ``Π_i softmax(W x_i + b)[y_i]`` and the prior ``N(μ0, δ⁻¹ I)`` (``μ0 = prior_mean`` or 0).
+    Starting from ``m = init_mean`` (default μ0) and ``S = init_precision · I`` (default δ), each
+    iteration draws θ_s ~ N(m, S⁻¹) (Cholesky of S), forms the expected gradient ĝ and Hessian Ĥ of
+    the total NLL over the samples, and updates
+
+        S ← (1 − ρ) S + ρ (Ĥ + δ I),      m ← m − ρ S⁻¹ (ĝ + δ (m − μ0)).
+
+    ``mc_samples=0`` evaluates ĝ, Ĥ at the mean: a damped Newton method whose fixed point is the
+    Laplace approximation (MAP, Hessian + δI). ``batch_size`` uses a random minibatch per iteration
+    with the N/B scaling (stochastic VON); None is full batch.
+
+    ``reduce_inactive``: a feature that is zero in every example (MNIST border pixels) has zero
+    gradient and Hessian, so with the isotropic S0 its weights evolve independently and in closed
+    form; they are split off and only the active block is factorised (exact, not an
+    approximation).
+
+    Cost per iteration, P = C·(D_active + 1): the Hessian takes C(C+1)/2 products of
+    (D × N)(N × D) ≈ C² N D² flops and the Cholesky P³/3. For 5,000 MNIST digits (C = 10, 663 active
+    pixels, P ≈ 6,640) that is about 2.2e11 + 1e11 flops, 5–10 s per iteration in float64 on two CPU
+    cores, well under a second on a GPU; memory is a few P × P matrices (≈ 350 MB each in float64,
+    half in float32 via ``dtype``).
+    """
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"x must be (N, D) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not 0 < lr <= 1:
+        raise ValueError(f"VON learning rate ρ must be in (0, 1], got {lr}")
+    if not prior_precision > 0:
+        raise ValueError(f"prior precision δ must be > 0, got {prior_precision}")
+    if not (isinstance(mc_samples, int) and mc_samples >= 0):
+        raise ValueError(f"mc_samples must be an int >= 0, got {mc_samples!r}")
+    N, D = x.shape
+    C = int(num_classes)
+    y = y.long()
+    if int(y.min()) < 0 or int(y.max()) >= C:
+        raise ValueError(f"labels must lie in [0, {C}), got range [{int(y.min())}, {int(y.max())}]")
+    device = torch.device(device) if device is not None else x.device
+    x = x.to(device, dtype)
+    y = y.to(device)
+    P = C * D + C
+    delta = float(prior_precision)
+    s0 = delta if init_precision is None else float(init_precision)
+    mu0 = (
+        torch.zeros(P, dtype=dtype, device=device)
+        if prior_mean is None
+        else prior_mean.to(device, dtype).flatten()
+    )
+    m_full = mu0.clone() if init_mean is None else init_mean.to(device, dtype).flatten().clone()
+    if mu0.numel() != P or m_full.numel() != P:
+        raise ValueError(f"prior_mean / init_mean must have C·D + C = {P} entries")
+
+    # active features (+ the bias column) and their positions in the full θ vector
+    active = (x != 0).any(0) if reduce_inactive else torch.ones(D, dtype=torch.bool, device=device)
+    act_idx = torch.nonzero(active).flatten()
+    Da = int(act_idx.numel()) + 1
+    cls = torch.arange(C, device=device)
+    w_idx = cls[:, None] * D + act_idx[None, :]  # (C, Da-1)
+    b_idx = C * D + cls  # (C,)
+    full_idx = torch.cat([w_idx, b_idx[:, None]], dim=1).flatten()  # reduced (c, a) -> full index
+    xa = torch.cat([x[:, act_idx], torch.ones(N, 1, dtype=dtype, device=device)], dim=1)  # (N, Da)
+    Pa = C * Da
+    onehot = F.one_hot(y, C).to(dtype)
+
+    m = m_full[full_idx].clone()
+    mu0_a = mu0[full_idx]
+    S = torch.eye(Pa, dtype=dtype, device=device) * s0
+    H = torch.empty(Pa, Pa, dtype=dtype, device=device)
+    eye = torch.eye(Pa, dtype=dtype, device=device)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    chol = torch.linalg.cholesky(S)
+    s_inactive = s0  # every split-off coordinate has precision s_inactive and its own mean
+    inactive = torch.ones(P, dtype=torch.bool, device=device)
+    inactive[full_idx] = False
+
+    for _ in range(num_iters):
+        if batch_size is not None and batch_size < N:
+            sel = torch.randperm(N, generator=gen, device=device)[:batch_size]
+            xb, yb, scale = xa[sel], onehot[sel], N / batch_size
+        else:
+            xb, yb, scale = xa, onehot, 1.0
+        if mc_samples == 0:
+            thetas = m[None]
+        else:
+            eps = torch.randn(mc_samples, Pa, generator=gen, dtype=dtype, device=device)
+            # θ = m + L⁻ᵀ ε has covariance (L Lᵀ)⁻¹ = S⁻¹
+            z = torch.linalg.solve_triangular(chol.T, eps.T, upper=True).T
+            thetas = m[None] + z
+        g = torch.zeros(Pa, dtype=dtype, device=device)
+        A = torch.zeros(xb.shape[0], C, C, dtype=dtype, device=device)
+        for th in thetas:
+            logits = xb @ th.view(C, Da).T
+            p = torch.softmax(logits, dim=-1)
+            g += ((p - yb).T @ xb).flatten()
+            A += torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        k = thetas.shape[0]
+        g *= scale / k
+        A *= scale / k
+        softmax_regression_hessian(xb, A, chunk_size=chunk_size, out=H)
+        H.add_(eye, alpha=delta)
+        S.mul_(1 - lr).add_(H, alpha=lr)
+        S = 0.5 * (S + S.T)
+        chol, info = torch.linalg.cholesky_ex(S)
+        if int(info) != 0:
+            raise RuntimeError("VON precision lost positive definiteness; lower lr or use float64")
+        step = torch.cholesky_solve((g + delta * (m - mu0_a))[:, None], chol).flatten()
+        m = m - lr * step
+        # split-off coordinates: zero likelihood gradient/Hessian, scalar recursion
+        s_inactive = (1 - lr) * s_inactive + lr * delta
+        m_full[inactive] -= lr * delta * (m_full[inactive] - mu0[inactive]) / s_inactive
+
+    m_full[full_idx] = m
+    S_full = torch.zeros(P, P, dtype=dtype, device=device)
+    S_full[inactive, inactive] = s_inactive
+    S_full[full_idx[:, None], full_idx[None, :]] = S
+    return m_full, S_full
+
+
+def fit_full_von(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    lr: float = 0.1,
+    mc_samples: int = 3,
+    num_iters: int = 25,
+    prior_precision: float = 1.0,
+    batch_size: int | None = None,
+    seed: int = 0,
+    meta: PosteriorMeta | None = None,
+) -> FullGaussian:
+    """Full-Gaussian VON posterior of the model's single ``nn.Linear`` (softmax regression).
+
+    ``model`` must be logistic regression: exactly one ``nn.Linear`` with weight (C, D) and bias
+    (C,), applied to ``x`` flattened to (N, D) (this is checked on a few examples). The VON mean
+    starts from the model's weights, the prior is ``N(0, δ⁻¹ I)`` (δ = ``prior_precision``) and
+    ``batch_size`` gives stochastic VON (None: full batch). The model's weights are set to the
+    final mean (in place) and a :class:`FullGaussian` with shapes ``{"<lin>.weight": (C, D),
+    "<lin>.bias": (C,)}`` and meta optimizer ``full_von`` is returned (float64, on CPU). See
+    :func:`full_von`.
+    """
+    prefix, lin = _find_linear(model)
+    if lin.bias is None:
+        raise ValueError("full VON expects an nn.Linear with a bias")
+    C, D = lin.weight.shape
+    xf = x.reshape(x.shape[0], -1)
+    if xf.shape[1] != D:
+        raise ValueError(f"x flattens to {xf.shape[1]} features but the linear layer takes {D}")
+    with torch.no_grad():
+        probe = x[: min(8, x.shape[0])].to(lin.weight.device, lin.weight.dtype)
+        direct = probe.reshape(probe.shape[0], -1) @ lin.weight.T + lin.bias
+        got = as_logits(model(probe)) if not isinstance(model, nn.Linear) else direct
+        if got.shape != direct.shape or not torch.allclose(got, direct, rtol=1e-4, atol=1e-4):
+            raise ValueError(
+                "the model is not plain logistic regression on flattened inputs (its logits differ "
+                "from x.flatten() @ Wᵀ + b); full VON needs exactly that"
+            )
+        theta0 = torch.cat([lin.weight.detach().flatten(), lin.bias.detach().flatten()]).to(
+            "cpu", torch.float64
+        )
+    m, S = full_von(
+        xf,
+        y,
+        C,
+        lr=lr,
+        mc_samples=mc_samples,
+        num_iters=num_iters,
+        prior_precision=prior_precision,
+        init_mean=theta0,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    m, S = m.cpu(), S.cpu()
+    with torch.no_grad():
+        lin.weight.copy_(m[: C * D].view(C, D).to(lin.weight.dtype))
+        lin.bias.copy_(m[C * D :].to(lin.bias.dtype))
+    meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta()
+    meta.optimizer = "full_von"
+    meta.seed = seed if meta.seed is None else meta.seed
+    meta.extra = {
+        **meta.extra,
+        "lr": lr,
+        "mc_samples": mc_samples,
+        "num_iters": num_iters,
+        "prior_precision": prior_precision,
+    }
+    shapes = {f"{prefix}weight": (C, D), f"{prefix}bias": (C,)}
+    return FullGaussian(m, S, shapes, meta)
