@@ -51,6 +51,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check varmerge tasks flows tests benchmarks
+	$(BIN)/ruff format --check varmerge tasks flows tests benchmarks
 
 bench: setup
 	$(BIN)/python -m benchmarks.merge_sweep

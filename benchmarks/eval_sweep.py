@@ -51,24 +51,18 @@ def split_tasks(x, y):
     return [(x[sel], y[sel]) for sel in (torch.isin(y, torch.tensor(c)) for c in TASK_CLASSES)]
 
 
-def merged_models(
-    model: torch.nn.Module, G: int, T: int = 3, seed: int = 0
-) -> dict[str, torch.Tensor]:
+def merged_models(model: torch.nn.Module, G: int, T: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
     """Hessian-weighted merges of T random perturbations of ``model`` for G α on the simplex."""
     g = torch.Generator().manual_seed(seed)
     base = trainable_state_dict(model)
-    means = [
-        {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(T)
-    ]
+    means = [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(T)]
     precs = [{k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()} for _ in range(T)]
     grid = simplex_grid(T, 0.02)
     alpha = grid[torch.linspace(0, len(grid) - 1, G).round().long()]
     return merge.hessian_weighted(means, precs, alpha)
 
 
-def best_of(
-    fns: dict[str, Callable[[], dict]], repeats: int
-) -> tuple[dict[str, float], dict[str, dict]]:
+def best_of(fns: dict[str, Callable[[], dict]], repeats: int) -> tuple[dict[str, float], dict[str, dict]]:
     """Interleaved timings (best of ``repeats`` after one warm-up) and the last results."""
     results = {name: fn() for name, fn in fns.items()}  # warm-up
     times = {name: float("inf") for name in fns}
@@ -86,12 +80,8 @@ def bench(name: str, model_kwargs: dict, G: int, tasks, args) -> bool:
     merged = merged_models(model, G, seed=args.seed)
     n = sum(len(t[1]) for t in tasks)
     fns = {
-        "batched": lambda: evaluate_tasks(
-            model, merged, tasks, batch_size=args.batch_size, chunk_g=args.chunk_g
-        ),
-        "loop": lambda: evaluate_tasks(
-            model, merged, tasks, batch_size=args.batch_size, method="loop"
-        ),
+        "batched": lambda: evaluate_tasks(model, merged, tasks, batch_size=args.batch_size, chunk_g=args.chunk_g),
+        "loop": lambda: evaluate_tasks(model, merged, tasks, batch_size=args.batch_size, method="loop"),
     }
     times, res = best_of(fns, args.repeats)
     acc_diff = (res["batched"]["accuracy"] - res["loop"]["accuracy"]).abs().max().item()
@@ -103,19 +93,14 @@ def bench(name: str, model_kwargs: dict, G: int, tasks, args) -> bool:
     print(
         f"{name:<9} G={G:<4} N={n:<5} batched {times['batched'] * 1e3:8.1f} ms   "
         f"loop {times['loop'] * 1e3:8.1f} ms   speed-up {times['loop'] / times['batched']:5.1f}x   "
-        f"acc {exact}, max |Δloss| {loss_diff:.1e}  (best mean acc {best_mean:.3f})"
-        + ("" if ok else "   MISMATCH")
+        f"acc {exact}, max |Δloss| {loss_diff:.1e}  (best mean acc {best_mean:.3f})" + ("" if ok else "   MISMATCH")
     )
     return ok
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument(
-        "--models", nargs="+", default=["logreg", "mlp"], choices=["logreg", "mlp", "resnet20"]
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["logreg", "mlp"], choices=["logreg", "mlp", "resnet20"])
     ap.add_argument("--grid-sizes", nargs="+", type=int, default=[66, 231], help="numbers of α (G)")
     ap.add_argument("--examples", type=int, default=2000, help="test examples over the 3 tasks")
     ap.add_argument("--data", choices=["mnist", "random"], default="mnist")

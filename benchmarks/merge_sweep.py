@@ -68,8 +68,10 @@ def main(argv=None) -> None:
         bw = bytes_moved / seconds
         print(f"{name:<28} {seconds * 1e3:9.1f} ms  {bw / 1e9:7.2f} GB/s  ratio to copy {bw / copy_bw:5.2f}")
 
-    print(f"T={T} models x {P / 1e6:.1f}M float32 params, G={G} α, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"T={T} models x {P / 1e6:.1f}M float32 params, G={G} α, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     report("tensor copy (reference)", t_copy, 2 * G * P * elem)
     # fresh outputs: every call allocates G x P floats, and the OS faults those pages in on
     # first write (the copy's destination is warm); reused: a long sweep in blocks reuses `out`

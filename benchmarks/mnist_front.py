@@ -45,8 +45,10 @@ def main(argv=None) -> None:
         ref = paper.get(m) or (paper.get("hessian_full") if m == "hessian" else None)
         console.print(f"  {m:<16} {100 * r['max_mean_accuracy']:5.1f}   paper {ref if ref else '-'}")
     best_real = max(sum(r) / len(r) for r in summary["chosen"]["realised"])
-    console.print(f"  {'multitask@top-k':<16} {100 * best_real:5.1f}   paper {paper.get('multitask', '-')}"
-                  f"  (the paper's multitask row is the best over all α)")
+    console.print(
+        f"  {'multitask@top-k':<16} {100 * best_real:5.1f}   paper {paper.get('multitask', '-')}"
+        f"  (the paper's multitask row is the best over all α)"
+    )
     console.print(f"seconds: {json.dumps({k: round(v, 1) for k, v in summary['seconds'].items()})}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -53,14 +53,34 @@ FIGURES = ROOT / "docs" / "figures"
 
 #: Paper Table 1 (max mean accuracy %, in brackets the best multitask finetune at the method's top-5 α).
 PAPER = {
-    "mnist_imbalanced": {"column": "MNIST logreg imbalanced", "simple": (76.9, 90.2), "hessian_full": (80.3, 89.4),
-                         "mixture": (87.2, 90.4), "multitask": 90.4},
-    "mnist_balanced": {"column": "MNIST logreg balanced", "simple": (71.3, 90.7), "hessian_full": (78.5, 90.6),
-                       "mixture": (83.2, 90.5), "multitask": 90.7},
-    "cnn": {"column": "ResNet-20 CIFAR-10", "simple": (63.2, 67.4), "hessian": (63.3, 65.9),
-            "mixture": (64.6, 68.1), "multitask": 68.1},
-    "lora": {"column": "RoBERTa RT/SST-2/Yelp", "simple": (93.5, 95.2), "hessian": (93.6, 95.5),
-             "mixture": (94.1, 95.4), "multitask": 95.5},
+    "mnist_imbalanced": {
+        "column": "MNIST logreg imbalanced",
+        "simple": (76.9, 90.2),
+        "hessian_full": (80.3, 89.4),
+        "mixture": (87.2, 90.4),
+        "multitask": 90.4,
+    },
+    "mnist_balanced": {
+        "column": "MNIST logreg balanced",
+        "simple": (71.3, 90.7),
+        "hessian_full": (78.5, 90.6),
+        "mixture": (83.2, 90.5),
+        "multitask": 90.7,
+    },
+    "cnn": {
+        "column": "ResNet-20 CIFAR-10",
+        "simple": (63.2, 67.4),
+        "hessian": (63.3, 65.9),
+        "mixture": (64.6, 68.1),
+        "multitask": 68.1,
+    },
+    "lora": {
+        "column": "RoBERTa RT/SST-2/Yelp",
+        "simple": (93.5, 95.2),
+        "hessian": (93.6, 95.5),
+        "mixture": (94.1, 95.4),
+        "multitask": 95.5,
+    },
 }
 
 #: The paper's full-Gaussian VON settings (App. B.2): ρ = 0.1, 3 MC samples, 25 iterations.
@@ -84,14 +104,18 @@ class Experiment:
 
 
 EXPERIMENTS: dict[str, Experiment] = {
-    "mnist_imbalanced": Experiment("configs/table1/mnist_imbalanced.yaml", "mnist", "mnist_imbalanced",
-                                   FULL_VON, max_gap=3.0),
-    "mnist_balanced": Experiment("configs/table1/mnist_balanced.yaml", "mnist", "mnist_balanced",
-                                 FULL_VON, max_gap=7.0),
-    "fashion_imbalanced": Experiment("configs/table1/fashion_imbalanced.yaml", "fashion", "mnist_imbalanced",
-                                     FULL_VON, max_gap=3.0, von_batch=2000),
-    "fashion_balanced": Experiment("configs/table1/fashion_balanced.yaml", "fashion", "mnist_balanced",
-                                   FULL_VON, max_gap=7.0, von_batch=2000),
+    "mnist_imbalanced": Experiment(
+        "configs/table1/mnist_imbalanced.yaml", "mnist", "mnist_imbalanced", FULL_VON, max_gap=3.0
+    ),
+    "mnist_balanced": Experiment(
+        "configs/table1/mnist_balanced.yaml", "mnist", "mnist_balanced", FULL_VON, max_gap=7.0
+    ),
+    "fashion_imbalanced": Experiment(
+        "configs/table1/fashion_imbalanced.yaml", "fashion", "mnist_imbalanced", FULL_VON, max_gap=3.0, von_batch=2000
+    ),
+    "fashion_balanced": Experiment(
+        "configs/table1/fashion_balanced.yaml", "fashion", "mnist_balanced", FULL_VON, max_gap=7.0, von_batch=2000
+    ),
     "cnn_fashion": Experiment("configs/table1/cnn_fashion.yaml", "cnn", "cnn", gt_spacing=0.5, ks=(1, 2, 4, 6)),
     "lora_tweets": Experiment("configs/table1/lora_tweets.yaml", "lora", "lora", gt_spacing=0.5, ks=(1, 2, 4)),
 }
@@ -159,8 +183,12 @@ class MultitaskRuns:
             import concurrent.futures as cf
             import multiprocessing as mp
 
-            with cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                                        initargs=(self.cfg, self.base, self.tasks)) as pool:
+            with cf.ProcessPoolExecutor(
+                self.workers,
+                mp_context=mp.get_context("fork"),
+                initializer=_init_worker,
+                initargs=(self.cfg, self.base, self.tasks),
+            ) as pool:
                 futures = {pool.submit(_finetune_at, a): self.key(a) for a in todo}
                 for i, f in enumerate(cf.as_completed(futures)):
                     self.acc[futures[f]], self.seconds[futures[f]] = f.result()
@@ -228,8 +256,9 @@ class Table1Runner(LocalRunner):
     def finetunes(self, data, base):
         posteriors = []
         for t in data[0]:
-            self.say(f"{self.cfg.name}: finetuning {t.name} ({self.cfg.posterior.method}, "
-                     f"K={self.cfg.posterior.components})")
+            self.say(
+                f"{self.cfg.name}: finetuning {t.name} ({self.cfg.posterior.method}, K={self.cfg.posterior.components})"
+            )
             t0 = time.perf_counter()
             posteriors.append(pipeline.finetune_task(self.cfg, base, t)[0])
             self.ft_seconds.append(time.perf_counter() - t0)
@@ -299,8 +328,10 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
         runs = runner.runs
         gt_alpha = simplex_grid(T, exp.gt_spacing)
         with ledger("multitask_finetunes"):
-            runs.run(torch.cat([gt_alpha] + [top for _, top in chosen.values()]),
-                     f"{name}: ground truth ({len(gt_alpha)} α) + top-{cfg.selection.top_k} of each method")
+            runs.run(
+                torch.cat([gt_alpha] + [top for _, top in chosen.values()]),
+                f"{name}: ground truth ({len(gt_alpha)} α) + top-{cfg.selection.top_k} of each method",
+            )
         gt_acc = runs(gt_alpha)
         ref_front = gt_acc[pareto.pareto_mask(gt_acc)]
 
@@ -362,7 +393,9 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
                 "ratio_vs_ground_truth": _round(estimate / multitask["ground_truth"]["seconds"], 4),
                 "ratio_vs_fine_grid_multitask_extrapolated": _round(
                     (post_s.get(m, per_component) + results[m]["seconds"])
-                    / (len(alpha) * multitask["ground_truth"]["mean_seconds_per_finetune"]), 5),
+                    / (len(alpha) * multitask["ground_truth"]["mean_seconds_per_finetune"]),
+                    5,
+                ),
             }
 
         # adaptive refinement: coarse grid, then the fine grid near the best region
@@ -371,15 +404,20 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
             say(f"{name}: adaptive refinement for '{m}'")
             posts = runner.posteriors_for(m, posteriors)
             t0 = time.perf_counter()
-            r = refine_alpha(lambda a, m=m, posts=posts: pipeline.sweep_and_score(cfg, m, posts, base, tasks, a)["accuracy"],
-                             T, coarse=exp.gt_spacing, fine=cfg.merge.spacing)
+            r = refine_alpha(
+                lambda a, m=m, posts=posts: pipeline.sweep_and_score(cfg, m, posts, base, tasks, a)["accuracy"],
+                T,
+                coarse=exp.gt_spacing,
+                fine=cfg.merge.spacing,
+            )
             refinement[m] = {
                 "best_alpha": _round(r.best_alpha),
                 "best_mean_accuracy": _round(r.best_score),
                 "full_grid_best_alpha": results[m]["best_alpha"],
                 "full_grid_best_mean_accuracy": results[m]["max_mean_accuracy"],
-                "same_best_alpha": bool(torch.allclose(r.best_alpha, torch.tensor(results[m]["best_alpha"],
-                                                                                   dtype=torch.float64), atol=1e-6)),
+                "same_best_alpha": bool(
+                    torch.allclose(r.best_alpha, torch.tensor(results[m]["best_alpha"], dtype=torch.float64), atol=1e-6)
+                ),
                 "evaluations": r.evaluations,
                 "full_grid_evaluations": len(alpha),
                 "rounds": r.rounds,
@@ -396,9 +434,15 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
                 s = pipeline.sweep_and_score(cfg, "mixture", sub, base, tasks, alpha)
                 mean = s["accuracy"].mean(1)
                 b = int(mean.argmax())
-                k_table.append({"K": k, "max_mean_accuracy": _round(mean[b]), "best_alpha": _round(alpha[b]),
-                                "finetune_seconds": _round(sum(ft_seconds) * k / K, 3),
-                                "sweep_seconds": _round(s["merge_seconds"] + s["eval_seconds"], 3)})
+                k_table.append(
+                    {
+                        "K": k,
+                        "max_mean_accuracy": _round(mean[b]),
+                        "best_alpha": _round(alpha[b]),
+                        "finetune_seconds": _round(sum(ft_seconds) * k / K, 3),
+                        "sweep_seconds": _round(s["merge_seconds"] + s["eval_seconds"], 3),
+                    }
+                )
 
         say(f"{name}: figures")
         figures = draw_figures(name, names, sweeps, gt_acc, predicted_realised)
@@ -413,15 +457,22 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
         "tasks": names,
         "train_examples": [len(t.train[1]) for t in tasks],
         "test_examples": [len(t.test[1]) for t in tasks],
-        "posterior": {"method": cfg.posterior.method, "components": K, "steps": cfg.posterior.steps,
-                      "full_von": exp.full_von},
+        "posterior": {
+            "method": cfg.posterior.method,
+            "components": K,
+            "steps": cfg.posterior.steps,
+            "full_von": exp.full_von,
+        },
         "grid": {"spacing": cfg.merge.spacing, "size": len(alpha)},
         "top_k": cfg.selection.top_k,
         "hypervolume_reference_point": [0.0] * T,
         "methods": results,
         "multitask": multitask,
-        "cost": {"stages_seconds": {k: _round(v, 3) for k, v in ledger.seconds.items()},
-                 "total_seconds": _round(sum(ledger.seconds.values()), 3), "front_estimate": cost},
+        "cost": {
+            "stages_seconds": {k: _round(v, 3) for k, v in ledger.seconds.items()},
+            "total_seconds": _round(sum(ledger.seconds.values()), 3),
+            "front_estimate": cost,
+        },
         "refinement": refinement,
         "k_table": k_table,
         "figures": figures,
@@ -462,10 +513,20 @@ def draw_figures(name, names, sweeps, gt_acc, predicted_realised) -> dict:
     main = {m: sweeps[m] for m in MAIN_METHODS if m in sweeps and m != "task_arithmetic"}
     others = {m: sweeps[m] for m in sweeps if m not in MAIN_METHODS or m == "mixture"}
     figs = {
-        "fronts": plots.front_projections(main, names, d / "fronts.png", multitask=gt_front,
-                                          title=f"{name}: estimated fronts vs multitask ground truth (circles)"),
-        "fronts_baselines": plots.front_projections(others, names, d / "fronts_baselines.png", multitask=gt_front,
-                                                    title=f"{name}: baselines vs mixture-weighted"),
+        "fronts": plots.front_projections(
+            main,
+            names,
+            d / "fronts.png",
+            multitask=gt_front,
+            title=f"{name}: estimated fronts vs multitask ground truth (circles)",
+        ),
+        "fronts_baselines": plots.front_projections(
+            others,
+            names,
+            d / "fronts_baselines.png",
+            multitask=gt_front,
+            title=f"{name}: baselines vs mixture-weighted",
+        ),
     }
     if len(names) == 3:
         figs["ternary"] = plots.ternary_mean_accuracy(main, names, d / "ternary.png")
@@ -491,8 +552,9 @@ def draw_figures(name, names, sweeps, gt_acc, predicted_realised) -> dict:
 # --------------------------------------------------------------------------------------------
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -504,8 +566,13 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
 
 
 def load_results(path: Path) -> dict:
@@ -534,13 +601,22 @@ def write_report(results: dict, path: Path = REPORT) -> Path:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", action="append", default=None,
-                    help="a group (mnist, fashion, cnn, lora) or an experiment name; repeatable")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        help="a group (mnist, fashion, cnn, lora) or an experiment name; repeatable",
+    )
     ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="results JSON (default results/table1.json)")
     ap.add_argument("--report", default=str(REPORT), help="the Markdown report to write")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from the JSON")
-    ap.add_argument("--merge-from", action="append", default=[], metavar="JSON",
-                    help="copy the experiments of another results file (e.g. a run on another machine) into --output")
+    ap.add_argument(
+        "--merge-from",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="copy the experiments of another results file (e.g. a run on another machine) into --output",
+    )
     args = ap.parse_args(argv)
     console = Console()
     out = Path(args.output)
@@ -568,13 +644,21 @@ def main(argv=None) -> None:
             groups[r["group"]] = groups.get(r["group"], 0.0) + r["wall_seconds"]
             results["experiments"][name] = r
             results.setdefault("group_wall_seconds", {}).update({r["group"]: round(groups[r["group"]], 1)})
-            results["generated"] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                                    "commit": _git_commit(), "machine": machine()}
+            results["generated"] = {
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "commit": _git_commit(),
+                "machine": machine(),
+            }
             save_results(results, out)
             t = r["targets"]
-            console.print(f"[bold]{name}[/] {r['wall_seconds']:.0f} s: " + ", ".join(
-                f"{m} {_pct(v['max_mean_accuracy'])} ({_pct(v['multitask_at_top5'])})" for m, v in r["methods"].items())
-                + f"; multitask {_pct(r['multitask']['best_mean_accuracy'])}; targets {t}")
+            console.print(
+                f"[bold]{name}[/] {r['wall_seconds']:.0f} s: "
+                + ", ".join(
+                    f"{m} {_pct(v['max_mean_accuracy'])} ({_pct(v['multitask_at_top5'])})"
+                    for m, v in r["methods"].items()
+                )
+                + f"; multitask {_pct(r['multitask']['best_mean_accuracy'])}; targets {t}"
+            )
         console.print(f"all: {time.perf_counter() - t_all:.0f} s")
     write_report(results, Path(args.report))
     console.print(f"wrote {out} and {args.report}")

@@ -94,8 +94,9 @@ def validate(
     try:
         check_accelerator(cfg.accelerator)
     except ValueError as exc:
-        console.print(f"[yellow]note:[/] {escape(str(exc))} (fine for a config meant for another machine)",
-                      soft_wrap=True)
+        console.print(
+            f"[yellow]note:[/] {escape(str(exc))} (fine for a config meant for another machine)", soft_wrap=True
+        )
     report = None
     try:
         pf.check_constraints(cfg)
@@ -113,8 +114,11 @@ def validate(
     table.add_row("merges", ", ".join(cfg.merge.methods))
     table.add_row("α grid", f"spacing {cfg.merge.spacing}: {grid_size(len(cfg.data.tasks), cfg.merge.spacing)} points")
     if report is not None:
-        table.add_row("examples", ", ".join(f"{n} {report.train_examples[n]}/{report.test_examples[n]}"
-                                            for n in report.train_examples) + " (train/test)")
+        table.add_row(
+            "examples",
+            ", ".join(f"{n} {report.train_examples[n]}/{report.test_examples[n]}" for n in report.train_examples)
+            + " (train/test)",
+        )
     console.print(table)
 
 
@@ -186,14 +190,22 @@ def run_flow(
     t0 = time.perf_counter()
     try:
         with console.status(f"running the front flow on {config} (Prefect + MLflow)"):
-            summary = front_flow(str(config), tracking_uri=tracking_uri, output_dir=str(output) if output else None,
-                                 data_dir=str(data) if data else None, check_inputs=False)
+            summary = front_flow(
+                str(config),
+                tracking_uri=tracking_uri,
+                output_dir=str(output) if output else None,
+                data_dir=str(data) if data else None,
+                check_inputs=False,
+            )
     except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
         _fail(exc)
     print_front(summary, cfg.merge.spacing)
-    console.print(f"done in {time.perf_counter() - t0:.0f} s. Front, plots: {summary['run_dir']}/ "
-                  f"(front.json, front.png); MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}; "
-                  f"registered model {summary.get('registered_model')}. Browse with: varmerge ui --tracking-uri {summary['tracking_uri']}")
+    console.print(
+        f"done in {time.perf_counter() - t0:.0f} s. Front, plots: {summary['run_dir']}/ "
+        f"(front.json, front.png); MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}; "
+        f"registered model {summary.get('registered_model')}. "
+        f"Browse with: varmerge ui --tracking-uri {summary['tracking_uri']}"
+    )
 
 
 @app.command()
@@ -220,8 +232,9 @@ def sweep(
     t0 = time.perf_counter()
     try:
         with console.status(f"{n} multitask finetunes (spacing {spacing})"):
-            out = ground_truth_flow(str(config), spacing=spacing, tracking_uri=tracking_uri,
-                                    output_dir=str(output) if output else None)
+            out = ground_truth_flow(
+                str(config), spacing=spacing, tracking_uri=tracking_uri, output_dir=str(output) if output else None
+            )
     except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
         _fail(exc)
     table = Table(title=f"ground truth: {n} multitask finetunes, max mean acc {100 * out['max_mean_accuracy']:.1f}")
@@ -266,16 +279,28 @@ def ui(
     import subprocess
 
     if host not in (LOOPBACK, "localhost", "::1"):
-        console.print(f"[yellow]note:[/] the MLflow UI will listen on {host}, not only on this machine; "
-                      "it has no authentication", soft_wrap=True)
+        console.print(
+            f"[yellow]note:[/] the MLflow UI will listen on {host}, not only on this machine; it has no authentication",
+            soft_wrap=True,
+        )
     console.print(f"MLflow UI on http://{host}:{port} ({tracking_uri}); Ctrl-C stops it")
     raise typer.Exit(subprocess.call(ui_command(tracking_uri, host, port)))
 
 
 def ui_command(tracking_uri: str, host: str = LOOPBACK, port: int = 5000) -> list[str]:
     """The ``mlflow ui`` command line that ``varmerge ui`` runs."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host,
-            "--port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 def print_front(summary: dict, spacing: float) -> None:
@@ -284,8 +309,13 @@ def print_front(summary: dict, spacing: float) -> None:
     for col in ("method", "max mean acc", "best α", "front size", "sweep s"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for m, r in summary["methods"].items():
-        table.add_row(m, f"{100 * r['max_mean_accuracy']:.1f}", str([round(v, 2) for v in r["best_alpha"]]),
-                      str(r["front_size"]), f"{r['seconds']:.1f}")
+        table.add_row(
+            m,
+            f"{100 * r['max_mean_accuracy']:.1f}",
+            str([round(v, 2) for v in r["best_alpha"]]),
+            str(r["front_size"]),
+            f"{r['seconds']:.1f}",
+        )
     console.print(table)
     ch = summary["chosen"]
     for a, pred, real in zip(ch["alpha"], ch["predicted"], ch["realised"], strict=True):

@@ -35,8 +35,13 @@ def resolve_config(config: str | dict | ExperimentConfig) -> ExperimentConfig:
 
 
 @flow(name="varmerge-front", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def front_flow(config: str | dict, tracking_uri: str | None = None, output_dir: str | None = None,
-               data_dir: str | None = None, check_inputs: bool = True) -> dict:
+def front_flow(
+    config: str | dict,
+    tracking_uri: str | None = None,
+    output_dir: str | None = None,
+    data_dir: str | None = None,
+    check_inputs: bool = True,
+) -> dict:
     """Estimate the Pareto front of ``config`` and finetune at the chosen α; returns the summary.
 
     ``check_inputs`` runs :func:`varmerge.preflight.preflight` first, so a run that would fail
@@ -58,20 +63,38 @@ def front_flow(config: str | dict, tracking_uri: str | None = None, output_dir: 
     exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
     for stale in tracking.close_stale_runs(uri, exp_id, cfg.name):
         logger.info("MLflow run %s was left RUNNING by a killed flow: marked KILLED", stale)
-    parent = tracking.client(uri).create_run(exp_id, run_name=f"{cfg.name}", tags={
-        "varmerge.flow_run_id": str(get_run_context().flow_run.id), "varmerge.data_version": data_ref["version"],
-        "varmerge.config": cfg.name, "varmerge.process": tracking.process_tag(),
-    }).info.run_id
+    parent = (
+        tracking.client(uri)
+        .create_run(
+            exp_id,
+            run_name=f"{cfg.name}",
+            tags={
+                "varmerge.flow_run_id": str(get_run_context().flow_run.id),
+                "varmerge.data_version": data_ref["version"],
+                "varmerge.config": cfg.name,
+                "varmerge.process": tracking.process_tag(),
+            },
+        )
+        .info.run_id
+    )
     runner.tracking["parent_run_id"] = parent
     tracking.log_params(uri, parent, {"config": runner.cfg_json})
     try:
         result = estimate_front(cfg, runner)
-        summary = {"config": cfg.name, **result.summary(), "spacing": cfg.merge.spacing, "run_dir": str(run_dir),
-                   "mlflow_run_id": parent, "tracking_uri": uri}
+        summary = {
+            "config": cfg.name,
+            **result.summary(),
+            "spacing": cfg.merge.spacing,
+            "run_dir": str(run_dir),
+            "mlflow_run_id": parent,
+            "tracking_uri": uri,
+        }
         front_json = run_dir / "front.json"
         realised = result.realised.tolist() if result.realised is not None else []
-        files = [front_json, plots.front_projections(result.sweeps, names, run_dir / "front.png", title=cfg.name,
-                                                     multitask=realised)]
+        files = [
+            front_json,
+            plots.front_projections(result.sweeps, names, run_dir / "front.png", title=cfg.name, multitask=realised),
+        ]
         if len(names) == 3:
             files.append(plots.ternary_mean_accuracy(result.sweeps, names, run_dir / "ternary.png"))
         if result.error is not None:  # the front is still saved and logged
@@ -80,16 +103,23 @@ def front_flow(config: str | dict, tracking_uri: str | None = None, output_dir: 
                 tracking.log_artifact(uri, parent, p, "front")
             raise ValueError(f"{result.error} (the estimated front is in {front_json})")
         predicted = result.predicted
-        files.append(plots.predicted_vs_realised(names, predicted[0].tolist(), realised[0],
-                                                 run_dir / "predicted_vs_realised.png"))
+        files.append(
+            plots.predicted_vs_realised(
+                names, predicted[0].tolist(), realised[0], run_dir / "predicted_vs_realised.png"
+            )
+        )
         # register first, then write front.json (atomically, once): it exists only for a finished run
         summary["registered_model"] = register_model(runner, uri, parent, result.chosen_alpha[0].tolist())
         io.write_text_atomic(front_json, json.dumps(summary, indent=2))
-        tracking.log_metrics(uri, parent, {
-            **{f"{m}/max_mean_accuracy": s["max_mean_accuracy"] for m, s in summary["methods"].items()},
-            "chosen/predicted_mean": float(predicted[0].mean()),
-            "chosen/realised_mean": float(result.realised[0].mean()),
-        })
+        tracking.log_metrics(
+            uri,
+            parent,
+            {
+                **{f"{m}/max_mean_accuracy": s["max_mean_accuracy"] for m, s in summary["methods"].items()},
+                "chosen/predicted_mean": float(predicted[0].mean()),
+                "chosen/realised_mean": float(result.realised[0].mean()),
+            },
+        )
         for p in files:
             tracking.log_artifact(uri, parent, p, "front")
         tracking.finish(uri, parent)
@@ -120,12 +150,17 @@ def _register(runner: PrefectRunner, uri: str, parent: str, alpha: list, name: s
     existing = tracking.find_model_version(uri, name, mt_ref["sha256"])
     if existing is not None:
         return f"{name}/{existing.version}"
-    child = tracking.start_child(uri, parent, "multitask/final", {
-        "varmerge.stage": "multitask", "varmerge.alpha": json.dumps([round(a, 6) for a in alpha])})
+    child = tracking.start_child(
+        uri,
+        parent,
+        "multitask/final",
+        {"varmerge.stage": "multitask", "varmerge.alpha": json.dumps([round(a, 6) for a in alpha])},
+    )
     model = steps.multitask_model(cfg, run_dir, mt_ref, runner.base_ref)
     example = steps.example_input(run_dir, runner.data_ref)
-    tracking.log_metrics(uri, child, {f"test/{t.name}/accuracy": a
-                                      for t, a in zip(cfg.data.tasks, mt_ref["accuracy"], strict=True)})
+    tracking.log_metrics(
+        uri, child, {f"test/{t.name}/accuracy": a for t, a in zip(cfg.data.tasks, mt_ref["accuracy"], strict=True)}
+    )
     if example is None:  # text models: the weights file is the artifact; no registry entry yet
         tracking.log_artifact(uri, child, steps.store_for(run_dir).resolve(mt_ref), "model")
         tracking.finish(uri, child)
@@ -133,9 +168,15 @@ def _register(runner: PrefectRunner, uri: str, parent: str, alpha: list, name: s
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=child):
         # pt2 (torch.export), never pickle: also where MLflow would default to pickle (Databricks)
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
-                                        pip_requirements=["torch", "varmerge"])
-    version = mlflow.register_model(info.model_uri, name, tags={"alpha": json.dumps(alpha),
-                                                                 "varmerge.sha256": mt_ref["sha256"]})
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=example,
+            serialization_format="pt2",
+            pip_requirements=["torch", "varmerge"],
+        )
+    version = mlflow.register_model(
+        info.model_uri, name, tags={"alpha": json.dumps(alpha), "varmerge.sha256": mt_ref["sha256"]}
+    )
     tracking.finish(uri, child)
     return f"{name}/{version.version}"

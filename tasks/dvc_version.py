@@ -190,9 +190,7 @@ def workspace_hash(path: str | os.PathLike, repo_root: str | os.PathLike | None 
         dirnames[:] = [d for d in dirnames if d not in _ALWAYS_IGNORED]
         rel_dir = Path(dirpath).relative_to(path)
         if spec is not None:
-            dirnames[:] = [
-                d for d in dirnames if not spec.match_file((rel_root / rel_dir / d).as_posix() + "/")
-            ]
+            dirnames[:] = [d for d in dirnames if not spec.match_file((rel_root / rel_dir / d).as_posix() + "/")]
         for name in filenames:
             rel = rel_dir / name
             if spec is not None and spec.match_file((rel_root / rel).as_posix()):

@@ -18,8 +18,15 @@ from varmerge.config import ExperimentConfig
 
 
 class PrefectRunner:
-    def __init__(self, cfg: ExperimentConfig, run_dir: str, *, data_dir: str | None = None,
-                 tracking_uri: str | None = None, parent_run_id: str | None = None):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str,
+        *,
+        data_dir: str | None = None,
+        tracking_uri: str | None = None,
+        parent_run_id: str | None = None,
+    ):
         self.cfg, self.run_dir, self.data_dir = cfg, str(run_dir), data_dir
         self.cfg_json = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
         self.tracking = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
@@ -38,19 +45,28 @@ class PrefectRunner:
 
     def finetunes(self, data: dict, base: dict) -> list[dict]:
         return steps.finetune.map(
-            unmapped(self.cfg_json), unmapped(self.run_dir), unmapped(data), unmapped(base),
+            unmapped(self.cfg_json),
+            unmapped(self.run_dir),
+            unmapped(data),
+            unmapped(base),
             list(range(len(self.cfg.data.tasks))),
             **{k: unmapped(v) for k, v in self.tracking.items()},
         ).result()
 
     def sweeps(self, data: dict, base: dict, posteriors: list[dict], methods) -> dict[str, dict]:
-        futures = {m: steps.sweep.submit(self.cfg_json, self.run_dir, m, data, base, posteriors, **self.tracking)
-                   for m in methods}
+        futures = {
+            m: steps.sweep.submit(self.cfg_json, self.run_dir, m, data, base, posteriors, **self.tracking)
+            for m in methods
+        }
         return {m: steps.load_sweep(self.run_dir, f.result()) for m, f in futures.items()}
 
     def multitasks(self, data: dict, base: dict, alphas: torch.Tensor) -> list[torch.Tensor]:
         self.multitask_refs = steps.multitask.map(
-            unmapped(self.cfg_json), unmapped(self.run_dir), unmapped(data), unmapped(base),
-            [a.tolist() for a in alphas], **{k: unmapped(v) for k, v in self.tracking.items()},
+            unmapped(self.cfg_json),
+            unmapped(self.run_dir),
+            unmapped(data),
+            unmapped(base),
+            [a.tolist() for a in alphas],
+            **{k: unmapped(v) for k, v in self.tracking.items()},
         ).result()
         return [torch.tensor(r["accuracy"], dtype=torch.float64) for r in self.multitask_refs]

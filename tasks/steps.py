@@ -53,8 +53,9 @@ def _say(msg: str, *args) -> None:
 # ----------------------------------------------------------------------------------------- data
 def _data_key(store: RunStore, cfg: ExperimentConfig, data_dir: str | None) -> str:
     source = folder_hash(data_dir) if data_dir is not None else None
-    return store.key("data", cfg.data.model_dump(mode="json"), cfg.model.name,
-                     cfg.model.options.get("model_path"), source)
+    return store.key(
+        "data", cfg.data.model_dump(mode="json"), cfg.model.name, cfg.model.options.get("model_path"), source
+    )
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE)
@@ -107,14 +108,26 @@ def load_base(cfg: ExperimentConfig, run_dir: str, base_ref: dict):
 
 # ----------------------------------------------------------------------------------- finetunes
 def _posterior_key(store: RunStore, cfg: ExperimentConfig, data_ref: dict, base_ref: dict, task_index: int) -> str:
-    return store.key("posterior", cfg.posterior.model_dump(mode="json"),
-                     cfg.data.tasks[task_index].model_dump(mode="json"), data_ref["sha256"], base_ref["sha256"],
-                     cfg.accelerator)
+    return store.key(
+        "posterior",
+        cfg.posterior.model_dump(mode="json"),
+        cfg.data.tasks[task_index].model_dump(mode="json"),
+        data_ref["sha256"],
+        base_ref["sha256"],
+        cfg.accelerator,
+    )
 
 
 @task(name="finetune-task", task_run_name="finetune-{task_index}", cache_policy=NO_CACHE)
-def finetune(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, task_index: int,
-             tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
+def finetune(
+    cfg_json: str,
+    run_dir: str,
+    data_ref: dict,
+    base_ref: dict,
+    task_index: int,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
     """One task's finetune; writes its posterior (means + precisions = the Hessian) and logs it.
 
     Finished MultiIVON/SoupIVON runs and AdamW-trained weights go to ``posteriors/parts/<name>/``
@@ -131,24 +144,40 @@ def finetune(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, task_i
         base = load_base(cfg, run_dir, base_ref)
         child = None
         if tracking_uri and parent_run_id:
-            child = tracking.start_child(tracking_uri, parent_run_id, f"finetune/{t.name}",
-                                         {"varmerge.stage": "finetune", "varmerge.task": t.name})
-            tracking.log_params(tracking_uri, child, {"task": t.name, "classes": list(t.classes),
-                                                      "train_examples": len(t.train[1]),
-                                                      **cfg.posterior.model_dump(mode="json")})
+            child = tracking.start_child(
+                tracking_uri,
+                parent_run_id,
+                f"finetune/{t.name}",
+                {"varmerge.stage": "finetune", "varmerge.task": t.name},
+            )
+            tracking.log_params(
+                tracking_uri,
+                child,
+                {
+                    "task": t.name,
+                    "classes": list(t.classes),
+                    "train_examples": len(t.train[1]),
+                    **cfg.posterior.model_dump(mode="json"),
+                },
+            )
         t0 = time.perf_counter()
-        post, weights = pipeline.finetune_task(cfg, base, t, logger=tracking.lightning_logger(tracking_uri, child),
-                                               resume_dir=parts)
+        post, weights = pipeline.finetune_task(
+            cfg, base, t, logger=tracking.lightning_logger(tracking_uri, child), resume_dir=parts
+        )
         seconds = time.perf_counter() - t0
         sha = post.save(path)
         _say("finetuned %s in %.1f s -> %s", t.name, seconds, path.name)
         if child:
             models.load_trainable(base, weights)
             s = pipeline.score_sweep(base, {k: v.unsqueeze(0) for k, v in weights.items()}, tasks_)
-            tracking.log_metrics(tracking_uri, child, {
-                "seconds": seconds,
-                **{f"test/{n.name}/accuracy": float(a) for n, a in zip(tasks_, s["accuracy"][0], strict=True)},
-            })
+            tracking.log_metrics(
+                tracking_uri,
+                child,
+                {
+                    "seconds": seconds,
+                    **{f"test/{n.name}/accuracy": float(a) for n, a in zip(tasks_, s["accuracy"][0], strict=True)},
+                },
+            )
             tracking.log_artifact(tracking_uri, child, path, "posterior")
             tracking.finish(tracking_uri, child)
         return sha
@@ -175,13 +204,27 @@ def load_posteriors(cfg: ExperimentConfig, run_dir: str, base_ref: dict, posteri
 def sweep_key(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_ref: dict, posterior_refs: list) -> str:
     """The content key of one method's sweep (how the ground-truth flow finds it)."""
     cfg = _cfg(cfg_json)
-    return store_for(run_dir).key("sweep", method, cfg.merge.model_dump(mode="json"), data_ref["sha256"],
-                                  base_ref["sha256"], [r["sha256"] for r in posterior_refs])
+    return store_for(run_dir).key(
+        "sweep",
+        method,
+        cfg.merge.model_dump(mode="json"),
+        data_ref["sha256"],
+        base_ref["sha256"],
+        [r["sha256"] for r in posterior_refs],
+    )
 
 
 @task(name="merge-sweep", task_run_name="sweep-{method}", cache_policy=NO_CACHE)
-def sweep(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_ref: dict, posterior_refs: list,
-          tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
+def sweep(
+    cfg_json: str,
+    run_dir: str,
+    method: str,
+    data_ref: dict,
+    base_ref: dict,
+    posterior_refs: list,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
     """Merge with one method over the whole α grid and score every merged model on every task."""
     cfg, store = _cfg(cfg_json), store_for(run_dir)
     key = sweep_key(cfg_json, run_dir, method, data_ref, base_ref, posterior_refs)
@@ -194,8 +237,11 @@ def sweep(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_ref: di
         res = pipeline.sweep_and_score(cfg, method, posts, base, tasks_)
         seconds = time.perf_counter() - t0
         names = [t.name for t in tasks_]
-        sha = io.save_tensors(path, {"alpha": res["alpha"], "accuracy": res["accuracy"], "loss": res["loss"]},
-                              {"kind": "sweep", "method": method, "tasks": names, "seconds": seconds})
+        sha = io.save_tensors(
+            path,
+            {"alpha": res["alpha"], "accuracy": res["accuracy"], "loss": res["loss"]},
+            {"kind": "sweep", "method": method, "tasks": names, "seconds": seconds},
+        )
         _say("swept %s over %d α in %.1f s", method, len(res["alpha"]), seconds)
         if tracking_uri and parent_run_id:
             _log_sweep(cfg, tracking_uri, parent_run_id, method, names, res, seconds, path)
@@ -205,18 +251,35 @@ def sweep(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_ref: di
 
 
 def _log_sweep(cfg, uri, parent_run_id, method, names, res, seconds, path: Path) -> None:
-    child = tracking.start_child(uri, parent_run_id, f"merge/{method}",
-                                 {"varmerge.stage": "merge", "varmerge.method": method})
+    child = tracking.start_child(
+        uri, parent_run_id, f"merge/{method}", {"varmerge.stage": "merge", "varmerge.method": method}
+    )
     mean = res["accuracy"].mean(1)
     b = int(mean.argmax())
-    tracking.log_params(uri, child, {"method": method, "grid_size": len(res["alpha"]),
-                                     **cfg.merge.model_dump(mode="json")})
-    tracking.log_metrics(uri, child, {"max_mean_accuracy": float(mean[b]), "seconds": seconds,
-                                      **{f"best_alpha/{n}": float(a) for n, a in zip(names, res["alpha"][b],
-                                                                                     strict=True)}})
+    tracking.log_params(
+        uri, child, {"method": method, "grid_size": len(res["alpha"]), **cfg.merge.model_dump(mode="json")}
+    )
+    tracking.log_metrics(
+        uri,
+        child,
+        {
+            "max_mean_accuracy": float(mean[b]),
+            "seconds": seconds,
+            **{f"best_alpha/{n}": float(a) for n, a in zip(names, res["alpha"][b], strict=True)},
+        },
+    )
     table = path.with_suffix(".json")
-    io.write_text_atomic(table, json.dumps({"tasks": names, "alpha": res["alpha"].tolist(),
-                                            "accuracy": res["accuracy"].tolist(), "loss": res["loss"].tolist()}))
+    io.write_text_atomic(
+        table,
+        json.dumps(
+            {
+                "tasks": names,
+                "alpha": res["alpha"].tolist(),
+                "accuracy": res["accuracy"].tolist(),
+                "loss": res["loss"].tolist(),
+            }
+        ),
+    )
     tracking.log_artifact(uri, child, table, "sweep")
     tracking.finish(uri, child)
 
@@ -226,8 +289,9 @@ def load_sweep(run_dir: str, sweep_ref: dict) -> dict:
     return {**tensors, "tasks": header["tasks"], "method": header["method"], "seconds": header["seconds"]}
 
 
-def find_sweep(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_ref: dict,
-               posterior_refs: list) -> dict | None:
+def find_sweep(
+    cfg_json: str, run_dir: str, method: str, data_ref: dict, base_ref: dict, posterior_refs: list
+) -> dict | None:
     """The finished sweep of ``method`` for these inputs (found by its key), or None."""
     key = sweep_key(cfg_json, run_dir, method, data_ref, base_ref, posterior_refs)
     return store_for(run_dir).find("sweep", key, method)
@@ -235,13 +299,27 @@ def find_sweep(cfg_json: str, run_dir: str, method: str, data_ref: dict, base_re
 
 # ----------------------------------------------------------------------------------- multitask
 @task(name="multitask-finetune", cache_policy=NO_CACHE)
-def multitask(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, alpha: list,
-              tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
+def multitask(
+    cfg_json: str,
+    run_dir: str,
+    data_ref: dict,
+    base_ref: dict,
+    alpha: list,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
     """The real multitask finetune at α; returns its file and realised per-task accuracies."""
     cfg, store = _cfg(cfg_json), store_for(run_dir)
     a = [round(float(v), 9) for v in alpha]
-    key = store.key("multitask", cfg.posterior.model_dump(mode="json"), cfg.multitask_steps, a,
-                    data_ref["sha256"], base_ref["sha256"], cfg.accelerator)
+    key = store.key(
+        "multitask",
+        cfg.posterior.model_dump(mode="json"),
+        cfg.multitask_steps,
+        a,
+        data_ref["sha256"],
+        base_ref["sha256"],
+        cfg.accelerator,
+    )
 
     def make(path: Path) -> str:
         tasks_, _ = load_tasks(run_dir, data_ref)
@@ -249,18 +327,29 @@ def multitask(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, alpha
         t0 = time.perf_counter()
         child = None
         if tracking_uri and parent_run_id:
-            child = tracking.start_child(tracking_uri, parent_run_id, f"multitask/alpha={[round(v, 3) for v in alpha]}",
-                                         {"varmerge.stage": "multitask_finetune", "varmerge.alpha": json.dumps(alpha)})
-        model, acc = pipeline.multitask_finetune(cfg, base, tasks_, alpha,
-                                                 logger=tracking.lightning_logger(tracking_uri, child))
+            child = tracking.start_child(
+                tracking_uri,
+                parent_run_id,
+                f"multitask/alpha={[round(v, 3) for v in alpha]}",
+                {"varmerge.stage": "multitask_finetune", "varmerge.alpha": json.dumps(alpha)},
+            )
+        model, acc = pipeline.multitask_finetune(
+            cfg, base, tasks_, alpha, logger=tracking.lightning_logger(tracking_uri, child)
+        )
         seconds = time.perf_counter() - t0
         _say("multitask finetune at α=%s in %.1f s", [round(v, 3) for v in alpha], seconds)
         if child:
-            tracking.log_metrics(tracking_uri, child, {"seconds": seconds, **{
-                f"test/{t.name}/accuracy": float(v) for t, v in zip(tasks_, acc, strict=True)}})
+            tracking.log_metrics(
+                tracking_uri,
+                child,
+                {"seconds": seconds, **{f"test/{t.name}/accuracy": float(v) for t, v in zip(tasks_, acc, strict=True)}},
+            )
             tracking.finish(tracking_uri, child)
-        return io.save_state_dict(path, model.state_dict(), {"alpha": list(alpha), "accuracy": acc.tolist(),
-                                                             "tasks": [t.name for t in tasks_], "seconds": seconds})
+        return io.save_state_dict(
+            path,
+            model.state_dict(),
+            {"alpha": list(alpha), "accuracy": acc.tolist(), "tasks": [t.name for t in tasks_], "seconds": seconds},
+        )
 
     ref, _ = store.compute("multitask", key, make, name="alpha")
     header = io.read_header(store.resolve(ref))

@@ -57,8 +57,9 @@ def close_stale_runs(uri: str, experiment_id: str, config_name: str) -> list[str
     if "'" in config_name:
         return []
     c = client(uri)
-    runs = c.search_runs([experiment_id], f"tags.`varmerge.config` = '{config_name}' and attributes.status = 'RUNNING'",
-                         max_results=1000)
+    runs = c.search_runs(
+        [experiment_id], f"tags.`varmerge.config` = '{config_name}' and attributes.status = 'RUNNING'", max_results=1000
+    )
     host, closed = socket.gethostname(), []
     for r in runs:
         h, _, pid = r.data.tags.get("varmerge.process", "").rpartition(":")
@@ -129,5 +130,18 @@ def lightning_logger(uri: str | None, run_id: str | None):
     return MLFlowLogger(tracking_uri=uri, run_id=run_id, log_model=False)
 
 
-__all__ = ["lightning_logger", "mlflow", "default_uri", "client", "experiment_id", "start_child", "finish", "log_params",
-           "log_metrics", "log_artifact", "process_tag", "close_stale_runs", "find_model_version"]
+__all__ = [
+    "lightning_logger",
+    "mlflow",
+    "default_uri",
+    "client",
+    "experiment_id",
+    "start_child",
+    "finish",
+    "log_params",
+    "log_metrics",
+    "log_artifact",
+    "process_tag",
+    "close_stale_runs",
+    "find_model_version",
+]

@@ -66,8 +66,13 @@ def reference_run(prefect_harness, tmp_path_factory):
     config.write_text(yaml.safe_dump(RESUME))
     uri = f"sqlite:///{root / 'mlflow.db'}"
     summary = front_flow(str(config), tracking_uri=uri, output_dir=str(root / "runs"))
-    return {"config": config, "out": root / "runs", "run_dir": root / "runs" / RESUME["name"], "uri": uri,
-            "summary": summary}
+    return {
+        "config": config,
+        "out": root / "runs",
+        "run_dir": root / "runs" / RESUME["name"],
+        "uri": uri,
+        "summary": summary,
+    }
 
 
 @pytest.fixture

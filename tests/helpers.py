@@ -21,12 +21,7 @@ TINY = {
 }
 
 # TINY with a few more steps: each IVON run takes a few seconds, a window to kill a flow in.
-RESUME = {
-    **TINY,
-    "name": "resume",
-    "posterior": {**TINY["posterior"], "steps": 300},
-    "multitask_steps": 100,
-}
+RESUME = {**TINY, "name": "resume", "posterior": {**TINY["posterior"], "steps": 300}, "multitask_steps": 100}
 
 
 def random_models(T, seed=0, dtype=torch.float64, shapes=None):
@@ -34,8 +29,5 @@ def random_models(T, seed=0, dtype=torch.float64, shapes=None):
     g = torch.Generator().manual_seed(seed)
     shapes = shapes or {"layer.weight": (4, 3), "layer.bias": (4,), "head": (5,)}
     means = [{k: torch.randn(s, generator=g, dtype=dtype) for k, s in shapes.items()} for _ in range(T)]
-    precs = [
-        {k: torch.rand(s, generator=g, dtype=dtype) * 3 + 0.05 for k, s in shapes.items()}
-        for _ in range(T)
-    ]
+    precs = [{k: torch.rand(s, generator=g, dtype=dtype) * 3 + 0.05 for k, s in shapes.items()} for _ in range(T)]
     return means, precs

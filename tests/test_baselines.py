@@ -28,8 +28,10 @@ def agreeing_models(T=3, seed=0, dtype=F64):
     shapes = {"w": (5, 4), "b": (5,), "head": (3, 2, 2)}
     base = {k: torch.randn(s, generator=g, dtype=dtype) for k, s in shapes.items()}
     sign = {k: torch.where(torch.rand(s, generator=g) < 0.5, -1.0, 1.0).to(dtype) for k, s in shapes.items()}
-    means = [{k: base[k] + sign[k] * (0.1 + torch.rand(s, generator=g, dtype=dtype)) for k, s in shapes.items()}
-             for _ in range(T)]
+    means = [
+        {k: base[k] + sign[k] * (0.1 + torch.rand(s, generator=g, dtype=dtype)) for k, s in shapes.items()}
+        for _ in range(T)
+    ]
     return base, means
 
 
@@ -307,8 +309,10 @@ class TwoLayer(nn.Module):
 def linear_problem(seed=80, T=3, d_in=6, out=3):
     g = torch.Generator().manual_seed(seed)
     model = nn.Linear(d_in, out).to(F64)
-    sds = [{"weight": torch.randn(out, d_in, generator=g, dtype=F64),
-            "bias": torch.randn(out, generator=g, dtype=F64)} for _ in range(T)]
+    sds = [
+        {"weight": torch.randn(out, d_in, generator=g, dtype=F64), "bias": torch.randn(out, generator=g, dtype=F64)}
+        for _ in range(T)
+    ]
     xs = [torch.randn(n, d_in, generator=g, dtype=F64) * (1 + t) for t, n in enumerate((20, 35, 50)[:T])]
     return model, sds, xs
 
@@ -360,8 +364,10 @@ def test_calibration_grams_use_each_tasks_finetuned_layers():
     torch.manual_seed(0)
     model = TwoLayer().to(F64)
     g = torch.Generator().manual_seed(82)
-    sds = [{k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=F64) for k, v in model.named_parameters()}
-           for _ in range(2)]
+    sds = [
+        {k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=F64) for k, v in model.named_parameters()}
+        for _ in range(2)
+    ]
     xs = [torch.randn(13, 5, generator=g, dtype=F64) for _ in range(2)]
     grams = baselines.calibration_grams(model, sds, xs, batch_size=4)
     for t in range(2):
@@ -382,8 +388,10 @@ def test_regmean_conv_layer_is_stationary_for_the_output_error():
     """Autograd oracle through F.conv2d (no unfolding): the merged conv minimises the objective."""
     g = torch.Generator().manual_seed(83)
     model = nn.Conv2d(2, 3, 3, padding=1, stride=2).to(F64)
-    sds = [{"weight": torch.randn(3, 2, 3, 3, generator=g, dtype=F64),
-            "bias": torch.randn(3, generator=g, dtype=F64)} for _ in range(3)]
+    sds = [
+        {"weight": torch.randn(3, 2, 3, 3, generator=g, dtype=F64), "bias": torch.randn(3, generator=g, dtype=F64)}
+        for _ in range(3)
+    ]
     xs = [torch.randn(4 + t, 2, 6, 5, generator=g, dtype=F64) for t in range(3)]
     grams = baselines.calibration_grams(model, sds, xs, batch_size=3)
     assert grams[0]["weight"].shape == (19, 19)
@@ -397,7 +405,9 @@ def test_regmean_conv_layer_is_stationary_for_the_output_error():
         diff = nn.functional.conv2d(x, w - sd["weight"], b - sd["bias"], stride=2, padding=1)
         rows = diff.shape[0] * diff.shape[2] * diff.shape[3]
         rho = ridge * torch.diagonal(gr["weight"]).mean()
-        obj = obj + at * ((diff**2).sum() / rows + rho * (((w - sd["weight"]) ** 2).sum() + ((b - sd["bias"]) ** 2).sum()))
+        obj = obj + at * (
+            (diff**2).sum() / rows + rho * (((w - sd["weight"]) ** 2).sum() + ((b - sd["bias"]) ** 2).sum())
+        )
     gw, gb = torch.autograd.grad(obj, (w, b))
     assert gw.abs().max() < 1e-10 and gb.abs().max() < 1e-10
 
@@ -498,7 +508,10 @@ A3 = [0.2, 0.3, 0.5]
         (lambda b, m, g: baselines.esm(b, m, A3, rank=2, energy=0.9), "rank or energy, not both"),
         (lambda b, m, g: baselines.esm(b, m, A3, energy=0.0), "energy must be in \\(0, 1\\]"),
         (lambda b, m, g: baselines.esm(b, m, A3, scale=float("inf")), "scale must be a finite"),
-        (lambda b, m, g: baselines.slerp({"weight": b["weight"]}, m, A3), "base\\[0\\] keys do not match: missing \\['bias'\\]"),
+        (
+            lambda b, m, g: baselines.slerp({"weight": b["weight"]}, m, A3),
+            "base\\[0\\] keys do not match: missing \\['bias'\\]",
+        ),
         (lambda b, m, g: baselines.slerp(b, m, A3, dot_threshold=0.0), "dot_threshold"),
         (lambda b, m, g: baselines.ties(dict(b, bias=b["bias"].float()), m, A3), "base.*'bias'.*dtype"),
         (lambda b, m, g: baselines.dare(b, m, [0.5, 0.6, -0.1]), "negative"),
@@ -512,13 +525,20 @@ A3 = [0.2, 0.3, 0.5]
         (lambda b, m, g: baselines.regmean(m, A3, grams=[{"weight": x["weight"][:3, :3]} for x in g]), "Gram matrix"),
         (lambda b, m, g: baselines.regmean(m, A3, grams=[{"other": x["weight"]} for x in g]), "not a parameter"),
         (lambda b, m, g: baselines.regmean(m, A3, grams=[g[0], {}, g[2]]), "grams\\[1\\] covers"),
-        (lambda b, m, g: baselines.regmean([{"weight": x["weight"]} for x in m], A3, grams=g),
-         "no \\(3,\\) parameter 'bias'"),
-        (lambda b, m, g: baselines.regmean(m, A3, grams=[{"weight": x["weight"] * float("nan")} for x in g]), "non-finite"),
+        (
+            lambda b, m, g: baselines.regmean([{"weight": x["weight"]} for x in m], A3, grams=g),
+            "no \\(3,\\) parameter 'bias'",
+        ),
+        (
+            lambda b, m, g: baselines.regmean(m, A3, grams=[{"weight": x["weight"] * float("nan")} for x in g]),
+            "non-finite",
+        ),
         (lambda b, m, g: baselines.regmean(m, A3, grams=g, off_diagonal=2.0), "off_diagonal must be in \\[0, 1\\]"),
         (lambda b, m, g: baselines.regmean(m, A3, grams=g, ridge=-1.0), "ridge must be >= 0"),
-        (lambda b, m, g: baselines.regmean(m, A3, grams=[{"weight": x["weight"] * 0} for x in g], ridge=0.0),
-         "not positive definite"),
+        (
+            lambda b, m, g: baselines.regmean(m, A3, grams=[{"weight": x["weight"] * 0} for x in g], ridge=0.0),
+            "not positive definite",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(call, match):
@@ -554,9 +574,16 @@ def _cfg(methods, options=None):
 
 
 def test_config_accepts_options_and_map():
-    cfg = _cfg(["simple", *NEW_RULES, "map"], {"ties": {"density": 0.3}, "dare": {"drop": 0.5, "seed": 2},
-                                               "esm": {"rank": 4}, "regmean": {"ridge": 1e-3, "calibration_examples": 64},
-                                               "map": {"n_evaluations": 12, "seed": 1}})
+    cfg = _cfg(
+        ["simple", *NEW_RULES, "map"],
+        {
+            "ties": {"density": 0.3},
+            "dare": {"drop": 0.5, "seed": 2},
+            "esm": {"rank": 4},
+            "regmean": {"ridge": 1e-3, "calibration_examples": 64},
+            "map": {"n_evaluations": 12, "seed": 1},
+        },
+    )
     assert cfg.merge.options["ties"] == {"density": 0.3}
     assert "map" in cfg.merge.methods
 
@@ -570,8 +597,11 @@ def test_config_accepts_options_and_map():
         (["ties"], {"ties": {"density": "high"}}, "options.ties.density: Input should be a valid number"),
         (["dare"], {"dare": {"seed": True}}, "options.dare.seed: Input should be a valid integer"),
         (["mixture"], {"mixture": {"iterations": -1}}, "merge.options.mixture: iterations must be a non-negative"),
-        (["task_arithmetic"], {"task_arithmetic": {"scale": float("inf")}},
-         "merge.options.task_arithmetic: task arithmetic scale must be finite"),
+        (
+            ["task_arithmetic"],
+            {"task_arithmetic": {"scale": float("inf")}},
+            "merge.options.task_arithmetic: task arithmetic scale must be finite",
+        ),
         (["ties", "mapp"], {}, "unknown merge methods \\['mapp'\\]"),
         # bad values fail at validation, before any finetune
         (["ties"], {"ties": {"density": 2.0}}, "merge.options.ties: TIES density must be in"),
@@ -606,8 +636,10 @@ def test_every_new_method_runs_through_sweep_and_score():
         tasks.append(pipeline.TaskData(f"t{t}", tuple(classes), (x[:30], y[:30]), (x[30:], y[30:])))
         mean = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
         posts.append(DiagonalGaussian(mean, {k: torch.ones_like(v) for k, v in mean.items()}))
-    cfg = _cfg(["simple", *NEW_RULES, "map"], {"regmean": {"calibration_examples": 16},
-                                               "map": {"n_evaluations": 8, "n_gen": 10, "pop_size": 20}})
+    cfg = _cfg(
+        ["simple", *NEW_RULES, "map"],
+        {"regmean": {"calibration_examples": 16}, "map": {"n_evaluations": 8, "n_gen": 10, "pop_size": 20}},
+    )
     alpha = simplex_grid(3, 0.25)
     for m in cfg.merge.methods:
         res = pipeline.sweep_and_score(cfg, m, posts, model, tasks, alpha, block=4)

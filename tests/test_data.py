@@ -90,12 +90,7 @@ def test_image_tensors(mnist: DatasetDict) -> None:
 def test_image_tensors_nested_list_images() -> None:
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
-    feats = Features(
-        {
-            "image": Sequence(Sequence(Value("uint8"), length=28), length=28),
-            "label": Value("int64"),
-        }
-    )
+    feats = Features({"image": Sequence(Sequence(Value("uint8"), length=28), length=28), "label": Value("int64")})
     ds = Dataset.from_dict({"image": imgs.tolist(), "label": [3, 1, 4, 1, 5]}, features=feats)
     x, y = D.image_tensors(ds)
     assert torch.equal((x[:, 0] * 255).round().to(torch.uint8), torch.from_numpy(imgs))
@@ -172,9 +167,7 @@ def test_load_source_registry() -> None:
 
 
 def test_num_classes_without_classlabel() -> None:
-    dd = DatasetDict(
-        train=Dataset.from_dict({"label": [0, 3]}), test=Dataset.from_dict({"label": [5]})
-    )
+    dd = DatasetDict(train=Dataset.from_dict({"label": [0, 3]}), test=Dataset.from_dict({"label": [5]}))
     assert D.num_classes(dd) == 6
 
 

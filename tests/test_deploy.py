@@ -47,21 +47,23 @@ def _free_port() -> int:
 def _env(home: Path, port: int) -> dict[str, str]:
     # nothing inherited may point the CLI at another profile, server or repo root
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "VARMERGE_ROOT"}
-    env.update({
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "PREFECT_CLI_PROMPT": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "DO_NOT_TRACK": "true",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_ENABLED": "false",
+            "PREFECT_CLI_PROMPT": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "DO_NOT_TRACK": "true",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -87,8 +89,9 @@ class _Procs:
 
     def start(self, name: str, args: list[str], **kw) -> subprocess.Popen:
         with open(self.logs / f"{name}.log", "wb") as log:
-            p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, **kw)
+            p = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, **kw
+            )
         self.started.append((name, p))
         return p
 
@@ -192,16 +195,24 @@ def test_local_deployment_round_trip(tmp_path):
 
     try:
         # 1. the API server, on 127.0.0.1 only
-        server = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                             env=env, cwd=elsewhere)
+        server = procs.start(
+            "server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=elsewhere
+        )
         _wait_healthy(f"{api}/health", server, logs / "server.log")
         phase("server")
 
         # 2. the work pools prefect.yaml names (both at once), then a worker for `cpu` started
         #    outside the repo with no VARMERGE_ROOT: the pull steps alone must find the repo root
-        pools = [subprocess.Popen([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for pool in ("cpu", "gpu")]
+        pools = [
+            subprocess.Popen(
+                [PREFECT, "work-pool", "create", pool, "--type", "process"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for pool in ("cpu", "gpu")
+        ]
         try:
             outs = [p.communicate(timeout=120)[0] for p in pools]
         finally:
@@ -211,8 +222,9 @@ def test_local_deployment_round_trip(tmp_path):
                     p.wait()
         for p, out in zip(pools, outs, strict=True):
             assert p.returncode == 0, f"{p.args}:\n{out}"
-        worker = procs.start("worker", [PREFECT, "worker", "start", "--pool", "cpu", "--name", "test-cpu"],
-                             env=env, cwd=elsewhere)
+        worker = procs.start(
+            "worker", [PREFECT, "worker", "start", "--pool", "cpu", "--name", "test-cpu"], env=env, cwd=elsewhere
+        )
         phase("pools")
 
         # 3. every deployment of prefect.yaml, from the repo root
@@ -225,11 +237,24 @@ def test_local_deployment_round_trip(tmp_path):
         phase("deploy")
 
         # 4. a cheap run of the nightly deployment (the tiny config), watched to its end
-        watcher = procs.start("run", [
-            PREFECT, "deployment", "run", "varmerge-front/front-nightly",
-            "--param", f"config={config}", "--param", f"tracking_uri={uri}",
-            "--watch", "--watch-timeout", "300",
-        ], env=env, cwd=elsewhere)
+        watcher = procs.start(
+            "run",
+            [
+                PREFECT,
+                "deployment",
+                "run",
+                "varmerge-front/front-nightly",
+                "--param",
+                f"config={config}",
+                "--param",
+                f"tracking_uri={uri}",
+                "--watch",
+                "--watch-timeout",
+                "300",
+            ],
+            env=env,
+            cwd=elsewhere,
+        )
         try:
             rc = watcher.wait(330)
         except subprocess.TimeoutExpired:
@@ -237,8 +262,10 @@ def test_local_deployment_round_trip(tmp_path):
         report = f"\n--- run ---\n{_tail(logs / 'run.log')}\n--- worker ---\n{_tail(logs / 'worker.log', 8000)}"
         assert worker.poll() is None, f"the worker died{report}"
         assert rc == 0, f"the flow run did not complete (watch rc={rc}){report}"
-        runs = _post(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}},
-                                                "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+        runs = _post(
+            f"{api}/flow_runs/filter",
+            {"deployments": {"id": {"any_": [dep["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}},
+        )
         assert len(runs) == 1 and runs[0]["parameters"]["config"] == str(config), runs
 
         summary = json.loads((out_dir / "tiny-deploy" / "front.json").read_text())
@@ -250,13 +277,19 @@ def test_local_deployment_round_trip(tmp_path):
         # 5. the server's scheduler turned the cron schedule into scheduled nightly runs
         deadline, nightly = time.monotonic() + 30, []
         while not nightly and time.monotonic() < deadline:
-            nightly = _post(f"{api}/flow_runs/filter", {
-                "deployments": {"id": {"any_": [dep["id"]]}},
-                "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+            nightly = _post(
+                f"{api}/flow_runs/filter",
+                {
+                    "deployments": {"id": {"any_": [dep["id"]]}},
+                    "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+                },
+            )
             time.sleep(0 if nightly else 1)
         errors = sorted({ln.strip() for ln in _tail(logs / "server.log", 100_000).splitlines() if "Error:" in ln})
-        assert nightly, ("the scheduler created no runs for the cron schedule; server errors: "
-                         f"{errors} (SQLAlchemy 2.1 breaks Prefect 3.8's scheduler: pin sqlalchemy<2.1)")
+        assert nightly, (
+            "the scheduler created no runs for the cron schedule; server errors: "
+            f"{errors} (SQLAlchemy 2.1 breaks Prefect 3.8's scheduler: pin sqlalchemy<2.1)"
+        )
         assert all(r["expected_start_time"].endswith("T02:00:00Z") for r in nightly), nightly
         phase("schedule")
     finally:

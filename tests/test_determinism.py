@@ -26,14 +26,18 @@ def test_two_fresh_runs_agree(reference_run, tmp_path):
         pytest.skip("bitwise comparison is for CPU runs")
     config = tmp_path / "resume.yaml"
     config.write_text(yaml.safe_dump(RESUME))
-    second = front_flow(str(config), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                        output_dir=str(tmp_path / "runs"))
+    second = front_flow(
+        str(config), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", output_dir=str(tmp_path / "runs")
+    )
     first = reference_run["summary"]
     a_dir, b_dir = reference_run["run_dir"], tmp_path / "runs" / RESUME["name"]
     assert a_dir != b_dir
 
     # training: the posteriors of each task (means and precisions) agree within tolerance
-    a_posts, b_posts = _by_prefix(a_dir / "posteriors", "*.safetensors"), _by_prefix(b_dir / "posteriors", "*.safetensors")
+    a_posts, b_posts = (
+        _by_prefix(a_dir / "posteriors", "*.safetensors"),
+        _by_prefix(b_dir / "posteriors", "*.safetensors"),
+    )
     assert a_posts.keys() == b_posts.keys() == {"a", "b", "c"}
     for task in a_posts:
         pa, pb = load_posterior(a_posts[task]), load_posterior(b_posts[task])
@@ -54,8 +58,9 @@ def test_two_fresh_runs_agree(reference_run, tmp_path):
     # the same chosen α, predicted and realised accuracies
     assert second["chosen"]["alpha"] == first["chosen"]["alpha"]
     assert second["chosen"]["predicted"] == first["chosen"]["predicted"]
-    torch.testing.assert_close(torch.tensor(second["chosen"]["realised"]), torch.tensor(first["chosen"]["realised"]),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(second["chosen"]["realised"]), torch.tensor(first["chosen"]["realised"]), rtol=0, atol=1e-6
+    )
     fa, fb = (json.loads((d / "front.json").read_text()) for d in (a_dir, b_dir))
     for m in fa["methods"]:
         assert fa["methods"][m]["front"] == fb["methods"][m]["front"], m

@@ -34,20 +34,24 @@ configobj = pytest.importorskip("configobj")
 def _env(tmp: Path) -> dict[str, str]:
     """Offline, quiet, and isolated from the user's global/system DVC config and site cache."""
     env = dict(os.environ)
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `varmerge` of this venv
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_STUDIO_OFFLINE": "true",
-        "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(tmp / "dvc-system"),
-        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site-cache"),
-        "DO_NOT_TRACK": "true",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
-    })
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `varmerge` of this venv
+            "DVC_NO_ANALYTICS": "1",
+            "DVC_STUDIO_OFFLINE": "true",
+            "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global"),
+            "DVC_SYSTEM_CONFIG_DIR": str(tmp / "dvc-system"),
+            "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site-cache"),
+            "DO_NOT_TRACK": "true",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@example.com",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@example.com",
+        }
+    )
     return env
 
 
@@ -64,7 +68,8 @@ def _dvc(*args: str, cwd: Path, env: dict[str, str]) -> str:
 def _tree_md5(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*")) if p.is_file()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -123,8 +128,19 @@ def test_data_version_reads_dvc_lock_and_dvc_files(tmp_path):
     root = _fake_repo(tmp_path)
     md5 = workspace_hash(root / "data" / "ds")
     assert md5.endswith(".dir")
-    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prep": {
-        "cmd": "x", "outs": [{"path": "data/ds", "hash": "md5", "md5": md5, "size": 5, "nfiles": 2}]}}}))
+    (root / "dvc.lock").write_text(
+        yaml.safe_dump(
+            {
+                "schema": "2.0",
+                "stages": {
+                    "prep": {
+                        "cmd": "x",
+                        "outs": [{"path": "data/ds", "hash": "md5", "md5": md5, "size": 5, "nfiles": 2}],
+                    }
+                },
+            }
+        )
+    )
     assert data_version(root / "data" / "ds") == md5
     assert data_version("data/ds", repo_root=root) == md5
     assert data_version("data/./ds/", repo_root=root, verify=True) == md5
@@ -136,16 +152,23 @@ def test_data_version_reads_dvc_lock_and_dvc_files(tmp_path):
     # a `dvc add` output: the md5 of a single file, from data/model.bin.dvc
     (root / "data" / "model.bin").write_bytes(b"weights")
     file_md5 = hashlib.md5(b"weights").hexdigest()
-    (root / "data" / "model.bin.dvc").write_text(yaml.safe_dump(
-        {"outs": [{"md5": file_md5, "size": 7, "hash": "md5", "path": "model.bin"}]}))
+    (root / "data" / "model.bin.dvc").write_text(
+        yaml.safe_dump({"outs": [{"md5": file_md5, "size": 7, "hash": "md5", "path": "model.bin"}]})
+    )
     assert data_version(root / "data" / "model.bin", verify=True) == file_md5
 
 
 def test_data_version_verify_detects_a_stale_workspace(tmp_path):
     root = _fake_repo(tmp_path)
     md5 = workspace_hash(root / "data" / "ds")
-    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prep": {
-        "cmd": "x", "outs": [{"path": "data/ds", "hash": "md5", "md5": md5}]}}}))
+    (root / "dvc.lock").write_text(
+        yaml.safe_dump(
+            {
+                "schema": "2.0",
+                "stages": {"prep": {"cmd": "x", "outs": [{"path": "data/ds", "hash": "md5", "md5": md5}]}},
+            }
+        )
+    )
     (root / "data" / "ds" / "a.txt").write_text("edited\n")
     assert data_version(root / "data" / "ds") == md5  # the recorded version, without verify
     with pytest.raises(StaleDataError, match="differs"):
@@ -200,9 +223,7 @@ def test_repro_prepare_data_records_the_data_md5(dvc_copy):
     assert data_version("data/dvc", repo_root=root, verify=True) == out["md5"]
     # the .dir listing in the cache is what data_version's verify recomputes
     listing = root / ".dvc" / "cache" / "files" / "md5" / out["md5"][:2] / out["md5"][2:]
-    assert json.loads(listing.read_text()) == [
-        {"md5": m, "relpath": r} for r, m in sorted(_tree_md5(data).items())
-    ]
+    assert json.loads(listing.read_text()) == [{"md5": m, "relpath": r} for r, m in sorted(_tree_md5(data).items())]
     # nothing left to do for prepare_data; the data is gitignored, dvc.lock is not
     assert "didn't change" in _dvc("repro", "prepare_data", cwd=root, env=env)
     assert subprocess.run(["git", "check-ignore", "-q", "data/dvc"], cwd=root).returncode == 0

@@ -38,7 +38,9 @@ def test_beta_bernoulli_mode_matches_weighted_map():
 
     def neg_log_p(th):  # −Σ α_t log Beta(π(θ); a_t, b_t), in θ with the Jacobian-free form of App. A.3
         p = 1 / (1 + torch.exp(-torch.tensor(th, dtype=F64)))
-        return -float(sum(a * ((pa - 1) * torch.log(p) + (pb - 1) * torch.log1p(-p)) for a, (pa, pb) in zip(alpha, posts)))
+        return -float(
+            sum(a * ((pa - 1) * torch.log(p) + (pb - 1) * torch.log1p(-p)) for a, (pa, pb) in zip(alpha, posts))
+        )
 
     best = minimize_scalar(neg_log_p, bounds=(-10, 10), method="bounded", options={"xatol": 1e-10}).x
     assert abs(theta.item() - best) < 1e-6

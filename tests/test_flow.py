@@ -36,11 +36,17 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.data.tags["varmerge.flow_run_id"]
     assert parent.data.tags["varmerge.data_version"]
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = sorted(r.info.run_name for r in children)
-    assert names[:7] == ["finetune/a", "finetune/b", "finetune/c", "merge/hessian", "merge/mixture",
-                         "merge/simple", "multitask/alpha=" + str([round(a, 3) for a in summary["chosen"]["alpha"][0]])]
+    assert names[:7] == [
+        "finetune/a",
+        "finetune/b",
+        "finetune/c",
+        "merge/hessian",
+        "merge/mixture",
+        "merge/simple",
+        "multitask/alpha=" + str([round(a, 3) for a in summary["chosen"]["alpha"][0]]),
+    ]
     assert names[7:] == ["multitask/final"]
     # Lightning logged its training curves into the finetune's own run (no extra runs)
     ft = next(r for r in children if r.info.run_name == "finetune/a")

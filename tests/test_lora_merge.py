@@ -17,8 +17,11 @@ class _TextSet(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
-                "labels": self.labels[i]}
+        return {
+            "input_ids": self.enc["input_ids"][i],
+            "attention_mask": self.enc["attention_mask"][i],
+            "labels": self.labels[i],
+        }
 
 
 @pytest.mark.slow
@@ -28,8 +31,10 @@ def test_lora_posteriors_merge_and_load_back():
     torch.manual_seed(0)
     base = models.lora_text_classifier(4, r=4)
     tok = models.text_tokenizer()
-    texts = [["the server crashed again", "compile the kernel", "a stack overflow in my code", "the compiler"],
-             ["bake the bread slowly", "a spoon of sugar", "dinner with garlic", "fresh tomato soup"]]
+    texts = [
+        ["the server crashed again", "compile the kernel", "a stack overflow in my code", "the compiler"],
+        ["bake the bread slowly", "a spoon of sugar", "dinner with garlic", "fresh tomato soup"],
+    ]
     tasks = []
     for t, tx in enumerate(texts):
         enc = models.tokenize(tx, tok)
@@ -40,9 +45,13 @@ def test_lora_posteriors_merge_and_load_back():
     frozen_before = {n: p.detach().clone() for n, p in base.named_parameters() if not p.requires_grad}
     posts = []
     for t, ds in enumerate(tasks):
-        model, post = train.fit(copy.deepcopy(base), ds,
-                                train.OptimizerSettings(name="ivon", lr=0.05, ess=100.0, ivon={"hess_init": 0.1}),
-                                train.TrainerSettings(steps=3, batch_size=4, accelerator="cpu"), seed=t)
+        model, post = train.fit(
+            copy.deepcopy(base),
+            ds,
+            train.OptimizerSettings(name="ivon", lr=0.05, ess=100.0, ivon={"hess_init": 0.1}),
+            train.TrainerSettings(steps=3, batch_size=4, accelerator="cpu"),
+            seed=t,
+        )
         assert set(post.mean) == set(trainable)  # only adapters + head carry posteriors
         posts.append(post)
     merged = merge.hessian_weighted([p.mean for p in posts], [p.precision for p in posts], [0.5, 0.5])

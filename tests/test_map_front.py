@@ -63,8 +63,7 @@ def test_front_is_non_dominated_on_the_simplex_and_covers_the_grid_front(algorit
     a, v = res.front_alpha, res.front_values
     assert len(a) >= 5
     assert (a >= 0).all() and torch.allclose(a.sum(1), torch.ones(len(a), dtype=F64), atol=1e-12)
-    strict = torch.from_numpy(
-        __import__("moocore").is_nondominated(v.numpy(), maximise=True, keep_weakly=False).copy())
+    strict = torch.from_numpy(__import__("moocore").is_nondominated(v.numpy(), maximise=True, keep_weakly=False).copy())
     assert strict.all()  # no point dominates another, no duplicates
     # the NSGA front is about as good as the brute-force front of the surrogate on a fine grid
     ref = f(grid).min(0).values - 0.1

@@ -45,8 +45,10 @@ def test_hessian_prior_form_matches_formula_and_dense_solve():
     H0 = np.diag(flat(h0, keys).numpy())
     th0 = flat(base, keys).numpy()
     A = H0 + sum(a * np.diag(flat(p, keys).numpy()) for a, p in zip(alpha.tolist(), precs))
-    b = sum(a * (H0 + np.diag(flat(p, keys).numpy())) @ (flat(m, keys).numpy() - th0)
-            for a, m, p in zip(alpha.tolist(), means, precs))
+    b = sum(
+        a * (H0 + np.diag(flat(p, keys).numpy())) @ (flat(m, keys).numpy() - th0)
+        for a, m, p in zip(alpha.tolist(), means, precs)
+    )
     torch.testing.assert_close(got, torch.from_numpy(th0 + np.linalg.solve(A, b)), rtol=1e-12, atol=1e-12)
 
 
@@ -61,8 +63,10 @@ def test_two_gaussian_product_closed_form_full():
         means.append(torch.randn(P, generator=g, dtype=F64))
     alpha = torch.tensor([0.3, 0.7], dtype=F64)
     got = merge.hessian_weighted_full(means, precs, alpha)
-    want = np.linalg.solve(0.3 * precs[0].numpy() + 0.7 * precs[1].numpy(),
-                           0.3 * precs[0].numpy() @ means[0].numpy() + 0.7 * precs[1].numpy() @ means[1].numpy())
+    want = np.linalg.solve(
+        0.3 * precs[0].numpy() + 0.7 * precs[1].numpy(),
+        0.3 * precs[0].numpy() @ means[0].numpy() + 0.7 * precs[1].numpy() @ means[1].numpy(),
+    )
     torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-10, atol=1e-10)
     theta = got.clone().requires_grad_(True)
     obj = sum(-0.5 * a * (theta - m) @ H @ (theta - m) for a, m, H in zip(alpha, means, precs))
@@ -77,8 +81,9 @@ def test_full_with_diagonal_matrices_equals_diagonal_merge():
     diag = merge.hessian_weighted(means, precs, grid)["w"]
     torch.testing.assert_close(full, diag, rtol=1e-12, atol=1e-12)
     # chunked solve gives the same answer
-    small = merge.hessian_weighted_full([m["w"] for m in means], [torch.diag(p["w"]) for p in precs], grid,
-                                        max_batch_bytes=1)
+    small = merge.hessian_weighted_full(
+        [m["w"] for m in means], [torch.diag(p["w"]) for p in precs], grid, max_batch_bytes=1
+    )
     torch.testing.assert_close(small, full)
 
 
@@ -137,8 +142,13 @@ def test_k1_mixture_equals_hessian_weighted():
 def _mixture_problem(seed=10, T=3, K=3):
     g = torch.Generator().manual_seed(seed)
     shapes = {"a": (6,), "b": (2, 3)}
-    means = [[{k: 2 * torch.randn(s, generator=g, dtype=F64) for k, s in shapes.items()} for _ in range(K)] for _ in range(T)]
-    precs = [[{k: torch.rand(s, generator=g, dtype=F64) * 4 + 0.2 for k, s in shapes.items()} for _ in range(K)] for _ in range(T)]
+    means = [
+        [{k: 2 * torch.randn(s, generator=g, dtype=F64) for k, s in shapes.items()} for _ in range(K)] for _ in range(T)
+    ]
+    precs = [
+        [{k: torch.rand(s, generator=g, dtype=F64) * 4 + 0.2 for k, s in shapes.items()} for _ in range(K)]
+        for _ in range(T)
+    ]
     return means, precs
 
 
@@ -146,8 +156,9 @@ def test_mixture_em_objective_never_decreases_and_reaches_fixed_point():
     means, precs = _mixture_problem()
     grid = simplex_grid(3, 0.2)
     history = []
-    merge.mixture_weighted(means, precs, grid, iterations=60,
-                           callback=lambda i, th: history.append({k: v.clone() for k, v in th.items()}))
+    merge.mixture_weighted(
+        means, precs, grid, iterations=60, callback=lambda i, th: history.append({k: v.clone() for k, v in th.items()})
+    )
     objs = torch.stack([merge.mixture_objective(th, means, precs, grid) for th in history])
     diffs = objs[1:] - objs[:-1]
     assert (diffs >= -1e-9).all(), diffs.min()
@@ -155,8 +166,9 @@ def test_mixture_em_objective_never_decreases_and_reaches_fixed_point():
     # fixed point: one more EM step from the final iterate changes nothing
     last = history[-1]
     again = []
-    merge.mixture_weighted(means, precs, grid, iterations=61,
-                           callback=lambda i, th: again.append(th) if i >= 60 else None)
+    merge.mixture_weighted(
+        means, precs, grid, iterations=61, callback=lambda i, th: again.append(th) if i >= 60 else None
+    )
     for k in last:
         torch.testing.assert_close(again[-1][k], last[k], rtol=1e-7, atol=1e-7)
 
@@ -198,8 +210,11 @@ def test_mixture_with_unequal_component_counts():
 
 
 # ---------------------------------------------------------------- hypothesis properties
-alphas3 = st.lists(st.integers(0, 20), min_size=3, max_size=3).filter(lambda v: sum(v) > 0).map(
-    lambda v: torch.tensor(v, dtype=F64) / sum(v))
+alphas3 = (
+    st.lists(st.integers(0, 20), min_size=3, max_size=3)
+    .filter(lambda v: sum(v) > 0)
+    .map(lambda v: torch.tensor(v, dtype=F64) / sum(v))
+)
 
 
 @settings(max_examples=30, deadline=None)
@@ -237,10 +252,13 @@ def test_equal_precisions_reduce_to_averaging(alpha, seed, c):
 def test_task_permutation_changes_nothing(alpha, seed, perm):
     means, precs = random_models(3, seed=seed)
     pm, pp, pa = [means[i] for i in perm], [precs[i] for i in perm], alpha[list(perm)]
-    for f in (lambda m, p, a: merge.hessian_weighted(m, p, a),
-              lambda m, p, a: merge.simple_average(m, a),
-              lambda m, p, a: merge.mixture_weighted([[x, {k: v + 1 for k, v in x.items()}] for x in m],
-                                                     [[y, y] for y in p], a, iterations=3)):
+    for f in (
+        lambda m, p, a: merge.hessian_weighted(m, p, a),
+        lambda m, p, a: merge.simple_average(m, a),
+        lambda m, p, a: merge.mixture_weighted(
+            [[x, {k: v + 1 for k, v in x.items()}] for x in m], [[y, y] for y in p], a, iterations=3
+        ),
+    ):
         a_out, b_out = f(means, precs, alpha), f(pm, pp, pa)
         for k in a_out:
             torch.testing.assert_close(a_out[k], b_out[k], rtol=1e-9, atol=1e-9)
@@ -296,7 +314,9 @@ def test_mismatched_models_name_the_key():
         merge.simple_average([means[0], wrong_dtype, means[2]], [0.2, 0.3, 0.5])
 
 
-@pytest.mark.parametrize("value, match", [(float("nan"), "non-finite"), (float("inf"), "non-finite"), (-1.0, "negative")])
+@pytest.mark.parametrize(
+    "value, match", [(float("nan"), "non-finite"), (float("inf"), "non-finite"), (-1.0, "negative")]
+)
 def test_bad_precisions(value, match):
     means, precs = random_models(3)
     precs[1]["layer.bias"][2] = value

@@ -7,14 +7,7 @@ import torch
 from torch import nn
 
 from varmerge.evaluate import evaluate_batched, evaluate_loop, evaluate_tasks, slice_inputs
-from varmerge.models import (
-    MODEL_BUILDERS,
-    Linear,
-    build_model,
-    load_trainable,
-    resnet20,
-    trainable_state_dict,
-)
+from varmerge.models import MODEL_BUILDERS, Linear, build_model, load_trainable, resnet20, trainable_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -27,16 +20,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-SMALL = {
-    "logreg": {},
-    "mlp": {"hidden": (32, 16)},
-    "resnet20": {"width": 4},
-}
+SMALL = {"logreg": {}, "mlp": {"hidden": (32, 16)}, "resnet20": {"width": 4}}
 
 
-def perturbed(
-    model: nn.Module, G: int, scale: float = 0.1, seed: int = 0
-) -> dict[str, torch.Tensor]:
+def perturbed(model: nn.Module, G: int, scale: float = 0.1, seed: int = 0) -> dict[str, torch.Tensor]:
     """A batched state dict of G random perturbations of the trainable parameters."""
     g = torch.Generator().manual_seed(seed)
     return {
@@ -149,17 +136,12 @@ def test_batched_equals_loop(name):
 def test_loop_reference_matches_hand_computation():
     model = build_model("logreg", num_classes=3, in_features=4)
     g = torch.Generator().manual_seed(0)
-    merged = {
-        "linear.weight": torch.randn(2, 3, 4, generator=g),
-        "linear.bias": torch.randn(2, 3, generator=g),
-    }
+    merged = {"linear.weight": torch.randn(2, 3, 4, generator=g), "linear.bias": torch.randn(2, 3, generator=g)}
     x = torch.randn(6, 4, generator=g)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     out = evaluate_loop(model, merged, x, y, batch_size=4)
     for i in range(2):
-        logits = (
-            x.double() @ merged["linear.weight"][i].double().T + merged["linear.bias"][i].double()
-        )
+        logits = x.double() @ merged["linear.weight"][i].double().T + merged["linear.bias"][i].double()
         loss = nn.functional.cross_entropy(logits, y)
         acc = (logits.argmax(1) == y).double().mean()
         assert out["accuracy"][i] == acc
@@ -255,12 +237,7 @@ def lora():
 
     torch.manual_seed(0)
     model = lora_text_classifier(3, r=4)
-    texts = [
-        "the cat sat on the mat",
-        "stocks fell sharply today",
-        "a long and winding road home",
-        "ok",
-    ]
+    texts = ["the cat sat on the mat", "stocks fell sharply today", "a long and winding road home", "ok"]
     batch = tokenize(texts, text_tokenizer())
     return model, batch
 
@@ -299,9 +276,7 @@ def test_lora_state_round_trips_and_changes_logits(lora):
         assert not torch.allclose(before, after)
         base_name = next(n for n, p in model.named_parameters() if not p.requires_grad)
         with pytest.raises(ValueError, match="frozen"):
-            load_trainable(
-                model, {**new, base_name: dict(model.named_parameters())[base_name].detach()}
-            )
+            load_trainable(model, {**new, base_name: dict(model.named_parameters())[base_name].detach()})
         bad = dict(new)
         key = next(k for k in bad if "lora_A" in k)
         bad[key] = torch.zeros(5, 5)

@@ -5,18 +5,14 @@ import torch
 from helpers import random_models
 
 from varmerge import io
-from varmerge.posterior import (
-    DiagonalGaussian,
-    FullGaussian,
-    MixtureGaussian,
-    PosteriorMeta,
-    load_posterior,
-)
+from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian, PosteriorMeta, load_posterior
 
 
 def diag(seed=0, task="t0"):
     m, p = random_models(1, seed=seed, dtype=torch.float32)
-    return DiagonalGaussian(m[0], p[0], PosteriorMeta(task=task, optimizer="ivon", seed=seed, ess=100.0, weight_decay=1e-4))
+    return DiagonalGaussian(
+        m[0], p[0], PosteriorMeta(task=task, optimizer="ivon", seed=seed, ess=100.0, weight_decay=1e-4)
+    )
 
 
 def test_diagonal_round_trip(tmp_path):
@@ -43,8 +39,12 @@ def test_mixture_round_trip(tmp_path):
 
 def test_full_round_trip(tmp_path):
     P = 4 * 3 + 4
-    post = FullGaussian(torch.randn(P, dtype=torch.float64), torch.eye(P, dtype=torch.float64) * 2,
-                        {"weight": (4, 3), "bias": (4,)}, PosteriorMeta(optimizer="full_von"))
+    post = FullGaussian(
+        torch.randn(P, dtype=torch.float64),
+        torch.eye(P, dtype=torch.float64) * 2,
+        {"weight": (4, 3), "bias": (4,)},
+        PosteriorMeta(optimizer="full_von"),
+    )
     post.save(tmp_path / "f.safetensors")
     back = load_posterior(tmp_path / "f.safetensors", expected={"weight": (4, 3), "bias": (4,)})
     assert torch.equal(back.mean, post.mean) and back.shapes == post.shapes

@@ -43,12 +43,7 @@ def test_grows_the_region_when_the_best_is_on_its_edge():
 
 
 @pytest.mark.parametrize(
-    "kw, msg",
-    [
-        ({"coarse": 0.1, "fine": 0.03}, "multiple"),
-        ({"top": 0}, "top"),
-        ({"radius": 0.001}, "radius"),
-    ],
+    "kw, msg", [({"coarse": 0.1, "fine": 0.03}, "multiple"), ({"top": 0}, "top"), ({"radius": 0.001}, "radius")]
 )
 def test_bad_settings(kw, msg):
     fn, _ = _peaked((0.3, 0.3, 0.4))

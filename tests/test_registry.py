@@ -108,17 +108,29 @@ def test_bad_option_names_and_values_fail_at_config_time(options, match):
 
 
 def test_good_options_of_every_kind_validate():
-    c = cfg(options={"mixture": {"iterations": 3, "tol": 1e-6}, "hessian": {"precision_floor": 1e-8},
-                     "hessian_full": {"max_batch_bytes": 1 << 20}, "task_arithmetic": {"scale": 2},
-                     "regmean": {"calibration_examples": 8, "ridge": 0.01}, "map": {"n_evaluations": 9}})
+    c = cfg(
+        options={
+            "mixture": {"iterations": 3, "tol": 1e-6},
+            "hessian": {"precision_floor": 1e-8},
+            "hessian_full": {"max_batch_bytes": 1 << 20},
+            "task_arithmetic": {"scale": 2},
+            "regmean": {"calibration_examples": 8, "ridge": 0.01},
+            "map": {"n_evaluations": 9},
+        }
+    )
     assert c.merge.options["task_arithmetic"] == {"scale": 2}
     parsed = registry.get_method("task_arithmetic").parse_options(c.merge.options["task_arithmetic"])
     assert parsed.scale == 2.0 and isinstance(parsed.scale, float)
     assert "calibration_examples" not in registry.get_method("regmean").parse_options({}).rule_kwargs()
 
 
-@pytest.mark.parametrize("key, new", [("mixture_iterations", "merge.options.mixture.iterations"),
-                                      ("task_arithmetic_scale", "merge.options.task_arithmetic.scale")])
+@pytest.mark.parametrize(
+    "key, new",
+    [
+        ("mixture_iterations", "merge.options.mixture.iterations"),
+        ("task_arithmetic_scale", "merge.options.task_arithmetic.scale"),
+    ],
+)
 def test_moved_merge_fields_name_their_new_place(key, new):
     with pytest.raises(ConfigError, match=f"merge.{key} is now {new}"):
         cfg(**{key: 5})
@@ -138,11 +150,14 @@ def test_posterior_method_must_give_the_kind_each_rule_reads(posterior, methods,
         cfg(posterior, methods)
 
 
-@pytest.mark.parametrize("posterior, methods", [
-    ("full_von", ["simple", "hessian", "hessian_full", "ties", "map"]),
-    ("soup_ivon", ["hessian", "mixture"]),
-    ("ivon", ["simple", "task_arithmetic", "hessian", "regmean", "map"]),
-])
+@pytest.mark.parametrize(
+    "posterior, methods",
+    [
+        ("full_von", ["simple", "hessian", "hessian_full", "ties", "map"]),
+        ("soup_ivon", ["hessian", "mixture"]),
+        ("ivon", ["simple", "task_arithmetic", "hessian", "regmean", "map"]),
+    ],
+)
 def test_posterior_kinds_that_serve(posterior, methods):
     d = yaml.safe_load(yaml.safe_dump(SMOKE))
     d["posterior"] = {"method": posterior, **({"checkpoint_steps": [10]} if posterior == "soup_ivon" else {})}
@@ -194,7 +209,10 @@ def test_dispatch_of_diagonal_posteriors_equals_the_rules():
         "slerp": ({}, lambda: merge.slerp(base, means, ALPHA)),
         "model_soup": ({}, lambda: merge.model_soup(means, ALPHA)),
         "esm": ({"rank": 1}, lambda: merge.esm(base, means, ALPHA, rank=1)),
-        "regmean": ({"ridge": 0.01, "calibration_examples": 7}, lambda: merge.regmean(means, ALPHA, grams=grams, ridge=0.01)),
+        "regmean": (
+            {"ridge": 0.01, "calibration_examples": 7},
+            lambda: merge.regmean(means, ALPHA, grams=grams, ridge=0.01),
+        ),
     }
     assert set(cases) | {"mixture", "hessian_full"} == set(merge.merge_names())
     for name, (opts, direct) in cases.items():
@@ -220,8 +238,10 @@ def test_dispatch_of_mixture_posteriors_equals_the_rules():
     assert_same(merge.apply("mixture", weighted, None, ALPHA), want)
     # a single diagonal Gaussian is a K = 1 mixture
     diag = diagonals()
-    assert_same(merge.apply("mixture", diag, None, ALPHA),
-                merge.mixture_weighted([[d.mean] for d in diag], [[d.precision] for d in diag], ALPHA))
+    assert_same(
+        merge.apply("mixture", diag, None, ALPHA),
+        merge.mixture_weighted([[d.mean] for d in diag], [[d.precision] for d in diag], ALPHA),
+    )
 
 
 def test_dispatch_of_full_posteriors_equals_the_rules():
@@ -235,8 +255,10 @@ def test_dispatch_of_full_posteriors_equals_the_rules():
     torch.testing.assert_close(one["b"], got["b"][0])
     # diagonal rules read the precisions' diagonals
     d = [p.diagonal() for p in posts]
-    assert_same(merge.apply("hessian", posts, None, ALPHA),
-                merge.hessian_weighted([x.mean for x in d], [x.precision for x in d], ALPHA))
+    assert_same(
+        merge.apply("hessian", posts, None, ALPHA),
+        merge.hessian_weighted([x.mean for x in d], [x.precision for x in d], ALPHA),
+    )
 
 
 def test_dispatch_errors_name_the_method():

@@ -51,13 +51,22 @@ def _launch(tmp_path: Path, api_url: str, fault: str | None = None) -> tuple[sub
     config = tmp_path / "resume.yaml"
     config.write_text(yaml.safe_dump(RESUME))
     out, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-sub"), "PREFECT_API_URL": api_url,
-           "PREFECT_LOGGING_LEVEL": "INFO"}  # the flow's log (flow.log) explains a failure
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-sub"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }  # the flow's log (flow.log) explains a failure
     log = open(tmp_path / "flow.log", "wb")  # noqa: SIM115 - closed with the process
     launch = [str(ROOT / "tests" / "fault_launcher.py"), fault] if fault else ["-m", "flows.cli"]
-    proc = subprocess.Popen([sys.executable, *launch, "run", str(config), "--output", str(out),
-                             "--tracking-uri", uri], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *launch, "run", str(config), "--output", str(out), "--tracking-uri", uri],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return proc, out, uri
 
 
@@ -130,8 +139,9 @@ def _resume(tmp_path: Path, out: Path, uri: str) -> dict:
 
 
 def _close(got, want, tol: float = 1e-6) -> None:
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
-                               rtol=0, atol=tol)
+    torch.testing.assert_close(
+        torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), rtol=0, atol=tol
+    )
 
 
 def _assert_same_front(summary: dict, reference: dict) -> None:
@@ -196,8 +206,9 @@ def test_killed_during_finetunes_resumes_without_retraining(reference_run, prefe
 
 
 @pytest.mark.slow
-def test_killed_during_posterior_computation_reuses_finished_ivon_runs(reference_run, prefect_harness, tmp_path,
-                                                                        monkeypatch):
+def test_killed_during_posterior_computation_reuses_finished_ivon_runs(
+    reference_run, prefect_harness, tmp_path, monkeypatch
+):
     proc, out, uri = _launch(tmp_path, prefect_harness)
     parts = out / NAME / "posteriors" / "parts"
     _kill_when(proc, lambda: any(parts.glob("a-*/run-0.safetensors")), tmp_path)
@@ -216,8 +227,7 @@ def test_killed_during_posterior_computation_reuses_finished_ivon_runs(reference
 
 
 @pytest.mark.slow
-def test_killed_during_merge_sweep_resumes_the_remaining_methods(reference_run, prefect_harness, tmp_path,
-                                                                  monkeypatch):
+def test_killed_during_merge_sweep_resumes_the_remaining_methods(reference_run, prefect_harness, tmp_path, monkeypatch):
     out = tmp_path / "runs"
     _seed_from(reference_run, out, ("data", "base", "posteriors"))
     proc, out, uri = _launch(tmp_path, prefect_harness, fault="sweep:hessian")
@@ -287,8 +297,9 @@ def test_tampered_posterior_stops_the_cli_with_one_line(reference_run, prefect_h
     victim.write_bytes(bytes(raw))
     config = tmp_path / "resume.yaml"
     config.write_text(yaml.safe_dump(RESUME))
-    result = CliRunner().invoke(app, ["run", str(config), "--output", str(out),
-                                      "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    result = CliRunner().invoke(
+        app, ["run", str(config), "--output", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    )
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert f"{victim}: content hash mismatch" in lines[0] and "delete it to recompute" in lines[0]
@@ -312,10 +323,16 @@ def _tiny_task(method: str, **posterior):
 
 
 def _same_posterior(a, b) -> None:
-    ta = a.tensors() if hasattr(a, "tensors") else {f"c{i}/{k}": v for i, c in enumerate(a.components)
-                                                    for k, v in c.tensors().items()}
-    tb = b.tensors() if hasattr(b, "tensors") else {f"c{i}/{k}": v for i, c in enumerate(b.components)
-                                                    for k, v in c.tensors().items()}
+    ta = (
+        a.tensors()
+        if hasattr(a, "tensors")
+        else {f"c{i}/{k}": v for i, c in enumerate(a.components) for k, v in c.tensors().items()}
+    )
+    tb = (
+        b.tensors()
+        if hasattr(b, "tensors")
+        else {f"c{i}/{k}": v for i, c in enumerate(b.components) for k, v in c.tensors().items()}
+    )
     assert ta.keys() == tb.keys()
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=k)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ui_binds_loopback_by_default(monkeypatch):
     help_text = CliRunner().invoke(cli.app, ["ui", "--help"], terminal_width=200).output
-    host_block = help_text[help_text.index("--host"):help_text.index("--help")]
+    host_block = help_text[help_text.index("--host") : help_text.index("--help")]
     assert "[default: 127.0.0.1]" in host_block, help_text
     seen = []
     monkeypatch.setattr(subprocess, "call", lambda cmd: seen.append(cmd) or 0)
@@ -42,9 +42,15 @@ def test_apply_service_env_sets_defaults_and_keeps_user_choices():
     out = apply_service_env(env)
     assert env["DO_NOT_TRACK"] == "false"  # the user's explicit choice wins
     assert out == {**SERVICE_ENV, "DO_NOT_TRACK": "false"}
-    for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                       "HF_HUB_DISABLE_TELEMETRY": "1", "PREFECT_SERVER_API_HOST": "127.0.0.1"}.items():
+    for key, value in {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+    }.items():
         assert env[key] == value
 
 

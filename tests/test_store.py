@@ -32,8 +32,15 @@ def test_keys_cover_every_module_that_computes_an_artifact():
 
     store = steps.store_for(ROOT / "runs" / "unused")
     files = {p.relative_to(ROOT).as_posix() for p in store.source_files}
-    for f in ("varmerge/pipeline.py", "varmerge/posterior.py", "varmerge/merge.py", "varmerge/evaluate.py",
-              "varmerge/models.py", "varmerge/data.py", "tasks/steps.py"):
+    for f in (
+        "varmerge/pipeline.py",
+        "varmerge/posterior.py",
+        "varmerge/merge.py",
+        "varmerge/evaluate.py",
+        "varmerge/models.py",
+        "varmerge/data.py",
+        "tasks/steps.py",
+    ):
         assert f in files, f
     assert any(f.startswith("varmerge/train/") for f in files)
     assert any(f.startswith("varmerge/merging/") for f in files)
@@ -133,15 +140,35 @@ def test_two_runs_of_one_config_at_once_do_each_piece_of_work_once(prefect_harne
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     out, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PREFECT_LOGGING_LEVEL": "INFO",
-           "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_harness,
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
     procs = []
     for log in logs:
         with open(log, "wb") as f:
-            procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config), "--output", str(out),
-                                           "--tracking-uri", uri], cwd=ROOT, env=env, stdout=f,
-                                          stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "flows.cli",
+                        "run",
+                        str(config),
+                        "--output",
+                        str(out),
+                        "--tracking-uri",
+                        uri,
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     for p in procs:
         assert p.wait(timeout=600) == 0, "\n".join(log.read_text()[-3000:] for log in logs)
     work = [w for log in logs for w in _work_lines(log.read_text())]

@@ -20,7 +20,11 @@ def test_report_cells_are_the_json_numbers():
     for name, exp in res["experiments"].items():
         section = text.split(f"### {name}\n")[1]  # its front-quality table comes first
         for method, r in exp["methods"].items():
-            row = next(line for line in section.splitlines() if line.startswith(f"| {method} | {100 * r['max_mean_accuracy']:.1f} |"))
+            row = next(
+                line
+                for line in section.splitlines()
+                if line.startswith(f"| {method} | {100 * r['max_mean_accuracy']:.1f} |")
+            )
             assert f"| {r['hypervolume']:.4f} | {r['igd_plus']:.4f} |" in row, (name, method, row)
             cell = f"{100 * r['max_mean_accuracy']:.1f} ({100 * r['multitask_at_top5']:.1f})"
             assert cell in text, (name, method, cell)
@@ -34,9 +38,14 @@ def test_committed_report_is_up_to_date():
 
 def test_targets_are_computed_from_the_numbers():
     exp = table1.Experiment("x.yaml", "mnist", max_gap=3.0)
-    r = {"methods": {"simple": {"max_mean_accuracy": 0.70}, "hessian": {"max_mean_accuracy": 0.80},
-                     "mixture": {"max_mean_accuracy": 0.86}},
-         "multitask": {"best_mean_accuracy": 0.90}}
+    r = {
+        "methods": {
+            "simple": {"max_mean_accuracy": 0.70},
+            "hessian": {"max_mean_accuracy": 0.80},
+            "mixture": {"max_mean_accuracy": 0.86},
+        },
+        "multitask": {"best_mean_accuracy": 0.90},
+    }
     t = table1.check_targets(exp, r)
     assert t["ordering_mixture>hessian>simple"] is True
     assert abs(t["gap_points"] - 4.0) < 1e-9 and t["gap_met"] is False

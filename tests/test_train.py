@@ -13,12 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from varmerge import train
-from varmerge.posterior import (
-    DiagonalGaussian,
-    FullGaussian,
-    MixtureGaussian,
-    squared_gradient_precision,
-)
+from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian, squared_gradient_precision
 from varmerge.train import OptimizerSettings, TrainerSettings
 
 
@@ -95,15 +90,11 @@ def test_ivon_precision_matches_optimizer_state():
         if not p.requires_grad:
             continue
         k = p.numel()
-        torch.testing.assert_close(
-            post.precision[n], expected[offset : offset + k].view_as(p), rtol=0, atol=0
-        )
+        torch.testing.assert_close(post.precision[n], expected[offset : offset + k].view_as(p), rtol=0, atol=0)
         torch.testing.assert_close(post.mean[n], p.detach(), rtol=0, atol=0)
         offset += k
     assert offset == hess.numel()
-    assert (
-        post.meta.optimizer == "ivon" and post.meta.ess == 240.0 and post.meta.weight_decay == 1e-3
-    )
+    assert post.meta.optimizer == "ivon" and post.meta.ess == 240.0 and post.meta.weight_decay == 1e-3
     assert post.meta.seed == 0
 
 
@@ -165,9 +156,7 @@ def test_soup_ivon_gives_runs_times_steps_components(tmp_path):
     mix = train.fit_soup_ivon(
         model, (x, y), ivon(lr=0.05), steps(15, 32), num_runs=2, snapshot_steps=[5, 10, 15], seed=0
     )
-    assert (
-        mix.K == 6 and mix.meta.optimizer == "soup_ivon" and mix.meta.extra["steps"] == [5, 10, 15]
-    )
+    assert mix.K == 6 and mix.meta.optimizer == "soup_ivon" and mix.meta.extra["steps"] == [5, 10, 15]
     assert [(c.meta.extra["run"], c.meta.extra["step"]) for c in mix.components] == [
         (r, s) for r in (0, 1) for s in (5, 10, 15)
     ]
@@ -175,17 +164,11 @@ def test_soup_ivon_gives_runs_times_steps_components(tmp_path):
     _, final = train.fit(model, (x, y), ivon(lr=0.05), steps(15, 32), seed=0)
     for n in final.names:
         torch.testing.assert_close(mix.components[2].mean[n], final.mean[n], rtol=0, atol=0)
-        torch.testing.assert_close(
-            mix.components[2].precision[n], final.precision[n], rtol=0, atol=0
-        )
-    assert not torch.allclose(
-        mix.components[0].mean["head.weight"], mix.components[1].mean["head.weight"]
-    )
+        torch.testing.assert_close(mix.components[2].precision[n], final.precision[n], rtol=0, atol=0)
+    assert not torch.allclose(mix.components[0].mean["head.weight"], mix.components[1].mean["head.weight"])
     # it round-trips through a posterior file
     mix.save(tmp_path / "soup.safetensors")
-    back = MixtureGaussian.load(
-        tmp_path / "soup.safetensors", expected=dict(model.named_parameters())
-    )
+    back = MixtureGaussian.load(tmp_path / "soup.safetensors", expected=dict(model.named_parameters()))
     assert back.K == 6
 
 
@@ -246,11 +229,7 @@ class DictTokens(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones_like(self.ids[i]),
-            "labels": self.labels[i],
-        }
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
 
 
 class BagModel(nn.Module):
@@ -303,9 +282,7 @@ def test_weighted_multitask_loss_at_vertex_equals_single_task_loss():
     # the Lightning modules compute the same objective
     mt = train.WeightedMultitaskModule(model, [0.0, 1.0], adamw())
     st = train.SingleTaskModule(model, adamw())
-    torch.testing.assert_close(
-        mt.compute_loss(batches), st.compute_loss(batches[1]), rtol=0, atol=0
-    )
+    torch.testing.assert_close(mt.compute_loss(batches), st.compute_loss(batches[1]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="simplex"):
         train.WeightedMultitaskModule(model, [0.5, 0.6], adamw())
 
@@ -322,9 +299,7 @@ def test_multitask_finetune_at_vertex_equals_single_task_finetune(optimizer):
     m_multi = TinyMLP(c=5)
     m_multi.load_state_dict(init)
     train.fit_multitask(m_multi, tasks, [1.0, 0.0], opt, tr, seed=4)
-    for (n, a), (_, b) in zip(
-        m_single.state_dict().items(), m_multi.state_dict().items(), strict=True
-    ):
+    for (n, a), (_, b) in zip(m_single.state_dict().items(), m_multi.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
     assert not torch.allclose(m_single.head.weight, init["head.weight"])
 
@@ -358,10 +333,7 @@ def _laplace_oracle(x, y, C, delta):
 
     def objective(th):
         W, b = th[: C * D].view(C, D), th[C * D :]
-        return (
-            nn.functional.cross_entropy(x @ W.T + b, y, reduction="sum")
-            + 0.5 * delta * th.pow(2).sum()
-        )
+        return nn.functional.cross_entropy(x @ W.T + b, y, reduction="sum") + 0.5 * delta * th.pow(2).sum()
 
     th = torch.zeros(C * D + C, dtype=torch.float64)
     for _ in range(30):
@@ -392,14 +364,7 @@ def test_full_von_newton_mode_equals_laplace(reduce_inactive):
     C, delta = 3, 2.0
     th, H = _laplace_oracle(x, y, C, delta)
     m, S = train.full_von(
-        x,
-        y,
-        C,
-        lr=0.5,
-        mc_samples=0,
-        num_iters=50,
-        prior_precision=delta,
-        reduce_inactive=reduce_inactive,
+        x, y, C, lr=0.5, mc_samples=0, num_iters=50, prior_precision=delta, reduce_inactive=reduce_inactive
     )
     torch.testing.assert_close(m, th, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(S, H, rtol=1e-8, atol=1e-8)
@@ -430,9 +395,7 @@ def test_full_von_sampled_matches_laplace_and_fills_model():
     # the all-zero feature keeps its prior: mean 0 and precision δ, uncorrelated
     col = torch.arange(C) * D + 3
     assert post.mean[col].abs().max() == 0
-    torch.testing.assert_close(
-        post.precision[col][:, col], delta * torch.eye(C, dtype=torch.float64)
-    )
+    torch.testing.assert_close(post.precision[col][:, col], delta * torch.eye(C, dtype=torch.float64))
     # the paper's setting (ρ = 0.1, 3 samples, 25 iterations from S0 = δI) is close but not converged
     m25, S25 = train.full_von(x, y, C, lr=0.1, mc_samples=3, num_iters=25, prior_precision=delta)
     assert float((S25 - H).norm() / H.norm()) < 0.1
@@ -567,7 +530,9 @@ def test_config_refuses_bad_ivon_arguments(posterior, match):
 def test_config_optimizer_per_method():
     from varmerge import pipeline
 
-    assert pipeline.optimizer_settings(_smoke_config(method="adamw_sg", components=1, prior_precision=0.5)).name == "adamw"
+    assert (
+        pipeline.optimizer_settings(_smoke_config(method="adamw_sg", components=1, prior_precision=0.5)).name == "adamw"
+    )
     von = pipeline.optimizer_settings(_smoke_config(method="full_von", components=1, mc_samples=3))
     assert (von.name, von.mc_samples, von.prior_precision) == ("full_von", 3, 1e-4)
 
@@ -582,11 +547,7 @@ def test_train_module_does_not_import_orchestration():
         "bad = [m for m in ('prefect', 'mlflow', 'dvc') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
-        cwd=str(__import__("pathlib").Path(__file__).parents[1]),
-    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 
 @pytest.mark.slow
@@ -599,10 +560,7 @@ def test_ivon_logreg_on_mnist_subset():
     tr, te = perm[:4000], perm[4000:]
     model = nn.Linear(784, 10)
     model, post = train.fit(
-        model,
-        (x[tr], y[tr]),
-        ivon(lr=0.2, weight_decay=1e-4, ivon={"hess_init": 0.1}),
-        steps(1000, 64),
+        model, (x[tr], y[tr]), ivon(lr=0.2, weight_decay=1e-4, ivon={"hess_init": 0.1}), steps(1000, 64)
     )
     assert accuracy(model, x[te], y[te]) > 0.85
     assert all(torch.isfinite(v).all() and (v > 0).all() for v in post.precision.values())

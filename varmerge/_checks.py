@@ -29,17 +29,13 @@ def check_alpha(alpha, num_tasks: int) -> tuple[torch.Tensor, bool]:
     if a2.shape[0] == 0:
         raise ValueError("α batch is empty (G = 0)")
     if a2.shape[1] != num_tasks:
-        raise ValueError(
-            f"α has {a2.shape[1]} entries per row but there are {num_tasks} tasks"
-        )
+        raise ValueError(f"α has {a2.shape[1]} entries per row but there are {num_tasks} tasks")
     if not torch.isfinite(a2).all():
         bad = torch.nonzero(~torch.isfinite(a2))[0].tolist()
         raise ValueError(f"α contains a non-finite value at index {bad}: {a2[tuple(bad)].item()}")
     if (a2 < 0).any():
         bad = torch.nonzero(a2 < 0)[0].tolist()
-        raise ValueError(
-            f"α is off the simplex: negative entry {a2[tuple(bad)].item():.6g} at index {bad}"
-        )
+        raise ValueError(f"α is off the simplex: negative entry {a2[tuple(bad)].item():.6g} at index {bad}")
     sums = a2.sum(dim=1)
     off = (sums - 1.0).abs() > ALPHA_TOLERANCE
     if off.any():
@@ -51,9 +47,7 @@ def check_alpha(alpha, num_tasks: int) -> tuple[torch.Tensor, bool]:
     return a2, batched
 
 
-def check_state_dicts(
-    dicts: Sequence[Mapping[str, torch.Tensor]], what: str = "means", reference=None
-) -> list[str]:
+def check_state_dicts(dicts: Sequence[Mapping[str, torch.Tensor]], what: str = "means", reference=None) -> list[str]:
     """All dicts share keys, shapes and a floating dtype (with ``reference`` if given).
 
     Returns the common key list in the first dict's order.
@@ -73,17 +67,13 @@ def check_state_dicts(
         missing = [k for k in keys if k not in d]
         extra = [k for k in d if k not in key_set]
         if missing or extra:
-            raise ValueError(
-                f"{what}[{i}] keys do not match: missing {missing[:5]}, unexpected {extra[:5]}"
-            )
+            raise ValueError(f"{what}[{i}] keys do not match: missing {missing[:5]}, unexpected {extra[:5]}")
         for k in keys:
             t, r = d[k], ref[k]
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{what}[{i}][{k!r}] is a {type(t).__name__}, not a tensor")
             if t.shape != r.shape:
-                raise ValueError(
-                    f"{what}[{i}][{k!r}] has shape {tuple(t.shape)}, expected {tuple(r.shape)}"
-                )
+                raise ValueError(f"{what}[{i}][{k!r}] has shape {tuple(t.shape)}, expected {tuple(r.shape)}")
             if t.dtype != r.dtype:
                 raise ValueError(f"{what}[{i}][{k!r}] has dtype {t.dtype}, expected {r.dtype}")
             if not t.is_floating_point():
@@ -92,7 +82,8 @@ def check_state_dicts(
 
 
 def check_precisions(
-    precisions: Sequence[Mapping[str, torch.Tensor]], means: Sequence[Mapping[str, torch.Tensor]],
+    precisions: Sequence[Mapping[str, torch.Tensor]],
+    means: Sequence[Mapping[str, torch.Tensor]],
     what: str = "precisions",
 ) -> None:
     """Precisions match the means' keys/shapes/dtypes and are finite and non-negative."""

@@ -38,9 +38,14 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_train_per_task: int | None = Field(None, gt=0)
     max_length: int = Field(64, gt=0, description="tokens per text (text sources)")
-    max_test_per_task: int | None = Field(None, gt=0, description="cap the test set (evaluating G models costs G passes)")
+    max_test_per_task: int | None = Field(
+        None, gt=0, description="cap the test set (evaluating G models costs G passes)"
+    )
     image_pool: int = Field(
-        1, ge=1, le=14, description="average-pool images by this factor (2: 28x28 -> 14x14; full Gaussians stay affordable)"
+        1,
+        ge=1,
+        le=14,
+        description="average-pool images by this factor (2: 28x28 -> 14x14; full Gaussians stay affordable)",
     )
     tasks: list[TaskConfig]
 
@@ -94,8 +99,10 @@ class PosteriorConfig(_Strict):
     @model_validator(mode="after")
     def _precision(self):
         if self.precision == "16-mixed" and self.method != "adamw_sg":
-            raise ValueError(f"precision 16-mixed needs a gradient scaler, which {self.method} (IVON) cannot use; "
-                             "use 32-true or bf16-mixed")
+            raise ValueError(
+                f"precision 16-mixed needs a gradient scaler, which {self.method} (IVON) cannot use; "
+                "use 32-true or bf16-mixed"
+            )
         return self
 
     @model_validator(mode="after")
@@ -116,9 +123,16 @@ class PosteriorConfig(_Strict):
         if unknown:
             raise ValueError(f"ivon: unknown IVON argument(s) {unknown}; ivon.IVON also takes {sorted(allowed)}")
         try:  # IVON checks the values itself
-            ivon.IVON([torch.zeros(1, requires_grad=True)], lr=self.lr, ess=self.ess or 1.0,
-                      weight_decay=self.weight_decay, mc_samples=self.mc_samples, hess_init=self.hess_init,
-                      beta2=self.beta2, **self.ivon)
+            ivon.IVON(
+                [torch.zeros(1, requires_grad=True)],
+                lr=self.lr,
+                ess=self.ess or 1.0,
+                weight_decay=self.weight_decay,
+                mc_samples=self.mc_samples,
+                hess_init=self.hess_init,
+                beta2=self.beta2,
+                **self.ivon,
+            )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"ivon: {self.ivon} rejected by ivon.IVON: {exc}") from None
         return self
@@ -140,12 +154,16 @@ MAP_METHOD = "map"
 
 #: The posterior structure each ``posterior.method`` produces (see varmerge.posterior.EXACT_VIEWS
 #: for the views each structure gives the merging rules).
-POSTERIOR_KINDS = {"adamw_sg": "diagonal", "ivon": "diagonal", "multi_ivon": "mixture",
-                   "soup_ivon": "mixture", "full_von": "full"}
+POSTERIOR_KINDS = {
+    "adamw_sg": "diagonal",
+    "ivon": "diagonal",
+    "multi_ivon": "mixture",
+    "soup_ivon": "mixture",
+    "full_von": "full",
+}
 
 #: Former MergeConfig fields, now options of their rule's model.
-_MOVED = {"mixture_iterations": "options.mixture.iterations",
-          "task_arithmetic_scale": "options.task_arithmetic.scale"}
+_MOVED = {"mixture_iterations": "options.mixture.iterations", "task_arithmetic_scale": "options.task_arithmetic.scale"}
 
 
 def _registry():

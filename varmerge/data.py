@@ -49,16 +49,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets import (
-    Array2D,
-    ClassLabel,
-    Dataset,
-    DatasetDict,
-    DatasetInfo,
-    Features,
-    Value,
-    load_from_disk,
-)
+from datasets import Array2D, ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Value, load_from_disk
 from datasets.features.features import Array2DExtensionType
 
 __all__ = [
@@ -124,9 +115,7 @@ def _check_fraction(test_fraction: float) -> None:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
 
 
-def _stratified_split(
-    labels: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified (train_idx, test_idx); see the module docstring for the exact rule."""
     _check_fraction(test_fraction)
     rng = np.random.default_rng(seed)
@@ -146,10 +135,7 @@ def _cap_per_class(labels: np.ndarray, max_per_class: int | None, seed: int) -> 
     if max_per_class < 1:
         raise ValueError(f"max_per_class must be >= 1 or None, got {max_per_class!r}")
     rng = np.random.default_rng([seed, 1])  # a stream independent of the split's
-    keep = [
-        np.sort(rng.permutation(np.flatnonzero(labels == c))[:max_per_class])
-        for c in np.unique(labels)
-    ]
+    keep = [np.sort(rng.permutation(np.flatnonzero(labels == c))[:max_per_class]) for c in np.unique(labels)]
     return np.sort(np.concatenate(keep))
 
 
@@ -171,9 +157,7 @@ def _image_dataset(images: np.ndarray, labels: np.ndarray, names: Sequence[str])
     rows = pa.ListArray.from_arrays(pa.array(np.arange(0, n * 28 + 1, dtype=np.int32) * 28), flat)
     outer = pa.ListArray.from_arrays(pa.array(np.arange(0, n + 1, dtype=np.int32) * 28), rows)
     image_col = pa.ExtensionArray.from_storage(Array2DExtensionType((28, 28), "uint8"), outer)
-    features = Features(
-        {"image": Array2D((28, 28), "uint8"), "label": ClassLabel(names=list(names))}
-    )
+    features = Features({"image": Array2D((28, 28), "uint8"), "label": ClassLabel(names=list(names))})
     table = pa.table({"image": image_col, "label": pa.array(labels)})
     return Dataset(table, info=DatasetInfo(features=features))
 
@@ -220,8 +204,7 @@ def mnist5k(seed: int = 0, test_fraction: float = 0.2) -> DatasetDict:
     images, labels = _mnist5k_arrays()
     tr, te = _stratified_split(labels, test_fraction, seed)
     return DatasetDict(
-        train=_image_dataset(images[tr], labels[tr], DIGITS),
-        test=_image_dataset(images[te], labels[te], DIGITS),
+        train=_image_dataset(images[tr], labels[tr], DIGITS), test=_image_dataset(images[te], labels[te], DIGITS)
     )
 
 
@@ -244,8 +227,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) - header != expected:
         raise ValueError(
-            f"{path}: IDX header says shape {shape} ({expected} bytes) "
-            f"but the file has {len(data) - header} data bytes"
+            f"{path}: IDX header says shape {shape} ({expected} bytes) but the file has {len(data) - header} data bytes"
         )
     arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return arr.astype(dtype.newbyteorder("="))
@@ -367,9 +349,7 @@ def fortune_topics(
     features = Features({"text": Value("string"), "label": ClassLabel(names=categories)})
 
     def build(idx: np.ndarray) -> Dataset:
-        return Dataset.from_dict(
-            {"text": [texts[i] for i in idx], "label": labels[idx]}, features=features
-        )
+        return Dataset.from_dict({"text": [texts[i] for i in idx], "label": labels[idx]}, features=features)
 
     return DatasetDict(train=build(tr), test=build(te))
 
@@ -446,18 +426,12 @@ def tweet_sentiment(
     strata = np.array([domains.index(d) for d in dom], dtype=np.int64) * len(labels) + y_arr
     keep = _cap_per_class(strata, max_per_class, seed)
     tr, te = _stratified_split(strata[keep], test_fraction, seed)
-    features = Features(
-        {"text": Value("string"), "label": ClassLabel(names=labels), "domain": Value("string")}
-    )
+    features = Features({"text": Value("string"), "label": ClassLabel(names=labels), "domain": Value("string")})
 
     def build(idx: np.ndarray) -> Dataset:
         rows = keep[idx]
         return Dataset.from_dict(
-            {
-                "text": [texts[i] for i in rows],
-                "label": y_arr[rows],
-                "domain": [dom[i] for i in rows],
-            },
+            {"text": [texts[i] for i in rows], "label": y_arr[rows], "domain": [dom[i] for i in rows]},
             features=features,
         )
 
@@ -518,9 +492,7 @@ def load_source(name: str, /, **options: Any) -> DatasetDict:
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(options) - set(params))
         if unknown:
-            raise ValueError(
-                f"data source {name!r} has no option(s) {unknown}; its options: {', '.join(params)}"
-            )
+            raise ValueError(f"data source {name!r} has no option(s) {unknown}; its options: {', '.join(params)}")
     try:
         inspect.signature(fn).bind(**options)
     except TypeError as e:

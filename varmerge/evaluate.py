@@ -117,9 +117,7 @@ def slice_inputs(x: Inputs, lo: int, hi: int, *, trim_padding: bool = True) -> I
         used = torch.nonzero(mask.any(dim=0))
         keep = int(used.max()) + 1 if used.numel() else 1
         if keep < L:
-            out = {
-                k: (v[:, :keep] if v.ndim >= 2 and v.shape[1] == L else v) for k, v in out.items()
-            }
+            out = {k: (v[:, :keep] if v.ndim >= 2 and v.shape[1] == L else v) for k, v in out.items()}
     return out
 
 
@@ -150,9 +148,7 @@ def _check_labels(y: torch.Tensor, n: int) -> torch.Tensor:
 def _check_merged(model: nn.Module, merged: Mapping[str, torch.Tensor]) -> int:
     """Validate a batched state dict against the model; returns G."""
     if not isinstance(merged, Mapping) or not merged:
-        raise ValueError(
-            "merged must be a non-empty mapping of parameter names to (G, ...) tensors"
-        )
+        raise ValueError("merged must be a non-empty mapping of parameter names to (G, ...) tensors")
     params = dict(model.named_parameters())
     unknown = sorted(k for k in merged if k not in params)
     if unknown:
@@ -264,9 +260,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     model.eval()
     try:
         with torch.inference_mode(), warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=".*not yet implemented the batching rule.*", category=UserWarning
-            )
+            warnings.filterwarnings("ignore", message=".*not yet implemented the batching rule.*", category=UserWarning)
             yield
     finally:
         model.train(was_training)
@@ -324,9 +318,7 @@ class _Sums:
 # --------------------------------------------------------------------------------------------
 # batched evaluation
 # --------------------------------------------------------------------------------------------
-def _functional_logits(
-    model: nn.Module,
-) -> Callable[[Mapping[str, torch.Tensor], Inputs], torch.Tensor]:
+def _functional_logits(model: nn.Module) -> Callable[[Mapping[str, torch.Tensor], Inputs], torch.Tensor]:
     def call(params: Mapping[str, torch.Tensor], xb: Inputs) -> torch.Tensor:
         # non-strict: parameters and buffers not in ``params`` come from the module itself
         return forward(lambda *a, **k: functional_call(model, params, a, k), xb)
@@ -367,9 +359,7 @@ def _evaluate_segments(
         with _progress(progress, steps, description) as advance:
             for g0 in range(0, G, cg):
                 g1 = min(g0 + cg, G)
-                chunk = {
-                    k: v[g0:g1].to(device=device, dtype=params[k].dtype) for k, v in merged.items()
-                }
+                chunk = {k: v[g0:g1].to(device=device, dtype=params[k].dtype) for k, v in merged.items()}
                 for lo in range(0, N, eb):
                     hi = min(lo + eb, N)
                     xb = _to_device(slice_inputs(x, lo, hi), device)
@@ -384,9 +374,7 @@ def _evaluate_segments(
                             log.info("vmap over the model failed (%s); looping over α instead", exc)
                             use_vmap = False
                     if logits is None:
-                        logits = torch.stack(
-                            [call({k: v[i] for k, v in chunk.items()}, xb) for i in range(g1 - g0)]
-                        )
+                        logits = torch.stack([call({k: v[i] for k, v in chunk.items()}, xb) for i in range(g1 - g0)])
                     nll, hits = _per_example(logits, yb)
                     sums.add(g0, lo, nll, hits)
                     advance()
@@ -477,18 +465,11 @@ def evaluate_tasks(
         if num_examples(pair[0]) == 0:
             raise ValueError(f"tasks[{t}] has no examples")
     if method == "loop":
-        per = [
-            evaluate_loop(model, merged, xt, yt, batch_size=batch_size, progress=progress)
-            for xt, yt in tasks
-        ]
+        per = [evaluate_loop(model, merged, xt, yt, batch_size=batch_size, progress=progress) for xt, yt in tasks]
         return {k: torch.stack([p[k] for p in per], dim=1) for k in ("accuracy", "loss")}
     xs = [pair[0] for pair in tasks]
     kwargs = dict(
-        batch_size=batch_size,
-        chunk_g=chunk_g,
-        memory_budget=memory_budget,
-        vectorize=vectorize,
-        progress=progress,
+        batch_size=batch_size, chunk_g=chunk_g, memory_budget=memory_budget, vectorize=vectorize, progress=progress
     )
     if _concatenable(xs):
         ys = [_check_labels(yt, num_examples(xt)) for xt, yt in tasks]

@@ -48,7 +48,9 @@ def aggregate(naturals: Sequence[Sequence[torch.Tensor]], alpha) -> tuple[torch.
             if len(naturals[t]) != n_parts:
                 raise ValueError(f"task {t} has {len(naturals[t])} natural-parameter parts, expected {n_parts}")
             if p.shape != shape:
-                raise ValueError(f"natural parameter part {j} of task {t} has shape {tuple(p.shape)}, expected {tuple(shape)}")
+                raise ValueError(
+                    f"natural parameter part {j} of task {t} has shape {tuple(p.shape)}, expected {tuple(shape)}"
+                )
             if not torch.isfinite(p).all():
                 raise ValueError(f"natural parameter part {j} of task {t} is not finite")
         stacked = torch.stack(parts).to(torch.promote_types(parts[0].dtype, torch.float64))
@@ -108,9 +110,7 @@ class BetaBernoulli:
     def mode_probability(self, lam_a: torch.Tensor, lam_b: torch.Tensor) -> torch.Tensor:
         denom = lam_a + lam_b
         if (lam_a <= 0).any() or (lam_b <= 0).any():
-            raise ValueError(
-                "the merged Beta has a_α <= 1 or b_α <= 1: its density has no interior mode"
-            )
+            raise ValueError("the merged Beta has a_α <= 1 or b_α <= 1: its density has no interior mode")
         return lam_a / denom
 
     def mode(self, lam_a: torch.Tensor, lam_b: torch.Tensor) -> torch.Tensor:

@@ -97,9 +97,7 @@ def read_header(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {exc}") from exc
 
 
-def save_tensors(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping | None = None
-) -> str:
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> str:
     """Write tensors + JSON metadata to a safetensors file atomically; return the content hash."""
     if not tensors:
         raise ValueError("refusing to save an empty tensor file")
@@ -160,12 +158,8 @@ def check_matches_model(tensors: Mapping[str, torch.Tensor], expected: Mapping, 
     missing = [k for k in expected if k not in tensors]
     extra = [k for k in tensors if k not in expected]
     if missing or extra:
-        raise ValueError(
-            f"{where}: does not belong to this model: missing {missing[:5]}, unexpected {extra[:5]}"
-        )
+        raise ValueError(f"{where}: does not belong to this model: missing {missing[:5]}, unexpected {extra[:5]}")
     for k, v in expected.items():
         shape = tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
         if tuple(tensors[k].shape) != shape:
-            raise ValueError(
-                f"{where}: parameter {k!r} has shape {tuple(tensors[k].shape)}, the model has {shape}"
-            )
+            raise ValueError(f"{where}: parameter {k!r} has shape {tuple(tensors[k].shape)}, the model has {shape}")

@@ -284,17 +284,19 @@ def map_front(
     for name, v in scores.items():
         v = torch.as_tensor(v, dtype=F64).detach().cpu()
         if v.ndim != 2 or v.shape[0] != len(design):
-            raise ValueError(
-                f"evaluate returned {name!r} of shape {tuple(v.shape)}; expected ({len(design)}, K)"
-            )
+            raise ValueError(f"evaluate returned {name!r} of shape {tuple(v.shape)}; expected ({len(design)}, K)")
         design_scores[name] = v
     surrogates = {name: QuadraticSurrogate.fit(design, v) for name, v in design_scores.items()}
     predictions = {name: s.predict(a) for name, s in surrogates.items()}
     front_alpha, front_values = surrogate_front(
-        surrogates[metric], maximize=maximize, algorithm=algorithm, pop_size=pop_size, n_gen=n_gen,
-        seed=seed,
+        surrogates[metric], maximize=maximize, algorithm=algorithm, pop_size=pop_size, n_gen=n_gen, seed=seed
     )
     return MapFront(
-        alpha=a, predictions=predictions, front_alpha=front_alpha, front_values=front_values,
-        design_alpha=design, design_scores=design_scores, surrogates=surrogates,
+        alpha=a,
+        predictions=predictions,
+        front_alpha=front_alpha,
+        front_values=front_values,
+        design_alpha=design,
+        design_scores=design_scores,
+        surrogates=surrogates,
     )

@@ -20,15 +20,7 @@ offending key or value. Nothing under :mod:`varmerge.merging` imports this modul
 from __future__ import annotations
 
 from varmerge.merging import registry
-from varmerge.merging.baselines import (
-    calibration_grams,
-    dare,
-    esm,
-    model_soup,
-    regmean,
-    slerp,
-    ties,
-)
+from varmerge.merging.baselines import calibration_grams, dare, esm, model_soup, regmean, slerp, ties
 from varmerge.merging.gaussian import (
     DEFAULT_PRECISION_FLOOR,
     hessian_weighted,

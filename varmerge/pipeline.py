@@ -52,8 +52,11 @@ def tasks_to_tensors(tasks: Sequence[TaskData], num_classes: int) -> tuple[dict[
             else:
                 tensors[f"{t.name}/{split}/x"] = x
             tensors[f"{t.name}/{split}/y"] = y
-    header = {"kind": "tasks", "num_classes": int(num_classes),
-              "tasks": [{"name": t.name, "classes": list(t.classes)} for t in tasks]}
+    header = {
+        "kind": "tasks",
+        "num_classes": int(num_classes),
+        "tasks": [{"name": t.name, "classes": list(t.classes)} for t in tasks],
+    }
     return tensors, header
 
 
@@ -118,9 +121,16 @@ def prepare_tasks(cfg: ExperimentConfig, dataset=None) -> tuple[list[TaskData], 
     ``domain`` column (tweets), domains sharing one label space.
     """
     ds = load_dataset(cfg) if dataset is None else dataset
-    key = json.dumps([cfg.data.model_dump(mode="json"), cfg.model.name, cfg.model.options.get("model_path"),
-                      {split: getattr(part, "_fingerprint", id(part)) for split, part in ds.items()}],
-                     sort_keys=True, default=str)
+    key = json.dumps(
+        [
+            cfg.data.model_dump(mode="json"),
+            cfg.model.name,
+            cfg.model.options.get("model_path"),
+            {split: getattr(part, "_fingerprint", id(part)) for split, part in ds.items()},
+        ],
+        sort_keys=True,
+        default=str,
+    )
     return _remember("tasks", key, lambda: _prepare_tasks(cfg, ds))
 
 
@@ -150,7 +160,10 @@ def _prepare_tasks(cfg: ExperimentConfig, ds) -> tuple[list[TaskData], int]:
                 k = cfg.data.image_pool
                 if tr[0].shape[-1] % k:
                     raise ValueError(f"data.image_pool {k} does not divide the image size {tr[0].shape[-1]}")
-                tr, te = (torch.nn.functional.avg_pool2d(tr[0], k), tr[1]), (torch.nn.functional.avg_pool2d(te[0], k), te[1])
+                tr, te = (
+                    (torch.nn.functional.avg_pool2d(tr[0], k), tr[1]),
+                    (torch.nn.functional.avg_pool2d(te[0], k), te[1]),
+                )
         tr = _cap(*tr, cfg.data.max_train_per_task)
         te = _cap(*te, cfg.data.max_test_per_task)
         out.append(TaskData(t.name, tuple(t.classes), tr, te))
@@ -207,8 +220,13 @@ def check_accelerator(accelerator: str) -> None:
 
 
 #: The optimizer each posterior method trains with.
-_METHOD_OPTIMIZER = {"adamw_sg": "adamw", "ivon": "ivon", "multi_ivon": "ivon", "soup_ivon": "ivon",
-                     "full_von": "full_von"}
+_METHOD_OPTIMIZER = {
+    "adamw_sg": "adamw",
+    "ivon": "ivon",
+    "multi_ivon": "ivon",
+    "soup_ivon": "ivon",
+    "full_von": "full_von",
+}
 
 
 def optimizer_settings(cfg: ExperimentConfig, *, name: str | None = None) -> train.OptimizerSettings:
@@ -216,8 +234,12 @@ def optimizer_settings(cfg: ExperimentConfig, *, name: str | None = None) -> tra
     of a full VON config trains with IVON)."""
     p = cfg.posterior
     return train.OptimizerSettings(
-        name=name or _METHOD_OPTIMIZER[p.method], lr=p.lr, weight_decay=p.weight_decay, ess=p.ess,
-        mc_samples=p.mc_samples, prior_precision=p.prior_precision,
+        name=name or _METHOD_OPTIMIZER[p.method],
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        ess=p.ess,
+        mc_samples=p.mc_samples,
+        prior_precision=p.prior_precision,
         ivon={"hess_init": p.hess_init, "beta2": p.beta2, **p.ivon},
     )
 
@@ -227,13 +249,23 @@ def trainer_settings(cfg: ExperimentConfig, *, progress: bool = False, logger=No
     check_accelerator(cfg.accelerator)
     p = cfg.posterior
     return train.TrainerSettings(
-        steps=p.steps, batch_size=p.batch_size, accelerator=cfg.accelerator, precision=p.precision, logger=logger,
-        progress=progress, log_every_n_steps=max(1, min(50, p.steps // 20)),
+        steps=p.steps,
+        batch_size=p.batch_size,
+        accelerator=cfg.accelerator,
+        precision=p.precision,
+        logger=logger,
+        progress=progress,
+        log_every_n_steps=max(1, min(50, p.steps // 20)),
     )
 
 
 def finetune_task(
-    cfg: ExperimentConfig, base: nn.Module, task: TaskData, *, progress: bool = False, logger=None,
+    cfg: ExperimentConfig,
+    base: nn.Module,
+    task: TaskData,
+    *,
+    progress: bool = False,
+    logger=None,
     resume_dir: str | os.PathLike | None = None,
 ) -> tuple[Posterior, dict[str, torch.Tensor]]:
     """Finetune a copy of ``base`` on one task; returns (posterior, finetuned trainable weights).
@@ -261,13 +293,21 @@ def finetune_task(
         model, post = train.fit(model, train_data(task), opt, tr, seed=p.seed, task=task.name)
         return post, models.trainable_state_dict(model)
     if p.method == "multi_ivon":
-        post = train.fit_multi_ivon(model, train_data(task), opt, tr, num_runs=p.components, seed=p.seed,
-                                    task=task.name, **runs)
+        post = train.fit_multi_ivon(
+            model, train_data(task), opt, tr, num_runs=p.components, seed=p.seed, task=task.name, **runs
+        )
         return post, post.components[0].mean
     if p.method == "soup_ivon":
         post = train.fit_soup_ivon(
-            model, train_data(task), opt, tr, num_runs=p.components, snapshot_steps=p.checkpoint_steps,
-            seed=p.seed, task=task.name, **runs,
+            model,
+            train_data(task),
+            opt,
+            tr,
+            num_runs=p.components,
+            snapshot_steps=p.checkpoint_steps,
+            seed=p.seed,
+            task=task.name,
+            **runs,
         )
         return post, post.components[-1].mean
     raise ValueError(f"unknown posterior method {p.method!r}")
@@ -283,8 +323,11 @@ class _RunParts:
         return self.folder / f"run-{run}.safetensors"
 
     def completed(self) -> dict[int, list[DiagonalGaussian]]:
-        return {k: MixtureGaussian.load(self.path(k), expected=self.expected).components
-                for k in range(self.num_runs) if self.path(k).exists()}
+        return {
+            k: MixtureGaussian.load(self.path(k), expected=self.expected).components
+            for k in range(self.num_runs)
+            if self.path(k).exists()
+        }
 
     def save(self, run: int, posteriors: list[DiagonalGaussian]) -> None:
         MixtureGaussian(list(posteriors), meta=PosteriorMeta(task=posteriors[0].meta.task)).save(self.path(run))
@@ -296,8 +339,12 @@ def _resumable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _adamw_sg_resumable(
-    cfg: ExperimentConfig, model: nn.Module, task: TaskData, opt: train.OptimizerSettings,
-    tr: train.TrainerSettings, folder: Path,
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    task: TaskData,
+    opt: train.OptimizerSettings,
+    tr: train.TrainerSettings,
+    folder: Path,
 ):
     """AdamW training, its weights persisted, then the squared-gradient pass (as ``train.fit`` does)."""
     from varmerge import io
@@ -401,8 +448,13 @@ def sweep_and_score(
         merge_s, eval_s = merge_s + t1 - t0, eval_s + time.perf_counter() - t1
         acc.append(s["accuracy"])
         loss.append(s["loss"])
-    return {"alpha": alpha, "accuracy": torch.cat(acc), "loss": torch.cat(loss),
-            "merge_seconds": merge_s, "eval_seconds": eval_s}
+    return {
+        "alpha": alpha,
+        "accuracy": torch.cat(acc),
+        "loss": torch.cat(loss),
+        "merge_seconds": merge_s,
+        "eval_seconds": eval_s,
+    }
 
 
 def map_sweep(
@@ -453,8 +505,13 @@ def select(cfg: ExperimentConfig, alpha: torch.Tensor, accuracy: torch.Tensor) -
 
 
 def multitask_finetune(
-    cfg: ExperimentConfig, base: nn.Module, tasks: Sequence[TaskData], alpha: Sequence[float], *,
-    progress: bool = False, logger=None,
+    cfg: ExperimentConfig,
+    base: nn.Module,
+    tasks: Sequence[TaskData],
+    alpha: Sequence[float],
+    *,
+    progress: bool = False,
+    logger=None,
 ) -> tuple[nn.Module, torch.Tensor]:
     """The real finetune of Σ_t α_t l_t from θ0; returns the model and its (T,) test accuracies."""
     import copy
@@ -464,10 +521,12 @@ def multitask_finetune(
     model = copy.deepcopy(base)
     # IVON's ess defaults to the examples of all tasks; full VON configs finetune with IVON
     opt = optimizer_settings(cfg, name="adamw" if p.method == "adamw_sg" else "ivon")
-    tr = dataclasses.replace(trainer_settings(cfg, progress=progress, logger=logger),
-                             steps=cfg.multitask_steps or p.steps)
-    model = train.fit_multitask(model, [train_data(t) for t in tasks], torch.as_tensor(alpha, dtype=torch.float64),
-                                opt, tr, seed=p.seed)
+    tr = dataclasses.replace(
+        trainer_settings(cfg, progress=progress, logger=logger), steps=cfg.multitask_steps or p.steps
+    )
+    model = train.fit_multitask(
+        model, [train_data(t) for t in tasks], torch.as_tensor(alpha, dtype=torch.float64), opt, tr, seed=p.seed
+    )
     sd = {k: v.unsqueeze(0) for k, v in models.trainable_state_dict(model).items()}
     scores = score_sweep(model, sd, tasks)
     return model, scores["accuracy"][0]

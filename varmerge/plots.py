@@ -48,8 +48,15 @@ def front_projections(
             mask = pareto_mask(acc[:, [i, j]])
             ax.scatter(acc[mask, i], acc[mask, j], marker=MARKERS.get(name, "x"), s=22, label=name, alpha=0.8)
         for k, s in enumerate(multitask):
-            ax.scatter([s[i]], [s[j]], marker="o", facecolors="none", edgecolors="k", s=60,
-                       label="multitask finetune" if k == 0 else None)
+            ax.scatter(
+                [s[i]],
+                [s[j]],
+                marker="o",
+                facecolors="none",
+                edgecolors="k",
+                s=60,
+                label="multitask finetune" if k == 0 else None,
+            )
         ax.set_xlabel(f"{task_names[i]} accuracy")
         ax.set_ylabel(f"{task_names[j]} accuracy")
         ax.grid(alpha=0.3)
@@ -87,8 +94,7 @@ def ternary_mean_accuracy(
 
 
 def predicted_vs_realised(
-    task_names: Sequence[str], predicted: Sequence[float], realised: Sequence[float], path: str | Path,
-    title: str = "",
+    task_names: Sequence[str], predicted: Sequence[float], realised: Sequence[float], path: str | Path, title: str = ""
 ) -> Path:
     """Bar chart: merged-model prediction vs the real multitask finetune at the chosen α."""
     import numpy as np

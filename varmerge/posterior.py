@@ -67,6 +67,7 @@ EXACT_VIEWS: dict[str, tuple[str, ...]] = {
     "full": ("none", "diagonal", "full"),
 }
 
+
 class _Views:
     """``as_kind`` over the ``diagonal`` / ``mixture`` / ``full`` methods of each structure."""
 
@@ -92,8 +93,8 @@ class _Views:
 
     def full(self, *, user: str | None = None):
         raise ValueError(
-            f"{user or 'this rule'} needs full-Gaussian posteriors (posterior.method: full_von); got a {self.kind} posterior "
-            f"(task {self.meta.task!r}), which has no full precision matrix"
+            f"{user or 'this rule'} needs full-Gaussian posteriors (posterior.method: full_von); "
+            f"got a {self.kind} posterior (task {self.meta.task!r}), which has no full precision matrix"
         )
 
 
@@ -193,9 +194,7 @@ class DiagonalGaussian(_Views):
                 mean[name] = p.detach().clone()
                 prec[name] = (ess * (h.detach() + wd)).clone()
             if offset != hess.numel():
-                raise ValueError(
-                    f"IVON group {gi}: hess has {hess.numel()} entries, parameters have {offset}"
-                )
+                raise ValueError(f"IVON group {gi}: hess has {hess.numel()} entries, parameters have {offset}")
         meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta(optimizer="ivon")
         if meta.ess is None and len(ess_seen) == 1:
             meta.ess = ess_seen.pop()
@@ -220,9 +219,7 @@ class MixtureGaussian(_Views):
         ref = self.components[0].mean
         for i, c in enumerate(self.components[1:], start=1):
             if set(c.mean) != set(ref) or any(c.mean[k].shape != ref[k].shape for k in ref):
-                raise ValueError(
-                    f"mixture component {i} has different parameters or shapes than component 0"
-                )
+                raise ValueError(f"mixture component {i} has different parameters or shapes than component 0")
         K = len(self.components)
         if self.weights is None:
             self.weights = [1.0 / K] * K
@@ -290,8 +287,10 @@ class FullGaussian(_Views):
     def __post_init__(self):
         P = self.mean.numel()
         if self.mean.ndim != 1 or self.precision.shape != (P, P):
-            raise ValueError(f"FullGaussian needs a (P,) mean and (P, P) precision, got "
-                             f"{tuple(self.mean.shape)} and {tuple(self.precision.shape)}")
+            raise ValueError(
+                f"FullGaussian needs a (P,) mean and (P, P) precision, got "
+                f"{tuple(self.mean.shape)} and {tuple(self.precision.shape)}"
+            )
         if sum(int(torch.Size(s).numel()) for s in self.shapes.values()) != P:
             raise ValueError("FullGaussian shapes do not add up to the mean's length")
         if not torch.isfinite(self.mean).all() or not torch.isfinite(self.precision).all():
@@ -436,4 +435,3 @@ def add_prior_precision(precision: Mapping[str, torch.Tensor], delta: float) -> 
     if not delta >= 0:
         raise ValueError(f"prior precision δ must be >= 0, got {delta!r}")
     return {k: v + delta for k, v in precision.items()}
-

@@ -81,8 +81,10 @@ def check_constraints(cfg: ExperimentConfig) -> None:
     """Selection constraints that no accuracy in [0, 1] can meet are refused up front."""
     for c in cfg.selection.constraints:
         impossible = (
-            (c.op == ">=" and c.value > 1) or (c.op == ">" and c.value >= 1)
-            or (c.op == "<=" and c.value < 0) or (c.op == "<" and c.value <= 0)
+            (c.op == ">=" and c.value > 1)
+            or (c.op == ">" and c.value >= 1)
+            or (c.op == "<=" and c.value < 0)
+            or (c.op == "<" and c.value <= 0)
         )
         if impossible:
             raise PreflightError(
@@ -130,9 +132,7 @@ def check_tracking_uri(uri: str, *, timeout: float = PROBE_TIMEOUT_S) -> None:
                 "use sqlite:///PATH/mlflow.db (the default) or an http:// tracking server"
             )
     elif parsed.hostname:
-        port = parsed.port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}.get(
-            scheme.split("+")[0]
-        )
+        port = parsed.port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}.get(scheme.split("+")[0])
         if port:
             _probe_tcp(uri, parsed.hostname, port, timeout)
 
@@ -141,7 +141,7 @@ def _check_sqlite(uri: str) -> None:
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         raise PreflightError(f"tracking URI {uri!r}: write sqlite stores as sqlite:///PATH/mlflow.db")
-    path = Path(uri[len(prefix):])
+    path = Path(uri[len(prefix) :])
     if str(path) in ("", ":memory:"):
         raise PreflightError(f"tracking URI {uri!r}: an in-memory store keeps nothing; give a file path")
     if path.exists():
@@ -270,8 +270,7 @@ def check_model(cfg: ExperimentConfig, num_classes: int, ds=None) -> None:
             logits = models.forward(model, x)
     except Exception as exc:  # noqa: BLE001 - any failure here means the model cannot take this data
         raise PreflightError(
-            f"model {cfg.model.name!r} cannot take the data of {cfg.data.source!r}: "
-            f"{type(exc).__name__}: {exc}"
+            f"model {cfg.model.name!r} cannot take the data of {cfg.data.source!r}: {type(exc).__name__}: {exc}"
         ) from None
     if logits.shape[-1] < num_classes:
         raise PreflightError(

@@ -84,11 +84,19 @@ class FrontResult:
             }
         chosen = None
         if self.chosen_alpha is not None:
-            chosen = {"method": self.method, "alpha": self.chosen_alpha.tolist(),
-                      "predicted": self.predicted.tolist(),
-                      "realised": self.realised.tolist() if self.realised is not None else None}
-        out = {"tasks": self.tasks, "grid_size": len(self.alpha), "methods": methods, "chosen": chosen,
-               "seconds": dict(self.seconds)}
+            chosen = {
+                "method": self.method,
+                "alpha": self.chosen_alpha.tolist(),
+                "predicted": self.predicted.tolist(),
+                "realised": self.realised.tolist() if self.realised is not None else None,
+            }
+        out = {
+            "tasks": self.tasks,
+            "grid_size": len(self.alpha),
+            "methods": methods,
+            "chosen": chosen,
+            "seconds": dict(self.seconds),
+        }
         if self.error is not None:
             out["error"] = self.error
         return out

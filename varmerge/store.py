@@ -179,9 +179,7 @@ class RunStore:
         folder.mkdir(parents=True, exist_ok=True)
         return FileLock(str(folder / f"{key}.lock"))
 
-    def compute(
-        self, kind: str, key: str, make: Callable[[Path], str], name: str | None = None
-    ) -> tuple[dict, bool]:
+    def compute(self, kind: str, key: str, make: Callable[[Path], str], name: str | None = None) -> tuple[dict, bool]:
         """The artifact's reference, computing it with ``make(path) -> sha256`` if it is missing.
 
         Returns ``(ref, computed)``. Under the key's lock: a file another run finished meanwhile

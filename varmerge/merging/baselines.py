@@ -34,15 +34,7 @@ from torch.nn import functional as F
 
 from varmerge._checks import check_alpha, check_state_dicts
 from varmerge.merging.gaussian import simple_average
-from varmerge.merging.kernels import (
-    LazyStack,
-    StateDict,
-    check_base,
-    chunked_merge,
-    compute_dtype,
-    finish,
-    flat,
-)
+from varmerge.merging.kernels import LazyStack, StateDict, check_base, chunked_merge, compute_dtype, finish, flat
 from varmerge.merging.registry import CalibrationOptions, ChunkedOptions, Options, register
 
 __all__ = [
@@ -135,8 +127,7 @@ def _ties_thresholds(base, means, keys, density: float, trim: str) -> dict[str, 
             tau = _task_vectors(base, means, key, torch.float64).abs()
             out[key] = torch.stack([kth_largest(tau[t]) for t in range(T)])
         return out
-    mags = [torch.cat([_task_vectors(base, [m], k, torch.float64).abs()[0] for k in keys])
-            for m in means]
+    mags = [torch.cat([_task_vectors(base, [m], k, torch.float64).abs()[0] for k in keys]) for m in means]
     thr = torch.stack([kth_largest(v) for v in mags])
     return {k: thr for k in keys}
 
@@ -197,8 +188,7 @@ def ties(
         neg_weight = al @ (tau < 0).to(tau.dtype)
         mass = pos_mass + neg_mass
         zero = torch.zeros((), dtype=tau.dtype, device=tau.device)
-        merged = torch.where(mass > 0, pos_mass / pos_weight,
-                             torch.where(mass < 0, neg_mass / neg_weight, zero))
+        merged = torch.where(mass > 0, pos_mass / pos_weight, torch.where(mass < 0, neg_mass / neg_weight, zero))
         torch.add(b, merged, alpha=lam, out=out)
 
     return chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
@@ -262,8 +252,7 @@ def dare(
 # --------------------------------------------------------------------------------------------
 # SLERP
 # --------------------------------------------------------------------------------------------
-def _slerp_rows(r: torch.Tensor, v: torch.Tensor, w: torch.Tensor, dot_threshold: float,
-                eps: float) -> torch.Tensor:
+def _slerp_rows(r: torch.Tensor, v: torch.Tensor, w: torch.Tensor, dot_threshold: float, eps: float) -> torch.Tensor:
     """Row g: slerp(r_g, v, w_g) = sin((1−w)Ω)/sin Ω · r_g + sin(wΩ)/sin Ω · v, cos Ω = r̂_g·v̂.
 
     Rows where |cos Ω| > ``dot_threshold`` (nearly colinear or anti-colinear) or where either
@@ -340,8 +329,7 @@ def slerp(
             cum = ag[:, 0].clone()
             for t in range(1, T):
                 total = cum + ag[:, t]
-                w = torch.where(total > 0, ag[:, t] / total.clamp_min(torch.finfo(cdt).tiny),
-                                torch.zeros_like(total))
+                w = torch.where(total > 0, ag[:, t] / total.clamp_min(torch.finfo(cdt).tiny), torch.zeros_like(total))
                 r = _slerp_rows(r, v[t], w, dot_threshold, eps)
                 cum = total
             merged[lo : lo + rows] = r if b is None else r + b
@@ -481,9 +469,7 @@ def esm(
 # --------------------------------------------------------------------------------------------
 def _bias_key(weight_key: str) -> str:
     if not weight_key.endswith("weight"):
-        raise ValueError(
-            f"grams[{weight_key!r}] has a bias coordinate but the key does not end in 'weight'"
-        )
+        raise ValueError(f"grams[{weight_key!r}] has a bias coordinate but the key does not end in 'weight'")
     return weight_key[: -len("weight")] + "bias"
 
 
@@ -502,9 +488,7 @@ def _check_grams(grams, means, keys) -> dict[str, tuple[int, str | None]]:
         if not isinstance(gt, Mapping):
             raise ValueError(f"grams[{t}] is a {type(gt).__name__}, not a mapping")
         if set(gt) != set(names):
-            raise ValueError(
-                f"grams[{t}] covers {sorted(gt)[:5]} but grams[0] covers {sorted(names)[:5]}"
-            )
+            raise ValueError(f"grams[{t}] covers {sorted(gt)[:5]} but grams[0] covers {sorted(names)[:5]}")
         for k in names:
             if k not in keys:
                 raise ValueError(f"grams[{t}] has {k!r}, which is not a parameter of the models")
@@ -513,8 +497,12 @@ def _check_grams(grams, means, keys) -> dict[str, tuple[int, str | None]]:
                 raise ValueError(f"grams[{t}][{k!r}]: {k!r} is not a weight matrix (shape {tuple(w.shape)})")
             n_in = w[0].numel()
             g = gt[k]
-            if not isinstance(g, torch.Tensor) or g.ndim != 2 or g.shape[0] != g.shape[1] or \
-                    g.shape[0] not in (n_in, n_in + 1):
+            if (
+                not isinstance(g, torch.Tensor)
+                or g.ndim != 2
+                or g.shape[0] != g.shape[1]
+                or g.shape[0] not in (n_in, n_in + 1)
+            ):
                 raise ValueError(
                     f"grams[{t}][{k!r}] must be a ({n_in}, {n_in}) Gram matrix (or {n_in + 1} with a "
                     f"bias coordinate), got {tuple(getattr(g, 'shape', ()))}"
@@ -639,8 +627,13 @@ def _gram_targets(model: nn.Module, trainable: set[str], conv: bool) -> dict[str
         has_bias = getattr(mod, "bias", None) is not None and bkey in trainable
         if isinstance(mod, nn.Linear):
             targets[name] = (mod, wkey, has_bias)
-        elif (conv and isinstance(mod, nn.Conv2d) and mod.groups == 1
-              and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)):
+        elif (
+            conv
+            and isinstance(mod, nn.Conv2d)
+            and mod.groups == 1
+            and mod.padding_mode == "zeros"
+            and not isinstance(mod.padding, str)
+        ):
             targets[name] = (mod, wkey, has_bias)
     return targets
 
@@ -648,8 +641,9 @@ def _gram_targets(model: nn.Module, trainable: set[str], conv: bool) -> dict[str
 def _layer_rows(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The rows a layer's weight multiplies: features (linear) or unfolded patches (conv)."""
     if isinstance(mod, nn.Conv2d):
-        patches = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
-                           stride=mod.stride)  # (N, C·kh·kw, L)
+        patches = F.unfold(
+            x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride
+        )  # (N, C·kh·kw, L)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
     if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         return x[mask.bool()]

@@ -23,12 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from varmerge._checks import (
-    check_alpha,
-    check_precision_tensor,
-    check_precisions,
-    check_state_dicts,
-)
+from varmerge._checks import check_alpha, check_precision_tensor, check_precisions, check_state_dicts
 from varmerge.merging.kernels import (
     LazyStack,
     StateDict,
@@ -104,13 +99,7 @@ def simple_average(means: Sequence[StateDict], alpha, *, chunk_elems: int | None
 @register("task_arithmetic", needs_base=True, options=TaskArithmeticOptions)
 @torch.no_grad()
 def task_arithmetic(
-    base: StateDict,
-    means: Sequence[StateDict],
-    alpha,
-    scale: float = 1.0,
-    *,
-    chunk_elems: int | None = None,
-    out=None,
+    base: StateDict, means: Sequence[StateDict], alpha, scale: float = 1.0, *, chunk_elems: int | None = None, out=None
 ):
     """Task arithmetic θ0 + λ Σ_t α_t (θ_t − θ0) (isotropic Gaussians, prior N(θ0, I); eq. 11)."""
     keys = check_state_dicts(means, "means")
@@ -184,12 +173,7 @@ def hessian_weighted(
                 if base_precision is not None
                 else torch.zeros(base[k].numel(), dtype=base[k].dtype, device=base[k].device)
             )
-            return [
-                flat(base[k]),
-                h0,
-                LazyStack([m[k] for m in means]),
-                LazyStack([p[k] for p in precisions]),
-            ]
+            return [flat(base[k]), h0, LazyStack([m[k] for m in means]), LazyStack([p[k] for p in precisions])]
 
         def kernel(al, b, h0, th, h, out, scratch):
             h.clamp_min_(floor)
@@ -212,15 +196,11 @@ def _check_mixture(means, precisions):
     flat_m, flat_p, task_of = [], [], []
     for t, (mt, pt) in enumerate(zip(means, precisions, strict=True)):
         if isinstance(mt, Mapping):
-            raise ValueError(
-                f"means[{t}] is a single state dict; mixture merging needs a list of K components"
-            )
+            raise ValueError(f"means[{t}] is a single state dict; mixture merging needs a list of K components")
         if len(mt) == 0:
             raise ValueError(f"task {t} has no mixture components")
         if len(pt) != len(mt):
-            raise ValueError(
-                f"task {t} has {len(mt)} mean components but {len(pt)} precision components"
-            )
+            raise ValueError(f"task {t} has {len(mt)} mean components but {len(pt)} precision components")
         flat_m.extend(mt)
         flat_p.extend(pt)
         task_of.extend([t] * len(mt))
@@ -242,8 +222,7 @@ def _mixture_logweights(weights, means) -> torch.Tensor:
             w = torch.as_tensor(weights[t], dtype=torch.float64)
             if w.shape != (len(mt),) or (w <= 0).any() or abs(float(w.sum()) - 1) > 1e-6:
                 raise ValueError(
-                    f"mixture weights of task {t} must be {len(mt)} positive numbers summing to 1, "
-                    f"got {w.tolist()}"
+                    f"mixture weights of task {t} must be {len(mt)} positive numbers summing to 1, got {w.tolist()}"
                 )
         logs.append(w.log())
     return torch.cat(logs)
@@ -407,9 +386,7 @@ def mixture_objective(
     state = _MixtureState(keys, flat_m, flat_p, float(precision_floor))
     q = state.sq_mahalanobis(th, chunk_size(a.shape[0], None))
     log_joint = log_pi + state.half_logdet - 0.5 * q  # (G, C)
-    per_task = torch.stack(
-        [torch.logsumexp(log_joint[:, task_of == t], dim=1) for t in range(T)], dim=1
-    )
+    per_task = torch.stack([torch.logsumexp(log_joint[:, task_of == t], dim=1) for t in range(T)], dim=1)
     obj = (a * per_task).sum(1)
     return obj if batched else obj[0]
 
@@ -430,9 +407,7 @@ def _check_full(means, precisions):
         if m.shape[0] != P:
             raise ValueError(f"means[{t}] has {m.shape[0]} entries, expected {P}")
         if not isinstance(H, torch.Tensor) or H.shape != (P, P):
-            raise ValueError(
-                f"precisions[{t}] must be a ({P}, {P}) matrix, got {tuple(getattr(H, 'shape', ()))}"
-            )
+            raise ValueError(f"precisions[{t}] must be a ({P}, {P}) matrix, got {tuple(getattr(H, 'shape', ()))}")
         if m.dtype != means[0].dtype or H.dtype != means[0].dtype:
             raise ValueError(f"task {t}: dtypes differ ({m.dtype}, {H.dtype} vs {means[0].dtype})")
         if not torch.isfinite(m).all():

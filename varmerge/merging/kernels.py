@@ -72,8 +72,9 @@ def check_out(out: Mapping[str, torch.Tensor], keys, ref: StateDict, G: int) -> 
             raise ValueError(f"out is missing key {k!r}")
         t, want = out[k], (G, *ref[k].shape)
         if tuple(t.shape) != want or t.dtype != ref[k].dtype or not t.is_contiguous():
-            raise ValueError(f"out[{k!r}] must be a contiguous {want} tensor of dtype {ref[k].dtype}, "
-                             f"got {tuple(t.shape)} {t.dtype}")
+            raise ValueError(
+                f"out[{k!r}] must be a contiguous {want} tensor of dtype {ref[k].dtype}, got {tuple(t.shape)} {t.dtype}"
+            )
 
 
 def check_base(base: StateDict, ref: StateDict, what: str = "base") -> None:

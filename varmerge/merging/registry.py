@@ -193,8 +193,16 @@ def register(
             raise ValueError(f"merge method {name!r} is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()
         _METHODS[name] = MergeMethod(
-            name, fn, posterior=posterior, needs_base=needs_base, needs_calibration=needs_calibration,
-            options=options, kind=kind, dtype=dtype, check=check, description=doc[0] if doc else "",
+            name,
+            fn,
+            posterior=posterior,
+            needs_base=needs_base,
+            needs_calibration=needs_calibration,
+            options=options,
+            kind=kind,
+            dtype=dtype,
+            check=check,
+            description=doc[0] if doc else "",
         )
         return fn
 

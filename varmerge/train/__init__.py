@@ -18,13 +18,7 @@ Nothing here imports prefect, mlflow or dvc; pass an MLflow logger in ``TrainerS
 from the orchestration layer.
 """
 
-from varmerge.train.batches import (
-    default_forward,
-    default_labels,
-    make_loader,
-    task_loss,
-    weighted_multitask_loss,
-)
+from varmerge.train.batches import default_forward, default_labels, make_loader, task_loss, weighted_multitask_loss
 from varmerge.train.ensembles import fit_multi_ivon, fit_soup_ivon
 from varmerge.train.fitting import adamw_sg_posterior, fit, fit_multitask, trained_sg_posterior
 from varmerge.train.modules import IVONSnapshots, SingleTaskModule, WeightedMultitaskModule

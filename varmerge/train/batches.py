@@ -61,9 +61,7 @@ def task_loss(model: nn.Module, batch: Any, *, reduction: str = "mean") -> Tenso
     logits = default_forward(model, batch)
     labels = default_labels(batch)
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(
-            f"expected (N, C) logits and (N,) labels, got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
+        raise ValueError(f"expected (N, C) logits and (N,) labels, got {tuple(logits.shape)} and {tuple(labels.shape)}")
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()  # half-precision logits: compute the loss in float32
     return F.cross_entropy(logits, labels.long(), reduction=reduction)

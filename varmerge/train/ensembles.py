@@ -103,8 +103,17 @@ def fit_multi_ivon(
     if num_runs < 1:
         raise ValueError(f"need num_runs >= 1, got {num_runs}")
     seeds = [seed + k for k in range(num_runs)]
-    runs = _ivon_runs(model, data, optimizer, trainer, seeds=seeds, snapshot_steps=None, task=task,
-                      completed=completed_runs, on_run=on_run)
+    runs = _ivon_runs(
+        model,
+        data,
+        optimizer,
+        trainer,
+        seeds=seeds,
+        snapshot_steps=None,
+        task=task,
+        completed=completed_runs,
+        on_run=on_run,
+    )
     return _mixture(runs, "multi_ivon", task, seeds)
 
 
@@ -134,6 +143,15 @@ def fit_soup_ivon(
     if num_runs < 1:
         raise ValueError(f"need num_runs >= 1, got {num_runs}")
     seeds = [seed + k for k in range(num_runs)]
-    runs = _ivon_runs(model, data, optimizer, trainer, seeds=seeds, snapshot_steps=steps, task=task,
-                      completed=completed_runs, on_run=on_run)
+    runs = _ivon_runs(
+        model,
+        data,
+        optimizer,
+        trainer,
+        seeds=seeds,
+        snapshot_steps=steps,
+        task=task,
+        completed=completed_runs,
+        on_run=on_run,
+    )
     return _mixture(runs, "soup_ivon", task, seeds, steps=steps)

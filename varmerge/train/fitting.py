@@ -123,9 +123,15 @@ def fit(
     if optimizer.name == "full_von":
         x, y = full_tensors(data)
         post = fit_full_von(
-            model, x, y, lr=optimizer.lr, mc_samples=optimizer.mc_samples, num_iters=trainer.steps,
+            model,
+            x,
+            y,
+            lr=optimizer.lr,
+            mc_samples=optimizer.mc_samples,
+            num_iters=trainer.steps,
             prior_precision=1.0 if optimizer.prior_precision is None else optimizer.prior_precision,
-            seed=seed, meta=meta,
+            seed=seed,
+            meta=meta,
         )
         return model, post
 

@@ -18,8 +18,7 @@ from typing import Any
 import ivon
 import torch
 
-__all__ = ["ACCELERATORS", "IVON_OWN_ARGUMENTS", "OPTIMIZERS", "PRECISIONS", "OptimizerSettings",
-           "TrainerSettings"]
+__all__ = ["ACCELERATORS", "IVON_OWN_ARGUMENTS", "OPTIMIZERS", "PRECISIONS", "OptimizerSettings", "TrainerSettings"]
 
 OPTIMIZERS = ("adamw", "ivon", "full_von")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -101,7 +100,11 @@ class OptimizerSettings:
     def make_ivon(self, params, *, ess: float) -> ivon.IVON:
         """``ivon.IVON`` over ``params`` with these settings (``ess`` resolved by the caller)."""
         return ivon.IVON(
-            params, lr=float(self.lr), ess=float(ess), weight_decay=float(self.weight_decay), mc_samples=self.mc_samples,
+            params,
+            lr=float(self.lr),
+            ess=float(ess),
+            weight_decay=float(self.weight_decay),
+            mc_samples=self.mc_samples,
             **self.ivon,
         )
 

@@ -24,11 +24,7 @@ __all__ = ["fit_full_von", "full_von", "softmax_regression_hessian"]
 
 def full_tensors(data: Data) -> tuple[Tensor, Tensor]:
     """``(x, y)`` tensors of ``data`` (tensors, a TensorDataset, a Dataset or DataLoader of (x, y))."""
-    if (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, Tensor) for t in data)
-    ):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         return data[0], data[1]
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
         return data.tensors[0], data.tensors[1]
@@ -37,9 +33,7 @@ def full_tensors(data: Data) -> tuple[Tensor, Tensor]:
         loader = DataLoader(ds, batch_size=4096, shuffle=False)
         xs, ys = zip(*[(b[0], b[1]) for b in loader], strict=True)
         return torch.cat(xs), torch.cat(ys)
-    raise ValueError(
-        f"full VON needs (x, y) tensors or a dataset of (x, y), got {type(data).__name__}"
-    )
+    raise ValueError(f"full VON needs (x, y) tensors or a dataset of (x, y), got {type(data).__name__}")
 
 
 def _find_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -47,22 +41,16 @@ def _find_linear(model: nn.Module) -> tuple[str, nn.Linear]:
         return "", model
     lins = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if len(lins) != 1:
-        raise ValueError(
-            f"full VON needs a model with exactly one nn.Linear (logistic regression), found {len(lins)}"
-        )
+        raise ValueError(f"full VON needs a model with exactly one nn.Linear (logistic regression), found {len(lins)}")
     name, lin = lins[0]
     own = {id(lin.weight)} | ({id(lin.bias)} if lin.bias is not None else set())
     other = [n for n, p in model.named_parameters() if id(p) not in own]
     if other:
-        raise ValueError(
-            f"full VON covers one nn.Linear only; the model has other parameters {other[:5]}"
-        )
+        raise ValueError(f"full VON covers one nn.Linear only; the model has other parameters {other[:5]}")
     return name + ".", lin
 
 
-def softmax_regression_hessian(
-    x: Tensor, a: Tensor, *, chunk_size: int = 4096, out: Tensor | None = None
-) -> Tensor:
+def softmax_regression_hessian(x: Tensor, a: Tensor, *, chunk_size: int = 4096, out: Tensor | None = None) -> Tensor:
     """``Σ_i A_i ⊗ x_i x_iᵀ`` with ``A_i = diag(p_i) − p_i p_iᵀ`` (or any symmetric (C, C) weights).
 
     ``x`` is (N, D), ``a`` is (N, C, C); the result is (C·D, C·D) in class-major order (index
@@ -83,9 +71,7 @@ def softmax_regression_hessian(
                 H[c * D : (c + 1) * D, c2 * D : (c2 + 1) * D] += blk
     for c in range(C):
         for c2 in range(c + 1, C):
-            H[c2 * D : (c2 + 1) * D, c * D : (c + 1) * D] = H[
-                c * D : (c + 1) * D, c2 * D : (c2 + 1) * D
-            ].T
+            H[c2 * D : (c2 + 1) * D, c * D : (c + 1) * D] = H[c * D : (c + 1) * D, c2 * D : (c2 + 1) * D].T
     return H
 
 
@@ -153,11 +139,7 @@ def full_von(
     P = C * D + C
     delta = float(prior_precision)
     s0 = delta if init_precision is None else float(init_precision)
-    mu0 = (
-        torch.zeros(P, dtype=dtype, device=device)
-        if prior_mean is None
-        else prior_mean.to(device, dtype).flatten()
-    )
+    mu0 = torch.zeros(P, dtype=dtype, device=device) if prior_mean is None else prior_mean.to(device, dtype).flatten()
     m_full = mu0.clone() if init_mean is None else init_mean.to(device, dtype).flatten().clone()
     if mu0.numel() != P or m_full.numel() != P:
         raise ValueError(f"prior_mean / init_mean must have C·D + C = {P} entries")
@@ -267,9 +249,7 @@ def fit_full_von(
                 "the model is not plain logistic regression on flattened inputs (its logits differ "
                 "from x.flatten() @ Wᵀ + b); full VON needs exactly that"
             )
-        theta0 = torch.cat([lin.weight.detach().flatten(), lin.bias.detach().flatten()]).to(
-            "cpu", torch.float64
-        )
+        theta0 = torch.cat([lin.weight.detach().flatten(), lin.bias.detach().flatten()]).to("cpu", torch.float64)
     m, S = full_von(
         xf,
         y,
