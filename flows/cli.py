@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import typer
@@ -67,6 +68,20 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+PREFLIGHT_STATUS = "checking the config, data, model and tracking store"
+
+
+@contextmanager
+def _user_errors(status: str | None = None):
+    """Run the block (under a console ``status`` line if given); an exception ends the command
+    through :func:`_fail`."""
+    try:
+        with console.status(status) if status else nullcontext():
+            yield
+    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
+        _fail(exc)
+
+
 def _load(config: Path, check_device: bool = True):
     from varmerge.config import load_config
     from varmerge.pipeline import check_accelerator
@@ -98,14 +113,12 @@ def validate(
             f"[yellow]note:[/] {escape(str(exc))} (fine for a config meant for another machine)", soft_wrap=True
         )
     report = None
-    try:
+    with _user_errors():
         pf.check_constraints(cfg)
         if not schema_only:
             ds = pf.load_data(cfg)
             report = pf.check_data(cfg, ds)
             pf.check_model(cfg, report.num_classes, ds)
-    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
-        _fail(exc)
     table = Table(title=f"{config} is valid", show_header=False)
     table.add_row("tasks", ", ".join(f"{t.name} {t.classes or t.domain}" for t in cfg.data.tasks))
     table.add_row("data", f"{cfg.data.source} (seed {cfg.data.seed}, test {cfg.data.test_fraction})")
@@ -132,12 +145,10 @@ def demo(
 
     cfg = _load(config)
     t0 = time.perf_counter()
-    try:
+    with _user_errors():
         res = estimate_front(cfg, LocalRunner(cfg, status=console.status))
         if res.error is not None:
             raise ValueError(res.error)
-    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
-        _fail(exc)
     summary = res.summary()
     summary["seconds"]["total"] = time.perf_counter() - t0
     print_front(summary, cfg.merge.spacing)
@@ -156,11 +167,9 @@ def prepare_data(
     from varmerge import pipeline
 
     cfg = _load(config)
-    try:
+    with _user_errors():
         ds = pipeline.load_dataset(cfg)
         vdata.save_dataset(ds, out)
-    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
-        _fail(exc)
     console.print(f"saved {cfg.data.source} ({', '.join(f'{k}: {len(v)}' for k, v in ds.items())}) to {out}")
 
 
@@ -179,26 +188,20 @@ def run_flow(
     from varmerge.preflight import preflight
 
     cfg = _load(config)  # fail fast, before Prefect starts
-    try:
-        with console.status("checking the config, data, model and tracking store"):
-            preflight(cfg, tracking_uri, output_dir=output, data_dir=data)
-    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
-        _fail(exc)
+    with _user_errors(PREFLIGHT_STATUS):
+        preflight(cfg, tracking_uri, output_dir=output, data_dir=data)
     _prefect_env()
     from flows.front import front_flow
 
     t0 = time.perf_counter()
-    try:
-        with console.status(f"running the front flow on {config} (Prefect + MLflow)"):
-            summary = front_flow(
-                str(config),
-                tracking_uri=tracking_uri,
-                output_dir=str(output) if output else None,
-                data_dir=str(data) if data else None,
-                check_inputs=False,
-            )
-    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
-        _fail(exc)
+    with _user_errors(f"running the front flow on {config} (Prefect + MLflow)"):
+        summary = front_flow(
+            str(config),
+            tracking_uri=tracking_uri,
+            output_dir=str(output) if output else None,
+            data_dir=str(data) if data else None,
+            check_inputs=False,
+        )
     print_front(summary, cfg.merge.spacing)
     console.print(
         f"done in {time.perf_counter() - t0:.0f} s. Front, plots: {summary['run_dir']}/ "
@@ -220,23 +223,17 @@ def sweep(
     from varmerge.preflight import preflight
 
     cfg = _load(config)
-    try:
+    with _user_errors(PREFLIGHT_STATUS):
         n = grid_size(len(cfg.data.tasks), spacing)
-        with console.status("checking the config, data, model and tracking store"):
-            preflight(cfg, tracking_uri, output_dir=output)
-    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
-        _fail(exc)
+        preflight(cfg, tracking_uri, output_dir=output)
     _prefect_env()
     from flows.sweep import ground_truth_flow
 
     t0 = time.perf_counter()
-    try:
-        with console.status(f"{n} multitask finetunes (spacing {spacing})"):
-            out = ground_truth_flow(
-                str(config), spacing=spacing, tracking_uri=tracking_uri, output_dir=str(output) if output else None
-            )
-    except Exception as exc:  # noqa: BLE001 - _fail tells user errors from unexpected ones
-        _fail(exc)
+    with _user_errors(f"{n} multitask finetunes (spacing {spacing})"):
+        out = ground_truth_flow(
+            str(config), spacing=spacing, tracking_uri=tracking_uri, output_dir=str(output) if output else None
+        )
     table = Table(title=f"ground truth: {n} multitask finetunes, max mean acc {100 * out['max_mean_accuracy']:.1f}")
     for col in ("method", "max mean acc", "hypervolume", "IGD+"):
         table.add_column(col, justify="left" if col == "method" else "right")

@@ -57,7 +57,7 @@ def front_flow(
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or cfg.tracking.uri or tracking.default_uri(run_dir)
     names = [t.name for t in cfg.data.tasks]
-    runner = PrefectRunner(cfg, str(run_dir), data_dir=data_dir, tracking_uri=uri)
+    runner = PrefectRunner(cfg, str(run_dir), data_dir=data_dir)
 
     data_ref = runner.data()
     exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
@@ -77,7 +77,7 @@ def front_flow(
         )
         .info.run_id
     )
-    runner.tracking["parent_run_id"] = parent
+    runner.parent = tracking.Parent(uri, parent)
     tracking.log_params(uri, parent, {"config": runner.cfg_json})
     try:
         result = estimate_front(cfg, runner)

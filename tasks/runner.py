@@ -14,22 +14,17 @@ import torch
 from prefect import unmapped
 
 from tasks import steps
+from tasks.tracking import Parent
 from varmerge.config import ExperimentConfig
 
 
 class PrefectRunner:
     def __init__(
-        self,
-        cfg: ExperimentConfig,
-        run_dir: str,
-        *,
-        data_dir: str | None = None,
-        tracking_uri: str | None = None,
-        parent_run_id: str | None = None,
+        self, cfg: ExperimentConfig, run_dir: str, *, data_dir: str | None = None, parent: Parent | None = None
     ):
         self.cfg, self.run_dir, self.data_dir = cfg, str(run_dir), data_dir
         self.cfg_json = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
-        self.tracking = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
+        self.parent = parent  # the MLflow run the tasks log under (None: no logging)
         self.data_ref: dict | None = None
         self.base_ref: dict | None = None
         self.multitask_refs: list[dict] = []
@@ -50,12 +45,12 @@ class PrefectRunner:
             unmapped(data),
             unmapped(base),
             list(range(len(self.cfg.data.tasks))),
-            **{k: unmapped(v) for k, v in self.tracking.items()},
+            parent=unmapped(self.parent),
         ).result()
 
     def sweeps(self, data: dict, base: dict, posteriors: list[dict], methods) -> dict[str, dict]:
         futures = {
-            m: steps.sweep.submit(self.cfg_json, self.run_dir, m, data, base, posteriors, **self.tracking)
+            m: steps.sweep.submit(self.cfg_json, self.run_dir, m, data, base, posteriors, parent=self.parent)
             for m in methods
         }
         return {m: steps.load_sweep(self.run_dir, f.result()) for m, f in futures.items()}
@@ -67,6 +62,6 @@ class PrefectRunner:
             unmapped(data),
             unmapped(base),
             [a.tolist() for a in alphas],
-            **{k: unmapped(v) for k, v in self.tracking.items()},
+            parent=unmapped(self.parent),
         ).result()
         return [torch.tensor(r["accuracy"], dtype=torch.float64) for r in self.multitask_refs]

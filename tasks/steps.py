@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 import tasks as _tasks_package
 from tasks import tracking
+from tasks.tracking import Parent
 from varmerge import data as vdata
 from varmerge import io, models, pipeline
 from varmerge.config import ExperimentConfig, parse_config
@@ -120,13 +121,7 @@ def _posterior_key(store: RunStore, cfg: ExperimentConfig, data_ref: dict, base_
 
 @task(name="finetune-task", task_run_name="finetune-{task_index}", cache_policy=NO_CACHE)
 def finetune(
-    cfg_json: str,
-    run_dir: str,
-    data_ref: dict,
-    base_ref: dict,
-    task_index: int,
-    tracking_uri: str | None = None,
-    parent_run_id: str | None = None,
+    cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, task_index: int, parent: Parent | None = None
 ) -> dict:
     """One task's finetune; writes its posterior (means + precisions = the Hessian) and logs it.
 
@@ -143,15 +138,12 @@ def finetune(
         t = tasks_[task_index]
         base = load_base(cfg, run_dir, base_ref)
         child = None
-        if tracking_uri and parent_run_id:
+        if parent:
             child = tracking.start_child(
-                tracking_uri,
-                parent_run_id,
-                f"finetune/{t.name}",
-                {"varmerge.stage": "finetune", "varmerge.task": t.name},
+                parent.uri, parent.run_id, f"finetune/{t.name}", {"varmerge.stage": "finetune", "varmerge.task": t.name}
             )
             tracking.log_params(
-                tracking_uri,
+                parent.uri,
                 child,
                 {
                     "task": t.name,
@@ -162,7 +154,7 @@ def finetune(
             )
         t0 = time.perf_counter()
         post, weights = pipeline.finetune_task(
-            cfg, base, t, logger=tracking.lightning_logger(tracking_uri, child), resume_dir=parts
+            cfg, base, t, logger=tracking.lightning_logger(parent.uri, child) if child else None, resume_dir=parts
         )
         seconds = time.perf_counter() - t0
         sha = post.save(path)
@@ -171,15 +163,15 @@ def finetune(
             models.load_trainable(base, weights)
             s = pipeline.score_sweep(base, {k: v.unsqueeze(0) for k, v in weights.items()}, tasks_)
             tracking.log_metrics(
-                tracking_uri,
+                parent.uri,
                 child,
                 {
                     "seconds": seconds,
                     **{f"test/{n.name}/accuracy": float(a) for n, a in zip(tasks_, s["accuracy"][0], strict=True)},
                 },
             )
-            tracking.log_artifact(tracking_uri, child, path, "posterior")
-            tracking.finish(tracking_uri, child)
+            tracking.log_artifact(parent.uri, child, path, "posterior")
+            tracking.finish(parent.uri, child)
         return sha
 
     ref, _ = store.compute("posterior", key, make, name=name)
@@ -222,8 +214,7 @@ def sweep(
     data_ref: dict,
     base_ref: dict,
     posterior_refs: list,
-    tracking_uri: str | None = None,
-    parent_run_id: str | None = None,
+    parent: Parent | None = None,
 ) -> dict:
     """Merge with one method over the whole α grid and score every merged model on every task."""
     cfg, store = _cfg(cfg_json), store_for(run_dir)
@@ -243,16 +234,17 @@ def sweep(
             {"kind": "sweep", "method": method, "tasks": names, "seconds": seconds},
         )
         _say("swept %s over %d α in %.1f s", method, len(res["alpha"]), seconds)
-        if tracking_uri and parent_run_id:
-            _log_sweep(cfg, tracking_uri, parent_run_id, method, names, res, seconds, path)
+        if parent:
+            _log_sweep(cfg, parent, method, names, res, seconds, path)
         return sha
 
     return store.compute("sweep", key, make, name=method)[0]
 
 
-def _log_sweep(cfg, uri, parent_run_id, method, names, res, seconds, path: Path) -> None:
+def _log_sweep(cfg, parent: Parent, method, names, res, seconds, path: Path) -> None:
+    uri = parent.uri
     child = tracking.start_child(
-        uri, parent_run_id, f"merge/{method}", {"varmerge.stage": "merge", "varmerge.method": method}
+        uri, parent.run_id, f"merge/{method}", {"varmerge.stage": "merge", "varmerge.method": method}
     )
     mean = res["accuracy"].mean(1)
     b = int(mean.argmax())
@@ -300,13 +292,7 @@ def find_sweep(
 # ----------------------------------------------------------------------------------- multitask
 @task(name="multitask-finetune", cache_policy=NO_CACHE)
 def multitask(
-    cfg_json: str,
-    run_dir: str,
-    data_ref: dict,
-    base_ref: dict,
-    alpha: list,
-    tracking_uri: str | None = None,
-    parent_run_id: str | None = None,
+    cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, alpha: list, parent: Parent | None = None
 ) -> dict:
     """The real multitask finetune at α; returns its file and realised per-task accuracies."""
     cfg, store = _cfg(cfg_json), store_for(run_dir)
@@ -326,25 +312,25 @@ def multitask(
         base = load_base(cfg, run_dir, base_ref)
         t0 = time.perf_counter()
         child = None
-        if tracking_uri and parent_run_id:
+        if parent:
             child = tracking.start_child(
-                tracking_uri,
-                parent_run_id,
+                parent.uri,
+                parent.run_id,
                 f"multitask/alpha={[round(v, 3) for v in alpha]}",
                 {"varmerge.stage": "multitask_finetune", "varmerge.alpha": json.dumps(alpha)},
             )
         model, acc = pipeline.multitask_finetune(
-            cfg, base, tasks_, alpha, logger=tracking.lightning_logger(tracking_uri, child)
+            cfg, base, tasks_, alpha, logger=tracking.lightning_logger(parent.uri, child) if child else None
         )
         seconds = time.perf_counter() - t0
         _say("multitask finetune at α=%s in %.1f s", [round(v, 3) for v in alpha], seconds)
         if child:
             tracking.log_metrics(
-                tracking_uri,
+                parent.uri,
                 child,
                 {"seconds": seconds, **{f"test/{t.name}/accuracy": float(v) for t, v in zip(tasks_, acc, strict=True)}},
             )
-            tracking.finish(tracking_uri, child)
+            tracking.finish(parent.uri, child)
         return io.save_state_dict(
             path,
             model.state_dict(),

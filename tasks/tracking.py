@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,14 @@ from mlflow.tracking import MlflowClient
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The MLflow run a flow's tasks nest their runs under: its tracking store and its id."""
+
+    uri: str
+    run_id: str
 
 
 def default_uri(run_dir: Path) -> str:
@@ -131,6 +140,7 @@ def lightning_logger(uri: str | None, run_id: str | None):
 
 
 __all__ = [
+    "Parent",
     "lightning_logger",
     "mlflow",
     "default_uri",

@@ -291,12 +291,4 @@ def map_front(
     front_alpha, front_values = surrogate_front(
         surrogates[metric], maximize=maximize, algorithm=algorithm, pop_size=pop_size, n_gen=n_gen, seed=seed
     )
-    return MapFront(
-        alpha=a,
-        predictions=predictions,
-        front_alpha=front_alpha,
-        front_values=front_values,
-        design_alpha=design,
-        design_scores=design_scores,
-        surrogates=surrogates,
-    )
+    return MapFront(a, predictions, front_alpha, front_values, design, design_scores, surrogates)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -428,9 +428,16 @@ def sweep_and_score(
     ``calibration_examples`` (default 256) training inputs of each task.
     """
     spec = merge.get_method(method)
-    if spec.kind == "estimator":
-        return map_sweep(cfg, posteriors, model, tasks, alpha, block=block, progress=progress)
     alpha = simplex_grid(len(tasks), cfg.merge.spacing) if alpha is None else alpha
+    if spec.kind == "estimator":
+
+        def score_task_arithmetic(design: torch.Tensor) -> dict[str, torch.Tensor]:
+            s = sweep_and_score(
+                cfg, "task_arithmetic", posteriors, model, tasks, design, block=block, progress=progress
+            )
+            return {"accuracy": s["accuracy"], "loss": s["loss"]}
+
+        return map_sweep(cfg, alpha, score_task_arithmetic)
     base = models.trainable_state_dict(model)
     options = spec.parse_options(cfg.merge.options.get(method, {}))
     t0 = time.perf_counter()
@@ -458,18 +465,13 @@ def sweep_and_score(
 
 
 def map_sweep(
-    cfg: ExperimentConfig,
-    posteriors: Sequence[Posterior],
-    model: nn.Module,
-    tasks: Sequence[TaskData],
-    alpha: torch.Tensor | None = None,
-    *,
-    block: int = 256,
-    progress: bool = False,
+    cfg: ExperimentConfig, alpha: torch.Tensor, score: Callable[[torch.Tensor], dict[str, torch.Tensor]]
 ) -> dict:
     """MAP (:mod:`varmerge.map_front`): task arithmetic scored at a few α, quadratic surrogates.
 
-    Returns the surrogates' (G, T) float64 predictions on the α grid as ``accuracy`` (clipped to
+    ``score(design)`` gives the (E, T) ``accuracy`` and ``loss`` of task arithmetic at the design
+    α (:func:`sweep_and_score` passes its own sweep of ``task_arithmetic``). Returns the
+    surrogates' (G, T) float64 predictions on the α grid ``alpha`` as ``accuracy`` (clipped to
     [0, 1]) and ``loss`` (clipped at 0), so fronts, selection and indicators treat MAP like any
     merge, plus the NSGA front of the accuracy surrogate (``front_alpha``, ``front_accuracy``)
     and the number of real evaluations. Options: ``cfg.merge.options["map"]`` (n_evaluations,
@@ -477,14 +479,8 @@ def map_sweep(
     """
     spec = merge.get_method(MAP_METHOD)
     options = spec.parse_options(cfg.merge.options.get(MAP_METHOD, {}))
-    alpha = simplex_grid(len(tasks), cfg.merge.spacing) if alpha is None else alpha
     t0 = time.perf_counter()
-
-    def evaluate_design(design: torch.Tensor) -> dict[str, torch.Tensor]:
-        s = sweep_and_score(cfg, "task_arithmetic", posteriors, model, tasks, design, block=block, progress=progress)
-        return {"accuracy": s["accuracy"], "loss": s["loss"]}
-
-    res = spec.fn(evaluate_design, alpha, **options.rule_kwargs())
+    res = spec.fn(score, alpha, **options.rule_kwargs())
     return {
         "alpha": alpha,
         "accuracy": res.predictions["accuracy"].clamp(0.0, 1.0),

@@ -34,7 +34,16 @@ from torch.nn import functional as F
 
 from varmerge._checks import check_alpha, check_state_dicts
 from varmerge.merging.gaussian import simple_average
-from varmerge.merging.kernels import LazyStack, StateDict, check_base, chunked_merge, compute_dtype, finish, flat
+from varmerge.merging.kernels import (
+    LazyStack,
+    StateDict,
+    check_base,
+    chunked_merge,
+    compute_dtype,
+    finish,
+    flat,
+    solve_spd_rows,
+)
 from varmerge.merging.registry import CalibrationOptions, ChunkedOptions, Options, register
 
 __all__ = [
@@ -600,14 +609,8 @@ def regmean(
             ag = al[lo : lo + per]
             Ag = (ag @ A.reshape(T, -1)).reshape(-1, d, d)
             Bg = (ag @ R.reshape(T, -1)).reshape(-1, out_dim, d)
-            L, info = torch.linalg.cholesky_ex(Ag)
-            if (info != 0).any():
-                g_row = int(torch.nonzero(info)[0]) + lo
-                raise ValueError(
-                    f"regmean: Σ_t α_t (G_t + ρ_t I) for {k!r} is not positive definite at α row "
-                    f"{g_row}: {a[g_row].tolist()} (raise ridge)"
-                )
-            sol[lo : lo + per] = torch.cholesky_solve(Bg.transpose(1, 2), L).transpose(1, 2)
+            what = f"regmean: Σ_t α_t (G_t + ρ_t I) for {k!r}"
+            sol[lo : lo + per] = solve_spd_rows(Ag, Bg.transpose(1, 2), a, lo, what, "raise ridge").transpose(1, 2)
         n_in = w_ref[0].numel()
         result[k] = sol[:, :, :n_in].to(w_ref.dtype).reshape((G, *w_ref.shape))
         if bias is not None:

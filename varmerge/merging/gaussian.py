@@ -33,6 +33,7 @@ from varmerge.merging.kernels import (
     compute_dtype,
     finish,
     flat,
+    solve_spd_rows,
     stack_rows,
 )
 from varmerge.merging.registry import ChunkedOptions, Options, register
@@ -460,14 +461,10 @@ def hessian_weighted_full(
         ag = al[lo : lo + per]
         A = H0 + torch.einsum("gt,tij->gij", ag, H)
         b = ag @ rhs
-        L, info = torch.linalg.cholesky_ex(A)
-        if (info != 0).any():
-            g = int(torch.nonzero(info)[0]) + lo
-            raise ValueError(
-                f"combined precision Σ α_t H_t is not positive definite at α row {g}: "
-                f"{a[g].tolist()} (add a prior precision or check the posteriors)"
-            )
-        outs.append(torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1))
+        sol = solve_spd_rows(
+            A, b.unsqueeze(-1), a, lo, "combined precision Σ α_t H_t", "add a prior precision or check the posteriors"
+        )
+        outs.append(sol.squeeze(-1))
     x = torch.cat(outs)
     if base is not None:
         x = base + x

@@ -30,6 +30,7 @@ __all__ = [
     "compute_dtype",
     "finish",
     "flat",
+    "solve_spd_rows",
     "stack_rows",
 ]
 
@@ -80,6 +81,22 @@ def check_out(out: Mapping[str, torch.Tensor], keys, ref: StateDict, G: int) -> 
 def check_base(base: StateDict, ref: StateDict, what: str = "base") -> None:
     """θ0 has the models' keys, shapes and dtypes (ValueError naming the first mismatch)."""
     check_state_dicts([base], what, reference=ref)
+
+
+def solve_spd_rows(
+    A: torch.Tensor, B: torch.Tensor, alpha: torch.Tensor, first_row: int, what: str, hint: str
+) -> torch.Tensor:
+    """``A_g⁻¹ B_g`` (by Cholesky) for a block of α rows: ``A`` is (g, n, n), ``B`` (g, n, k).
+
+    The block holds rows ``first_row, first_row + 1, ...`` of the (G, T) grid ``alpha``. If an
+    ``A_g`` is not positive definite, ValueError names the first such row:
+    ``"<what> is not positive definite at α row <i>: <α_i> (<hint>)"``.
+    """
+    L, info = torch.linalg.cholesky_ex(A)
+    if (info != 0).any():
+        g = int(torch.nonzero(info)[0]) + first_row
+        raise ValueError(f"{what} is not positive definite at α row {g}: {alpha[g].tolist()} ({hint})")
+    return torch.cholesky_solve(B, L)
 
 
 def stack_rows(dicts: Sequence[StateDict], key: str) -> torch.Tensor:

@@ -192,18 +192,10 @@ def register(
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _METHODS[name] = MergeMethod(
-            name,
-            fn,
-            posterior=posterior,
-            needs_base=needs_base,
-            needs_calibration=needs_calibration,
-            options=options,
-            kind=kind,
-            dtype=dtype,
-            check=check,
-            description=doc[0] if doc else "",
-        )
+        description = doc[0] if doc else ""
+        # the fields in MergeMethod's order
+        spec = MergeMethod(name, fn, posterior, needs_base, needs_calibration, options, kind, dtype, check, description)
+        _METHODS[name] = spec
         return fn
 
     return deco

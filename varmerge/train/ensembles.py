@@ -19,28 +19,34 @@ Completed = Mapping[int, Sequence[DiagonalGaussian]]
 OnRun = Callable[[int, list[DiagonalGaussian]], None]
 
 
-def _ivon_runs(
+def _ivon_mixture(
+    name: str,
     model: nn.Module,
     data: Data,
     optimizer: OptimizerSettings,
     trainer: TrainerSettings,
-    *,
-    seeds: Sequence[int],
-    snapshot_steps: Sequence[int] | None,
+    num_runs: int,
+    seed: int,
     task: str,
     completed: Completed | None,
     on_run: OnRun | None,
-) -> list[list[DiagonalGaussian]]:
-    """Run IVON once per seed from the same θ0; returns per-run lists of snapshot posteriors.
+    snapshot_steps: list[int] | None = None,
+) -> MixtureGaussian:
+    """IVON once per seed ``seed + k`` (k < ``num_runs``) from the same θ0; the mixture ``name``.
 
-    ``completed`` maps run index -> that run's posteriors (done before, e.g. by a killed job):
-    those runs are not trained again. ``on_run(run, posteriors)`` sees each run as it finishes
-    (to persist it). Each run depends only on θ0 and its seed, so skipping finished runs gives
-    the same result as training them all. Every run goes through ``varmerge.train.fit`` looked up
-    on the package at call time, so a wrapper patched there sees each run.
+    Each run contributes its final posterior, or with ``snapshot_steps`` its snapshots at those
+    steps; the components are equally weighted, run-major. ``completed`` maps run index -> that
+    run's posteriors (done before, e.g. by a killed job): those runs are not trained again.
+    ``on_run(run, posteriors)`` sees each run as it finishes (to persist it). Each run depends
+    only on θ0 and its seed, so skipping finished runs gives the same result as training them
+    all. Every run goes through ``varmerge.train.fit`` looked up on the package at call time, so
+    a wrapper patched there sees each run. The model is given back with its weights θ0.
     """
+    if num_runs < 1:
+        raise ValueError(f"need num_runs >= 1, got {num_runs}")
     if optimizer.name != "ivon":
         raise ValueError(f"MultiIVON / SoupIVON train with optimizer 'ivon', got {optimizer.name!r}")
+    seeds = [seed + k for k in range(num_runs)]
     completed = dict(completed or {})
     theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     runs: list[list[DiagonalGaussian]] = []
@@ -65,14 +71,11 @@ def _ivon_runs(
                 on_run(run, runs[-1])
     finally:
         model.load_state_dict(theta0)
-    return runs
-
-
-def _mixture(runs: list[list[DiagonalGaussian]], optimizer: str, task: str, seeds: list[int], **extra):
     comps = [c for r in runs for c in r]
+    extra = {"steps": snapshot_steps} if snapshot_steps else {}
     meta = PosteriorMeta(
         task=task,
-        optimizer=optimizer,
+        optimizer=name,
         seed=seeds[0],
         ess=comps[0].meta.ess,
         weight_decay=comps[0].meta.weight_decay,
@@ -98,23 +101,9 @@ def fit_multi_ivon(
     Returns the equal-weight :class:`MixtureGaussian` of their final posteriors (meta optimizer
     ``multi_ivon``). The model is given back with its initial weights θ0; component k's mean holds
     run k's weights. ``completed_runs`` / ``on_run``: resume from runs already done, persist runs
-    as they finish (see :func:`_ivon_runs`).
+    as they finish (see :func:`_ivon_mixture`).
     """
-    if num_runs < 1:
-        raise ValueError(f"need num_runs >= 1, got {num_runs}")
-    seeds = [seed + k for k in range(num_runs)]
-    runs = _ivon_runs(
-        model,
-        data,
-        optimizer,
-        trainer,
-        seeds=seeds,
-        snapshot_steps=None,
-        task=task,
-        completed=completed_runs,
-        on_run=on_run,
-    )
-    return _mixture(runs, "multi_ivon", task, seeds)
+    return _ivon_mixture("multi_ivon", model, data, optimizer, trainer, num_runs, seed, task, completed_runs, on_run)
 
 
 def fit_soup_ivon(
@@ -140,18 +129,6 @@ def fit_soup_ivon(
     steps = sorted({int(s) for s in snapshot_steps})
     if not steps:
         raise ValueError("snapshot_steps is empty")
-    if num_runs < 1:
-        raise ValueError(f"need num_runs >= 1, got {num_runs}")
-    seeds = [seed + k for k in range(num_runs)]
-    runs = _ivon_runs(
-        model,
-        data,
-        optimizer,
-        trainer,
-        seeds=seeds,
-        snapshot_steps=steps,
-        task=task,
-        completed=completed_runs,
-        on_run=on_run,
+    return _ivon_mixture(
+        "soup_ivon", model, data, optimizer, trainer, num_runs, seed, task, completed_runs, on_run, steps
     )
-    return _mixture(runs, "soup_ivon", task, seeds, steps=steps)

@@ -250,18 +250,9 @@ def fit_full_von(
                 "from x.flatten() @ Wᵀ + b); full VON needs exactly that"
             )
         theta0 = torch.cat([lin.weight.detach().flatten(), lin.bias.detach().flatten()]).to("cpu", torch.float64)
-    m, S = full_von(
-        xf,
-        y,
-        C,
-        lr=lr,
-        mc_samples=mc_samples,
-        num_iters=num_iters,
-        prior_precision=prior_precision,
-        init_mean=theta0,
-        batch_size=batch_size,
-        seed=seed,
-    )
+    # the VON settings: passed to full_von and recorded in the posterior's meta
+    settings = {"lr": lr, "mc_samples": mc_samples, "num_iters": num_iters, "prior_precision": prior_precision}
+    m, S = full_von(xf, y, C, init_mean=theta0, batch_size=batch_size, seed=seed, **settings)
     m, S = m.cpu(), S.cpu()
     with torch.no_grad():
         lin.weight.copy_(m[: C * D].view(C, D).to(lin.weight.dtype))
@@ -269,12 +260,6 @@ def fit_full_von(
     meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta()
     meta.optimizer = "full_von"
     meta.seed = seed if meta.seed is None else meta.seed
-    meta.extra = {
-        **meta.extra,
-        "lr": lr,
-        "mc_samples": mc_samples,
-        "num_iters": num_iters,
-        "prior_precision": prior_precision,
-    }
+    meta.extra = {**meta.extra, **settings}
     shapes = {f"{prefix}weight": (C, D), f"{prefix}bias": (C,)}
     return FullGaussian(m, S, shapes, meta)
