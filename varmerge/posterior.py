@@ -33,15 +33,26 @@ from torch import nn
 from varmerge import io
 from varmerge._checks import check_precision_tensor
 
+#: What α means (README, "What α means"): a precision is stored on the scale of the task's
+#: summed loss, ``ess`` × the per-example precision (``ess`` = the task's N), and a merge weights
+#: task t by ``α_t / ess_t``, so the merge at α is the mode of ``Σ_t α_t (L̄_t + R0)``: per-task
+#: *mean* losses, the prior counted once — the objective of the multitask finetune at α.
+ALPHA_CONVENTION = "mean_loss: merges weight precisions by alpha_t / ess_t"
+
 
 @dataclass
 class PosteriorMeta:
-    """Where a posterior came from. ``extra`` holds free-form string-able entries."""
+    """Where a posterior came from. ``extra`` holds free-form string-able entries.
+
+    ``ess`` is the scale of the precision (the number of examples it sums over); a posterior
+    without one is taken to be on the per-example scale already (ess 1).
+    """
 
     task: str = ""
     optimizer: str = ""  # adamw_sg | ivon | multi_ivon | soup_ivon | full_von | ...
     seed: int | None = None
     ess: float | None = None
+    alpha_convention: str = ALPHA_CONVENTION
     weight_decay: float | None = None
     model: str = ""
     extra: dict = field(default_factory=dict)

@@ -23,6 +23,7 @@ was imported before; nothing here imports :mod:`varmerge.merge` (the public faca
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -253,6 +254,33 @@ def _views(spec: MergeMethod, posteriors: Sequence) -> list:
     return out
 
 
+def _ess(view) -> float:
+    ess = view.meta.ess
+    if ess is None and hasattr(view, "components"):
+        ess = view.components[0].meta.ess
+    ess = 1.0 if ess is None else float(ess)
+    if not (math.isfinite(ess) and ess > 0):
+        raise ValueError(f"posterior of task {view.meta.task!r} has ess {ess!r}; it must be a positive number")
+    return ess
+
+
+def mean_loss_alpha(alpha, posteriors: Sequence) -> torch.Tensor:
+    """α for rules that weight precisions: ``α_t / ess_t``, renormalised per row (float64).
+
+    A precision is ``ess_t`` × the per-example one, so weighting it by ``α_t / ess_t`` makes the
+    merge the mode of ``Σ_t α_t (L̄_t + R0)`` (per-task mean losses, the prior once): the
+    objective of the multitask finetune at α (``varmerge.posterior.ALPHA_CONVENTION``). The
+    Gaussian and mixture rules are invariant to a common scale of their weights, so the
+    renormalised α stays on the simplex and means the same merge.
+    """
+    from varmerge._checks import check_alpha
+
+    a, batched = check_alpha(alpha, len(posteriors))  # off the simplex fails here, not renormalised
+    w = a / torch.tensor([_ess(p) for p in posteriors], dtype=torch.float64)
+    w = w / w.sum(-1, keepdim=True)
+    return w if batched else w[0]
+
+
 def apply(
     method: str | MergeMethod,
     posteriors: Sequence,
@@ -280,6 +308,8 @@ def apply(
         raise ValueError(f"{spec.name}: no posteriors to merge")
     opts = spec.parse_options(options)
     views = _views(spec, posteriors)
+    if spec.posterior != "none":
+        alpha = mean_loss_alpha(alpha, views)
     if spec.posterior == "mixture":
         data = {"means": [v.means for v in views], "precisions": [v.precisions for v in views]}
     else:

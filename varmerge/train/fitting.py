@@ -212,13 +212,14 @@ def trained_sg_posterior(
     default ``N · optimizer.weight_decay``). Separate from training so a job can persist the
     trained weights first and redo only this pass after a crash.
     """
-    delta = optimizer.prior_precision
+    delta, n_train = optimizer.prior_precision, num_examples(data)
     if delta is None:
-        n_train = num_examples(data)
         if n_train is None:
             raise ValueError("cannot infer N for the prior precision; set OptimizerSettings.prior_precision")
         delta = n_train * optimizer.weight_decay
     meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta()
+    if meta.ess is None and n_train is not None:
+        meta.ess = float(n_train)  # the squared gradients sum over the N training examples
     meta.optimizer = meta.optimizer or "adamw_sg"
     meta.weight_decay = optimizer.weight_decay if meta.weight_decay is None else meta.weight_decay
     meta.extra = {**meta.extra, "prior_precision": float(delta)}

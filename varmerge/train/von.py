@@ -260,6 +260,7 @@ def fit_full_von(
     meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta()
     meta.optimizer = "full_von"
     meta.seed = seed if meta.seed is None else meta.seed
+    meta.ess = float(xf.shape[0]) if meta.ess is None else meta.ess  # the precision sums N examples' Hessians
     meta.extra = {**meta.extra, **settings}
     shapes = {f"{prefix}weight": (C, D), f"{prefix}bias": (C,)}
     return FullGaussian(m, S, shapes, meta)
