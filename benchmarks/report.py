@@ -215,6 +215,30 @@ def render(results: dict, paper: dict, experiments: dict) -> str:
                 f"| {_p(v['predicted_top5'][0])} | {_p(v['realised_top5'][0])} | {_p(v['multitask_at_top5'])} "
                 f"| {v['seconds']:.2f} ({v['merge_seconds']:.2f} + {v['eval_seconds']:.2f}) |"
             )
+        scored = [m for m in ORDER if "alpha_map_error" in r["methods"].get(m, {})]
+        if scored:
+            add("")
+            add(
+                "Whether to trust α: *α-map error*, the mean over the ground-truth α of |merged − multitask| "
+                "per-task accuracy at the same α (points); *selection regret*, the best ground-truth multitask "
+                "mean accuracy minus the realised mean at the method's top-1 α and the best of its top-k (points); "
+                "per task, predicted (merged) / realised (multitask) accuracy at the top-1 α."
+            )
+            add("")
+            add(
+                "| method | α-map error | regret top-1 | regret best of top-k | predicted / realised per task @ top-1 |"
+            )
+            add("|---|---|---|---|---|")
+            for m in scored:
+                v = r["methods"][m]
+                per_task = ", ".join(
+                    f"{_p(p)}/{_p(q)}"
+                    for p, q in zip(v["predicted_top5_per_task"][0], v["realised_top5_per_task"][0], strict=True)
+                )
+                add(
+                    f"| {m} | {100 * v['alpha_map_error']:.1f} | {100 * v['selection_regret']['top1']:.1f} "
+                    f"| {100 * v['selection_regret']['best_of_k']:.1f} | {per_task} |"
+                )
     add("")
 
     # ---------------------------------------------------------------- cost

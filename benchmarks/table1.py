@@ -353,6 +353,10 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
                 "predicted_top5": _round(predicted.mean(1)),
                 "realised_top5": _round(realised.mean(1)),
                 "gap_at_chosen": _round(predicted[0].mean() - realised[0].mean()),
+                "predicted_top5_per_task": _round(predicted),
+                "realised_top5_per_task": _round(realised),
+                "alpha_map_error": _round(pareto.alpha_map_error(alpha, acc, gt_alpha, gt_acc)),
+                "selection_regret": {k: _round(v) for k, v in pareto.selection_regret(gt_acc, realised).items()},
                 "hypervolume": _round(pareto.hypervolume(front, 0.0)),
                 "igd_plus": _round(pareto.igd_plus(front, ref_front)),
                 "front_size": int(len(front)),
@@ -608,7 +612,9 @@ def main(argv=None) -> None:
         help="a group (mnist, fashion, cnn, lora) or an experiment name; repeatable",
     )
     ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="results JSON (default results/table1.json)")
-    ap.add_argument("--report", default=str(REPORT), help="the Markdown report to write")
+    ap.add_argument(
+        "--report", default=None, help="the Markdown report (default docs/RESULTS.md, or beside a non-default --output)"
+    )
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from the JSON")
     ap.add_argument(
         "--merge-from",
@@ -620,6 +626,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     console = Console()
     out = Path(args.output)
+    if args.report is None:  # a run into a scratch file never rewrites the committed report
+        args.report = str(REPORT if out.resolve() == DEFAULT_OUTPUT.resolve() else out.with_suffix(".md"))
     results = load_results(out)
     for other in args.merge_from:
         more = load_results(Path(other))

@@ -116,3 +116,33 @@ def select_alpha(
     rows = torch.nonzero(ok).squeeze(1)
     idx, chosen = best_alpha(a[rows], s[rows], k=k)
     return rows[idx], chosen
+
+
+def alpha_map_error(alpha, accuracy, gt_alpha, gt_accuracy, *, atol: float = 1e-6) -> float:
+    """Mean over the ground-truth α of |merged − multitask| per-task accuracy at the *same* α.
+
+    Unlike IGD+ (which compares point sets and ignores which α produced a point) this tells a user
+    whether the α read off an estimated front gives the promised per-task scores. Every
+    ground-truth α must be on the merged grid (within ``atol``); a missing one is an error.
+    """
+    a, acc = torch.as_tensor(alpha, dtype=torch.float64), torch.as_tensor(accuracy, dtype=torch.float64)
+    ga, gacc = torch.as_tensor(gt_alpha, dtype=torch.float64), torch.as_tensor(gt_accuracy, dtype=torch.float64)
+    if a.shape != acc.shape or ga.shape != gacc.shape or a.shape[1:] != ga.shape[1:]:
+        raise ValueError(
+            f"shapes differ: merged {tuple(a.shape)}/{tuple(acc.shape)}, "
+            f"ground truth {tuple(ga.shape)}/{tuple(gacc.shape)}"
+        )
+    dist = torch.cdist(ga, a, p=float("inf"))  # (G_gt, G)
+    d, idx = dist.min(1)
+    if (d > atol).any():
+        missing = ga[int((d > atol).nonzero()[0])].tolist()
+        raise ValueError(f"ground-truth α {missing} is not on the merged grid; use a merge grid that contains it")
+    return float((acc[idx] - gacc).abs().mean())
+
+
+def selection_regret(gt_accuracy, realised) -> dict[str, float]:
+    """Best ground-truth multitask mean accuracy minus the realised mean at the chosen α:
+    ``top1`` (the first chosen α) and ``best_of_k`` (the best of the k chosen)."""
+    best = float(torch.as_tensor(gt_accuracy, dtype=torch.float64).mean(1).max())
+    means = torch.as_tensor(realised, dtype=torch.float64).reshape(-1, torch.as_tensor(gt_accuracy).shape[1]).mean(1)
+    return {"top1": best - float(means[0]), "best_of_k": best - float(means.max())}
