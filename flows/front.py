@@ -118,6 +118,8 @@ def front_flow(
                 **{f"{m}/max_mean_accuracy": s["max_mean_accuracy"] for m, s in summary["methods"].items()},
                 "chosen/predicted_mean": float(predicted[0].mean()),
                 "chosen/realised_mean": float(result.realised[0].mean()),
+                **{f"chosen/predicted/{n}": float(v) for n, v in zip(names, predicted[0], strict=True)},
+                **{f"chosen/realised/{n}": float(v) for n, v in zip(names, result.realised[0], strict=True)},
             },
         )
         for p in files:

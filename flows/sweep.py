@@ -70,6 +70,11 @@ def ground_truth_flow(
                 "igd_plus": pareto.igd_plus(sw["accuracy"], acc[mask]),
                 "max_mean_accuracy": float(sw["accuracy"].mean(1).max()),
             }
+            try:  # at the same α: needs every ground-truth α on the merge grid
+                out["methods"][m]["alpha_map_error"] = pareto.alpha_map_error(sw["alpha"], sw["accuracy"], alpha, acc)
+            except ValueError as exc:
+                logger.info("no α-map error for %s: %s", m, exc)
+    _score_main_run(run_dir, out, acc, tracking_uri or cfg.tracking.uri or tracking.default_uri(run_dir))
     path = run_dir / f"ground_truth_{spacing}.json"
     io.write_text_atomic(path, json.dumps(out, indent=2))
     if sweeps:
@@ -104,3 +109,28 @@ def ground_truth_flow(
     tracking.log_artifact(uri, rid, path, "ground_truth")
     tracking.finish(uri, rid)
     return out
+
+
+def _score_main_run(run_dir: Path, out: dict, acc: torch.Tensor, uri: str) -> None:
+    """The main flow's front.json (if it finished) gets the selection regret of its chosen α and
+    every method's α-map error; its MLflow parent run gets them as metrics."""
+    front_json = run_dir / "front.json"
+    if not front_json.exists():
+        return
+    front = json.loads(front_json.read_text())
+    scores = {m: {"alpha_map_error": d["alpha_map_error"]} for m, d in out["methods"].items() if "alpha_map_error" in d}
+    if front.get("chosen") and front["chosen"].get("realised"):
+        regret = pareto.selection_regret(acc, front["chosen"]["realised"])
+        scores.setdefault(front["chosen"]["method"], {})["selection_regret"] = regret
+        out["selection_regret"] = {"method": front["chosen"]["method"], **regret}
+    for m, sc in scores.items():
+        if m in front["methods"]:
+            front["methods"][m].update(sc)
+    front["ground_truth"] = {"spacing": out["spacing"], "max_mean_accuracy": out["max_mean_accuracy"]}
+    io.write_text_atomic(front_json, json.dumps(front, indent=2))
+    metrics = {f"{m}/alpha_map_error": sc["alpha_map_error"] for m, sc in scores.items() if "alpha_map_error" in sc}
+    if "selection_regret" in out:
+        metrics |= {f"chosen/selection_regret_{k}": v for k, v in out["selection_regret"].items() if k != "method"}
+    if front.get("mlflow_run_id") and metrics:
+        tracking.log_metrics(uri, front["mlflow_run_id"], metrics)
+        tracking.log_artifact(uri, front["mlflow_run_id"], front_json, "front")

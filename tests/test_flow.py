@@ -76,7 +76,16 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     for m in ("simple", "hessian", "mixture"):
         q = gt["methods"][m]
         assert q["hypervolume"] > 0 and q["igd_plus"] >= 0
+        assert 0 <= q["alpha_map_error"] <= 1  # the ground-truth grid is the merge grid here
     assert (run_dir / "ground_truth_0.25.json").exists()
+    # the main run's front.json and MLflow parent run now carry the scores for trusting α
+    front = json.loads((run_dir / "front.json").read_text())
+    regret = front["methods"]["mixture"]["selection_regret"]  # mixture picks α in TINY
+    assert regret["top1"] == gt["selection_regret"]["top1"] and regret["best_of_k"] <= regret["top1"]
+    assert front["methods"]["simple"]["alpha_map_error"] == gt["methods"]["simple"]["alpha_map_error"]
+    metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
+    assert "mixture/alpha_map_error" in metrics and "chosen/selection_regret_top1" in metrics
+    assert {f"chosen/realised/{t}" for t in "abc"} <= metrics.keys()
 
     # a re-run trains nothing: every finetune, sweep and multitask finetune is reused
     def boom(*a, **k):
