@@ -84,6 +84,13 @@ def render(results: dict, paper: dict, experiments: dict) -> str:
             + ", ".join(f"{g} {s / 60:.1f} min" for g, s in sorted(walls.items()))
             + "."
         )
+    old = [n for n, r in exps.items() if "alpha_convention" not in r]
+    if old:
+        add("")
+        add(
+            f'Experiments run before the mean-loss α convention (README, "What α means"; their merges '
+            f"weighted precisions by α itself): {', '.join(old)}."
+        )
     add("")
     add("## Setting")
     add("")

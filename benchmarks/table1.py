@@ -42,7 +42,7 @@ from varmerge import pareto, pipeline, plots, train
 from varmerge.config import load_config
 from varmerge.grid import simplex_grid
 from varmerge.io import atomic_write
-from varmerge.posterior import MixtureGaussian
+from varmerge.posterior import ALPHA_CONVENTION, MixtureGaussian
 from varmerge.refine import refine_alpha
 from varmerge.sequence import LocalRunner, estimate_front
 
@@ -456,6 +456,8 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
     out = {
         "config": exp.config,
         "name": cfg.name,
+        "commit": _git_commit(),
+        "alpha_convention": ALPHA_CONVENTION,
         "group": exp.group,
         "paper": exp.paper,
         "tasks": names,
