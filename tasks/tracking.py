@@ -31,7 +31,20 @@ def default_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
 
 
+_READY: set[str] = set()
+
+
 def client(uri: str) -> MlflowClient:
+    """An MLflow client; a SQLite store is created (its schema migrated) under a file lock first, so
+    two runs starting at once on a new store do not race in MLflow's migrations."""
+    if uri.startswith("sqlite:///") and uri not in _READY:
+        from filelock import FileLock
+
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(db) + ".lock"):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates and migrates the store
+        _READY.add(uri)
     return MlflowClient(tracking_uri=uri)
 
 
