@@ -107,34 +107,23 @@ class PosteriorConfig(_Strict):
 
     @model_validator(mode="after")
     def _ivon_arguments(self):
+        """``ivon`` holds IVON's arguments that have no field here; the optimizer settings (what
+        the run builds from this section) check them, and IVON checks their values."""
         if not self.ivon:
             return self
-        import inspect
+        from varmerge.train.settings import OptimizerSettings
 
-        import ivon
-        import torch
-
-        dedicated = {"hess_init", "beta2", "mc_samples", "lr", "ess", "weight_decay"}
-        taken = sorted(set(self.ivon) & dedicated)
+        taken = sorted(set(self.ivon) & {"hess_init", "beta2"})
         if taken:
             raise ValueError(f"ivon: {taken} have fields of their own: set posterior.{taken[0]} instead")
-        allowed = set(inspect.signature(ivon.IVON).parameters) - dedicated - {"params"}
-        unknown = sorted(set(self.ivon) - allowed)
-        if unknown:
-            raise ValueError(f"ivon: unknown IVON argument(s) {unknown}; ivon.IVON also takes {sorted(allowed)}")
-        try:  # IVON checks the values itself
-            ivon.IVON(
-                [torch.zeros(1, requires_grad=True)],
-                lr=self.lr,
-                ess=self.ess or 1.0,
-                weight_decay=self.weight_decay,
-                mc_samples=self.mc_samples,
-                hess_init=self.hess_init,
-                beta2=self.beta2,
-                **self.ivon,
-            )
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"ivon: {self.ivon} rejected by ivon.IVON: {exc}") from None
+        OptimizerSettings(
+            name="ivon",
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            ess=self.ess,
+            mc_samples=self.mc_samples,
+            ivon={"hess_init": self.hess_init, "beta2": self.beta2, **self.ivon},
+        )
         return self
 
     @model_validator(mode="after")
