@@ -175,7 +175,11 @@ def render(results: dict, paper: dict, experiments: dict) -> str:
         t = r.get("targets", {})
         if not t:
             continue
-        parts = [f"{k.removeprefix('ordering_')}: {_yes(v)}" for k, v in t.items() if k.startswith("ordering_")]
+        parts = [
+            f"{k.removeprefix('ordering_').removeprefix('shape_')}: {_yes(v)}"
+            for k, v in t.items()
+            if k.startswith(("ordering_", "shape_"))
+        ]
         if "gap_points" in t:
             parts.append(
                 f"best multitask − best mixture merge = {t['gap_points']:.1f} points "

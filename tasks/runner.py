@@ -35,7 +35,7 @@ class PrefectRunner:
         return self.data_ref
 
     def base(self, data: dict) -> dict:
-        self.base_ref = steps.base_model(self.cfg_json, self.run_dir, data)
+        self.base_ref = steps.base_model(self.cfg_json, self.run_dir, data, parent=self.parent)
         return self.base_ref
 
     def finetunes(self, data: dict, base: dict) -> list[dict]:

@@ -13,6 +13,7 @@ no Prefect cache and persist no Prefect results.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -84,18 +85,86 @@ def load_tasks(run_dir: str, data_ref: dict):
 
 
 # ----------------------------------------------------------------------------------------- θ0
+def _checkpoint_hash(cfg: ExperimentConfig) -> str | None:
+    if cfg.base is None:
+        return None
+    return folder_hash(cfg.base.checkpoint)
+
+
+def pretrained_store(run_dir: str | Path) -> RunStore:
+    """The pretrained θ0 of every config under one output folder (``<output>/pretrained/``): a
+    config naming the same ``pretrain`` section, model and init reuses them."""
+    return store_for(Path(run_dir).resolve().parent / "pretrained")
+
+
+def _relative(run_dir: str, store: RunStore, ref: dict) -> dict:
+    """A reference of another store, relative to ``run_dir`` (how every step resolves it)."""
+    return {**ref, "path": os.path.relpath(store.resolve(ref), Path(run_dir).resolve())}
+
+
 @task(name="base-model", cache_policy=NO_CACHE)
-def base_model(cfg_json: str, run_dir: str, data_ref: dict) -> dict:
-    """θ0, the shared starting point, as a full state dict file."""
-    cfg, store = _cfg(cfg_json), store_for(run_dir)
-    key = store.key("base", cfg.model.model_dump(mode="json"), cfg.posterior.seed, data_ref["sha256"])
+def base_model(cfg_json: str, run_dir: str, data_ref: dict, parent: Parent | None = None) -> dict:
+    """θ0, the shared starting point, as a full state dict file, and its posterior (``prior``,
+    None without one): a seeded init, the user's ``base`` checkpoint, or the IVON ``pretrain``
+    run on its own data (a nested MLflow run ``pretrain``, cached in ``<output>/pretrained``)."""
+    cfg = _cfg(cfg_json)
+    _, n_classes = load_tasks(run_dir, data_ref)
+    header = {"num_classes": n_classes, "model": cfg.model.name}
+    if cfg.pretrain is None:
+        store = store_for(run_dir)
+        inputs = [cfg.model.model_dump(mode="json"), cfg.posterior.seed, n_classes]
+        key = store.key("base", *inputs, cfg.base and cfg.base.model_dump(mode="json"), _checkpoint_hash(cfg))
+    else:
+        store = pretrained_store(run_dir)
+        key = store.key(
+            "pretrain",
+            cfg.model.model_dump(mode="json"),
+            cfg.posterior.seed,
+            n_classes,
+            cfg.base and cfg.base.model_dump(mode="json"),
+            _checkpoint_hash(cfg),
+            cfg.pretrain.model_dump(mode="json"),
+            pipeline.pretrain_source(cfg),
+            [cfg.data.image_pool, cfg.data.max_length],
+            cfg.accelerator,
+        )
+    prior_path = store.path("base", key, "prior")
 
     def make(path: Path) -> str:
-        _, n_classes = load_tasks(run_dir, data_ref)
-        model = pipeline.base_model(cfg, n_classes)
-        return io.save_state_dict(path, model.state_dict(), {"num_classes": n_classes, "model": cfg.model.name})
+        child = None
+        if parent and cfg.pretrain is not None:
+            child = tracking.start_child(parent.uri, parent.run_id, "pretrain", {"varmerge.stage": "pretrain"})
+            tracking.log_params(parent.uri, child, cfg.pretrain.model_dump(mode="json"))
+        t0 = time.perf_counter()
+        logger = tracking.lightning_logger(parent.uri, child) if child else None
+        model, prior = pipeline.start_point(cfg, n_classes, logger=logger)
+        seconds = time.perf_counter() - t0
+        if prior is not None:
+            prior.save(prior_path)  # before θ0: θ0's file marks the pair complete
+        if child:
+            tasks_, _ = load_tasks(run_dir, data_ref)
+            s = pipeline.score_sweep(
+                model, {k: v.unsqueeze(0) for k, v in models.trainable_state_dict(model).items()}, tasks_
+            )
+            tracking.log_metrics(
+                parent.uri,
+                child,
+                {
+                    "seconds": seconds,
+                    **{f"test/{t.name}/accuracy": float(a) for t, a in zip(tasks_, s["accuracy"][0], strict=True)},
+                },
+            )
+            tracking.log_artifact(parent.uri, child, prior_path, "prior")
+            tracking.finish(parent.uri, child)
+        if cfg.pretrain is not None:
+            _say("pretrained θ0 in %.1f s -> %s", seconds, path.name)
+        return io.save_state_dict(path, model.state_dict(), header)
 
-    return store.compute("base", key, make, name="theta0")[0]
+    ref = store.compute("base", key, make, name="theta0")[0]
+    prior = store.find("base", key, "prior")
+    if store is not store_for(run_dir):
+        ref, prior = _relative(run_dir, store, ref), prior and _relative(run_dir, store, prior)
+    return {**ref, "prior": prior}
 
 
 def load_base(cfg: ExperimentConfig, run_dir: str, base_ref: dict):
@@ -107,6 +176,22 @@ def load_base(cfg: ExperimentConfig, run_dir: str, base_ref: dict):
     return model
 
 
+def load_prior(cfg: ExperimentConfig, run_dir: str, base_ref: dict):
+    """θ0's posterior (the finetunes' prior), or None."""
+    ref = base_ref.get("prior")
+    if ref is None:
+        return None
+    expected = models.trainable_state_dict(load_base(cfg, run_dir, base_ref))
+    return posterior_from_tensors(*store_for(run_dir).load(ref), expected, ref["path"])
+
+
+def _start_inputs(cfg: ExperimentConfig, base_ref: dict) -> list:
+    """What of θ0 a finetune depends on: its hash and, when IVON starts from it, the prior's."""
+    prior = base_ref.get("prior")
+    carried = prior is not None and (cfg.pretrain is None or cfg.pretrain.carry_hessian)
+    return [base_ref["sha256"], prior["sha256"] if carried else None]
+
+
 # ----------------------------------------------------------------------------------- finetunes
 def _posterior_key(store: RunStore, cfg: ExperimentConfig, data_ref: dict, base_ref: dict, task_index: int) -> str:
     return store.key(
@@ -114,7 +199,7 @@ def _posterior_key(store: RunStore, cfg: ExperimentConfig, data_ref: dict, base_
         cfg.posterior.model_dump(mode="json"),
         cfg.data.tasks[task_index].model_dump(mode="json"),
         data_ref["sha256"],
-        base_ref["sha256"],
+        _start_inputs(cfg, base_ref),
         cfg.accelerator,
     )
 
@@ -154,7 +239,12 @@ def finetune(
             )
         t0 = time.perf_counter()
         post, weights = pipeline.finetune_task(
-            cfg, base, t, logger=tracking.lightning_logger(parent.uri, child) if child else None, resume_dir=parts
+            cfg,
+            base,
+            t,
+            logger=tracking.lightning_logger(parent.uri, child) if child else None,
+            resume_dir=parts,
+            prior=load_prior(cfg, run_dir, base_ref),
         )
         seconds = time.perf_counter() - t0
         sha = post.save(path)
@@ -303,7 +393,7 @@ def multitask(
         cfg.multitask_steps,
         a,
         data_ref["sha256"],
-        base_ref["sha256"],
+        _start_inputs(cfg, base_ref),
         cfg.accelerator,
     )
 
@@ -320,7 +410,12 @@ def multitask(
                 {"varmerge.stage": "multitask_finetune", "varmerge.alpha": json.dumps(alpha)},
             )
         model, acc = pipeline.multitask_finetune(
-            cfg, base, tasks_, alpha, logger=tracking.lightning_logger(parent.uri, child) if child else None
+            cfg,
+            base,
+            tasks_,
+            alpha,
+            logger=tracking.lightning_logger(parent.uri, child) if child else None,
+            prior=load_prior(cfg, run_dir, base_ref),
         )
         seconds = time.perf_counter() - t0
         _say("multitask finetune at α=%s in %.1f s", [round(v, 3) for v in alpha], seconds)

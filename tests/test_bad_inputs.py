@@ -37,8 +37,8 @@ def tiny(**changes) -> dict:
     return edit(TINY, **changes)
 
 
-def edit(base: dict, **changes) -> dict:
-    cfg = copy.deepcopy(base)
+def edit(original: dict, /, **changes) -> dict:
+    cfg = copy.deepcopy(original)
     for dotted, value in changes.items():
         node, keys = cfg, dotted.split("__")
         for k in keys[:-1]:
@@ -119,6 +119,24 @@ CLI_CASES = [
         tiny(selection__constraints=[{"task": "zz", "value": 0.5}]),
         "selection constraint names task 'zz'",
         "error",
+    ),
+    (
+        "base-checkpoint-missing",
+        tiny(base={"checkpoint": "/nonexistent/theta.safetensors"}),
+        "base.checkpoint /nonexistent/theta.safetensors: no such file or folder",
+        None,
+    ),
+    (
+        "pretrain-on-a-tasks-test-set",
+        tiny(pretrain={"data": {"options": {"seed": 1}}, "steps": 5}),
+        "pretrain.data shares",
+        None,
+    ),
+    (
+        "pretrain-offset-past-the-data",
+        tiny(pretrain={"data": {"offset": 10**6}, "steps": 5}),
+        "pretrain.data: offset 1000000 leaves no example",
+        None,
     ),
     ("tracking-server-unreachable", tiny(), "MLflow tracking server http://127.0.0.1:9 is not reachable", None),
     ("tracking-folder-store", tiny(), "is a plain folder store, which MLflow 3 refuses", None),

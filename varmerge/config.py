@@ -138,6 +138,71 @@ class PosteriorConfig(_Strict):
         return self
 
 
+class PretrainDataConfig(_Strict):
+    """Where pretraining examples come from: the *train* split of a source, never a test split."""
+
+    source: str | None = Field(None, description="default: data.source")
+    options: dict[str, Any] | None = Field(None, description="the source's options (default: data.options)")
+    classes: list[int] = Field(default_factory=list, description="keep these classes (default: all)")
+    domains: list[str] = Field(default_factory=list, description="keep these domains (text sources; default: all)")
+    offset: int = Field(0, ge=0, description="skip the first examples (after the filters): those the tasks use")
+    max_examples: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_filter(self):
+        if self.classes and self.domains:
+            raise ValueError("give classes or domains, not both")
+        return self
+
+
+class PretrainConfig(_Strict):
+    """θ0 and its posterior: IVON on data no task's test set sees, from ``base`` or a seeded init.
+
+    The finetunes (and multitask finetunes) start from the pretrained weights and, when they train
+    with IVON, from its Hessian (``carry_hessian``): the paper's "IVON initialised at the
+    pretrained posterior" (App. B.3)."""
+
+    data: PretrainDataConfig = PretrainDataConfig()
+    steps: int = Field(500, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    ess: float | None = Field(None, gt=0, description="default: #pretraining examples")
+    hess_init: float = Field(0.1, gt=0)
+    beta2: float = Field(0.99999, gt=0, lt=1)
+    mc_samples: int = Field(1, ge=1)
+    ivon: dict[str, Any] = Field(default_factory=dict, description="IVON's other arguments (see posterior.ivon)")
+    seed: int = 0
+    carry_hessian: bool = Field(True, description="IVON finetunes start from the pretrained Hessian")
+
+    @model_validator(mode="after")
+    def _ivon_arguments(self):
+        from varmerge.train.settings import OptimizerSettings
+
+        taken = sorted(set(self.ivon) & {"hess_init", "beta2"})
+        if taken:
+            raise ValueError(f"ivon: {taken} have fields of their own: set pretrain.{taken[0]} instead")
+        OptimizerSettings(
+            name="ivon",
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            ess=self.ess,
+            mc_samples=self.mc_samples,
+            ivon={"hess_init": self.hess_init, "beta2": self.beta2, **self.ivon},
+        )
+        return self
+
+
+class BaseConfig(_Strict):
+    """A user's θ0: a safetensors state dict of the configured model (all or some of its entries)
+    or, for ``lora_text``, a Hugging Face model folder (the backbone)."""
+
+    checkpoint: str
+    prior_precision: float | None = Field(
+        None, gt=0, description="per-example prior precision: IVON finetunes start with this Hessian"
+    )
+
+
 #: ``merge.methods`` may name this front estimator (varmerge.map_front) besides the merge rules.
 MAP_METHOD = "map"
 
@@ -244,6 +309,8 @@ class ExperimentConfig(_Strict):
     name: str
     data: DataConfig
     model: ModelConfig = ModelConfig()
+    base: BaseConfig | None = Field(None, description="start from a user checkpoint instead of a seeded init")
+    pretrain: PretrainConfig | None = Field(None, description="pretrain θ0 (and its posterior) with IVON first")
     posterior: PosteriorConfig = PosteriorConfig()
     merge: MergeConfig = MergeConfig()
     selection: SelectionConfig = SelectionConfig()

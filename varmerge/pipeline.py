@@ -13,6 +13,7 @@ of ``tasks/``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -125,7 +126,7 @@ def prepare_tasks(cfg: ExperimentConfig, dataset=None) -> tuple[list[TaskData], 
         [
             cfg.data.model_dump(mode="json"),
             cfg.model.name,
-            cfg.model.options.get("model_path"),
+            model_path(cfg),
             {split: getattr(part, "_fingerprint", id(part)) for split, part in ds.items()},
         ],
         sort_keys=True,
@@ -148,26 +149,163 @@ def _prepare_tasks(cfg: ExperimentConfig, ds) -> tuple[list[TaskData], int]:
     else:
         parts = vdata.split_by_tasks(ds, [t.classes for t in cfg.data.tasks])
     is_text = "text" in next(iter(ds.values())).column_names
-    tokenizer = models.text_tokenizer(cfg.model.options.get("model_path")) if is_text else None
+    tokenizer = models.text_tokenizer(model_path(cfg)) if is_text else None
     out = []
     for t, part in zip(cfg.data.tasks, parts, strict=True):
-        if is_text:
-            tr = _text_tensors(part["train"], tokenizer, cfg.data.max_length)
-            te = _text_tensors(part["test"], tokenizer, cfg.data.max_length)
-        else:
-            tr, te = vdata.image_tensors(part["train"]), vdata.image_tensors(part["test"])
-            if cfg.data.image_pool > 1:
-                k = cfg.data.image_pool
-                if tr[0].shape[-1] % k:
-                    raise ValueError(f"data.image_pool {k} does not divide the image size {tr[0].shape[-1]}")
-                tr, te = (
-                    (torch.nn.functional.avg_pool2d(tr[0], k), tr[1]),
-                    (torch.nn.functional.avg_pool2d(te[0], k), te[1]),
-                )
+        tr, te = (_examples(cfg, part[split], tokenizer) for split in ("train", "test"))
         tr = _cap(*tr, cfg.data.max_train_per_task)
         te = _cap(*te, cfg.data.max_test_per_task)
         out.append(TaskData(t.name, tuple(t.classes), tr, te))
     return out, n_classes
+
+
+def _examples(cfg: ExperimentConfig, ds, tokenizer) -> tuple:
+    """(x, y) tensors of a split: tokenised text (``tokenizer`` given) or images pooled by
+    ``data.image_pool``."""
+    if tokenizer is not None:
+        return _text_tensors(ds, tokenizer, cfg.data.max_length)
+    x, y = vdata.image_tensors(ds)
+    k = cfg.data.image_pool
+    if k > 1:
+        if x.shape[-1] % k:
+            raise ValueError(f"data.image_pool {k} does not divide the image size {x.shape[-1]}")
+        x = torch.nn.functional.avg_pool2d(x, k)
+    return x, y
+
+
+# ------------------------------------------------------------------------------ pretraining
+def pretrain_source(cfg: ExperimentConfig) -> tuple[str, dict]:
+    """The source and options ``pretrain.data`` loads (by default the run's own)."""
+    pd = cfg.pretrain.data
+    source = pd.source or cfg.data.source
+    options = pd.options if pd.options is not None else (cfg.data.options if source == cfg.data.source else {})
+    return source, dict(options)
+
+
+def load_pretrain_dataset(cfg: ExperimentConfig):
+    """The source of ``pretrain.data`` (the run's own dataset when it names the same source)."""
+    source, opts = pretrain_source(cfg)
+    if source == cfg.data.source and opts == cfg.data.options:
+        return load_dataset(cfg)
+    if source in ("mnist5k", "fortunes", "tweets"):
+        opts.setdefault("seed", cfg.data.seed)
+        opts.setdefault("test_fraction", cfg.data.test_fraction)
+    key = json.dumps([source, opts], sort_keys=True, default=str)
+    return _remember("pretrain_dataset", key, lambda: vdata.load_source(source, **opts))
+
+
+def prepare_pretrain(cfg: ExperimentConfig, dataset=None) -> tuple[torch.Tensor | dict, torch.Tensor]:
+    """The pretraining examples as (x, y) tensors: the *train* split of ``pretrain.data``'s
+    source, filtered by classes or domains, from ``offset``, at most ``max_examples``; prepared as
+    the tasks are (pooling, tokenisation), so θ0 takes the tasks' inputs."""
+    pd = cfg.pretrain.data
+    ds = (load_pretrain_dataset(cfg) if dataset is None else dataset)["train"]
+    if pd.classes:
+        ds = vdata.class_subset(ds, pd.classes)
+    if pd.domains:
+        if "domain" not in ds.column_names:
+            raise ValueError(f"pretrain.data.domains: the source has no 'domain' column ({ds.column_names})")
+        col = ds["domain"]
+        missing = sorted(set(pd.domains) - set(col))
+        if missing:
+            raise ValueError(f"pretrain.data: no training examples of domains {missing}")
+        keep = set(pd.domains)
+        ds = ds.select([i for i, d in enumerate(col) if d in keep])
+    stop = len(ds) if pd.max_examples is None else min(len(ds), pd.offset + pd.max_examples)
+    if pd.offset >= stop:
+        raise ValueError(f"pretrain.data: offset {pd.offset} leaves no example of the {len(ds)} there are")
+    ds = ds.select(range(pd.offset, stop))
+    is_text = "text" in ds.column_names
+    tokenizer = models.text_tokenizer(model_path(cfg)) if is_text else None
+    return _examples(cfg, ds, tokenizer)
+
+
+def model_path(cfg: ExperimentConfig) -> str | None:
+    """The text backbone's folder: ``base.checkpoint`` when it is a folder, else ``model.options``."""
+    if cfg.base is not None and Path(cfg.base.checkpoint).is_dir():
+        return cfg.base.checkpoint
+    return cfg.model.options.get("model_path")
+
+
+def initial_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    """The model before pretraining: a seeded init (``posterior.seed``), with ``base.checkpoint``'s
+    entries loaded when it is a state dict file (every entry must be the model's, shapes equal)."""
+    model = base_model(cfg, num_classes)
+    if cfg.base is None or Path(cfg.base.checkpoint).is_dir():
+        return model
+    from safetensors.torch import load_file
+
+    path = cfg.base.checkpoint
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors_rust.SafetensorError is not exported
+        raise ValueError(f"base.checkpoint {path}: not a readable safetensors file ({exc})") from None
+    own = model.state_dict()
+    extra = [k for k in tensors if k not in own]
+    if extra:
+        raise ValueError(f"base.checkpoint {path}: entries the model does not have: {extra[:5]}")
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(
+                f"base.checkpoint {path}: {k!r} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def pretrain_settings(cfg: ExperimentConfig) -> tuple[train.OptimizerSettings, train.TrainerSettings]:
+    """IVON and Lightning settings of ``cfg.pretrain``."""
+    p = cfg.pretrain
+    check_accelerator(cfg.accelerator)
+    opt = train.OptimizerSettings(
+        name="ivon",
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        ess=p.ess,
+        mc_samples=p.mc_samples,
+        ivon={"hess_init": p.hess_init, "beta2": p.beta2, **p.ivon},
+    )
+    tr = train.TrainerSettings(
+        steps=p.steps,
+        batch_size=p.batch_size,
+        accelerator=cfg.accelerator,
+        log_every_n_steps=max(1, min(50, p.steps // 20)),
+    )
+    return opt, tr
+
+
+def start_point(
+    cfg: ExperimentConfig, num_classes: int, *, logger=None, progress: bool = False
+) -> tuple[nn.Module, DiagonalGaussian | None]:
+    """θ0 and its posterior, the prior the finetunes start from (None without one).
+
+    With ``pretrain``: IVON on :func:`prepare_pretrain`'s examples from :func:`initial_model`;
+    the prior is IVON's posterior. With only ``base.prior_precision``: the checkpoint and a prior
+    of that per-example precision everywhere. Otherwise the seeded init and no prior.
+    """
+    model = initial_model(cfg, num_classes)
+    if cfg.pretrain is None:
+        if cfg.base is None or cfg.base.prior_precision is None:
+            return model, None
+        mean = models.trainable_state_dict(model)
+        prec = {k: torch.full_like(v, cfg.base.prior_precision) for k, v in mean.items()}
+        return model, DiagonalGaussian(mean, prec, PosteriorMeta(task="base", optimizer="scalar", ess=1.0))
+    x, y = prepare_pretrain(cfg)
+    opt, tr = pretrain_settings(cfg)
+    tr = dataclasses.replace(tr, logger=logger, progress=progress)
+    data = _DictDataset(x, y) if isinstance(x, dict) else (x, y)
+    model, prior = train.fit(model, data, opt, tr, seed=cfg.pretrain.seed, task="pretrain")
+    return model, prior
+
+
+def carried_hessian(cfg: ExperimentConfig, prior: DiagonalGaussian | None, optimizer: str):
+    """The per-example Hessian an ``optimizer`` finetune starts from: the prior's, for IVON,
+    unless ``pretrain.carry_hessian`` is off; None without a prior or for AdamW / full VON."""
+    if prior is None or optimizer != "ivon":
+        return None
+    if cfg.pretrain is not None and not cfg.pretrain.carry_hessian:
+        return None
+    return prior.per_example_hessian()
 
 
 class _DictDataset(torch.utils.data.Dataset):
@@ -190,8 +328,11 @@ def train_data(task: TaskData):
 
 
 def model_options(cfg: ExperimentConfig) -> dict:
-    """The builder's keyword options: ``model.options`` plus what the data implies (pooled inputs)."""
+    """The builder's keyword options: ``model.options`` plus what the data implies (pooled inputs)
+    and a backbone folder given as ``base.checkpoint``."""
     options = dict(cfg.model.options)
+    if model_path(cfg) is not None:
+        options["model_path"] = model_path(cfg)
     if cfg.data.image_pool > 1 and cfg.model.name in ("logreg", "mlp"):
         options.setdefault("in_features", (28 // cfg.data.image_pool) ** 2)
     return options
@@ -267,8 +408,12 @@ def finetune_task(
     progress: bool = False,
     logger=None,
     resume_dir: str | os.PathLike | None = None,
+    prior: DiagonalGaussian | None = None,
 ) -> tuple[Posterior, dict[str, torch.Tensor]]:
     """Finetune a copy of ``base`` on one task; returns (posterior, finetuned trainable weights).
+
+    ``prior``: θ0's posterior (:func:`start_point`); IVON finetunes start from its Hessian
+    (:func:`carried_hessian`).
 
     ``logger`` is any Lightning logger (the flows pass an MLflow logger bound to the task's run).
     ``resume_dir``: a folder for the pieces that finish before the posterior does — each
@@ -283,6 +428,7 @@ def finetune_task(
     p = cfg.posterior
     model = copy.deepcopy(base)
     opt, tr = optimizer_settings(cfg), trainer_settings(cfg, progress=progress, logger=logger)
+    opt = dataclasses.replace(opt, initial_hess=carried_hessian(cfg, prior, opt.name))
     if p.method == "adamw_sg" and resume_dir is not None:
         return _adamw_sg_resumable(cfg, model, task, opt, tr, Path(resume_dir))
     runs = {}
@@ -508,15 +654,17 @@ def multitask_finetune(
     *,
     progress: bool = False,
     logger=None,
+    prior: DiagonalGaussian | None = None,
 ) -> tuple[nn.Module, torch.Tensor]:
-    """The real finetune of Σ_t α_t l_t from θ0; returns the model and its (T,) test accuracies."""
+    """The real finetune of Σ_t α_t l_t from θ0; returns the model and its (T,) test accuracies.
+    With IVON it starts from ``prior``'s Hessian, as the per-task finetunes do."""
     import copy
-    import dataclasses
 
     p = cfg.posterior
     model = copy.deepcopy(base)
     # IVON's ess defaults to the examples of all tasks; full VON configs finetune with IVON
     opt = optimizer_settings(cfg, name="adamw" if p.method == "adamw_sg" else "ivon")
+    opt = dataclasses.replace(opt, initial_hess=carried_hessian(cfg, prior, opt.name))
     tr = dataclasses.replace(
         trainer_settings(cfg, progress=progress, logger=logger), steps=cfg.multitask_steps or p.steps
     )

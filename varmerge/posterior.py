@@ -157,6 +157,14 @@ class DiagonalGaussian(_Views):
     def num_params(self) -> int:
         return sum(t.numel() for t in self.mean.values())
 
+    def per_example_hessian(self, floor: float = 1e-8) -> dict[str, torch.Tensor]:
+        """``precision / ess − weight_decay`` (at least ``floor``): the per-example Hessian an IVON
+        run keeps as its state, e.g. a pretrained posterior's, from which finetunes start.
+        Without ``meta.ess`` the precision is taken per example; without ``weight_decay``, 0."""
+        ess = self.meta.ess or 1.0
+        wd = self.meta.weight_decay or 0.0
+        return {k: (v / ess - wd).clamp_min(floor) for k, v in self.precision.items()}
+
     # -- files ---------------------------------------------------------------------------
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         out = {f"{prefix}mean/{k}": v for k, v in self.mean.items()}

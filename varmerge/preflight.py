@@ -73,6 +73,7 @@ def preflight(
     report = check_data(cfg, ds)
     report.run_dir, report.tracking_uri = run_dir, uri
     check_model(cfg, report.num_classes, ds)
+    check_start(cfg, report.num_classes, ds)
     return report
 
 
@@ -276,3 +277,53 @@ def check_model(cfg: ExperimentConfig, num_classes: int, ds=None) -> None:
         raise PreflightError(
             f"model {cfg.model.name!r} has {logits.shape[-1]} outputs but the data has {num_classes} classes"
         )
+
+
+# ----------------------------------------------------------------------------- θ0 and pretraining
+def _row_digests(x) -> set[bytes]:
+    """One digest per example of (N, ...) image tensors or a dict of token tensors."""
+    import hashlib
+
+    parts = [x[k] for k in sorted(x)] if isinstance(x, dict) else [x]
+    rows = [p.reshape(len(p), -1).contiguous().numpy() for p in parts]
+    return {hashlib.sha1(b"".join(r[i].tobytes() for r in rows)).digest() for i in range(len(rows[0]))}
+
+
+def check_start(cfg: ExperimentConfig, num_classes: int, ds=None) -> None:
+    """``base.checkpoint`` exists and fits the model; ``pretrain.data`` yields examples, none of
+    which is in a task's test set."""
+    from varmerge import pipeline
+
+    if cfg.base is not None:
+        path = Path(cfg.base.checkpoint)
+        if not path.exists():
+            raise PreflightError(f"base.checkpoint {path}: no such file or folder")
+        if path.is_dir() and cfg.model.name != "lora_text":
+            raise PreflightError(
+                f"base.checkpoint {path} is a folder (a Hugging Face model); model {cfg.model.name!r} "
+                "takes a safetensors state dict file"
+            )
+        with torch.random.fork_rng():
+            try:
+                pipeline.initial_model(cfg, num_classes)
+            except (ValueError, OSError) as exc:
+                raise PreflightError(str(exc)) from None
+    if cfg.pretrain is None:
+        return
+    try:
+        x, _ = pipeline.prepare_pretrain(cfg)
+    except vdata.DataSourceMissing as exc:
+        raise PreflightError(f"pretrain.data: source not available here: {exc}") from None
+    except (ValueError, KeyError, OSError) as exc:
+        raise PreflightError(f"pretrain.data: {exc}") from None
+    if ds is None:
+        return
+    seen = _row_digests(x)
+    tasks, _ = pipeline.prepare_tasks(cfg, dataset=ds)
+    for t in tasks:
+        shared = len(seen & _row_digests(t.test[0]))
+        if shared:
+            raise PreflightError(
+                f"pretrain.data shares {shared} examples with task {t.name!r}'s test set: pretrain on "
+                "examples no task is tested on (another offset, source or test_fraction)"
+            )

@@ -1,7 +1,8 @@
 """The one sequence of a front estimation, written once and run by every entry point.
 
-    data → θ0 → per-task finetunes (posteriors) → α sweep per merge method → selection
-         → real multitask finetunes at the chosen α → :class:`FrontResult` (and its summary)
+    data → θ0 (seeded, a checkpoint, or pretrained) → per-task finetunes (posteriors)
+         → α sweep per merge method → selection → real multitask finetunes at the chosen α
+         → :class:`FrontResult` (and its summary)
 
 Where each step runs is a :class:`Runner`'s business: :class:`LocalRunner` runs the library
 functions of :mod:`varmerge.pipeline` in this process (``varmerge demo``, ``benchmarks.table1``);
@@ -136,12 +137,15 @@ class LocalRunner:
     """The steps in this process, in memory (no files, no Prefect, no MLflow).
 
     ``status(msg)`` (a context manager factory, e.g. ``rich.Console.status``) is told what runs.
-    Handles: data = ``(tasks, num_classes)``, base = θ0 as a module, posteriors in memory.
+    Handles: data = ``(tasks, num_classes)``, base = θ0 as a module (its posterior, the prior of
+    the finetunes, in ``self.prior``), posteriors in memory.
     """
 
     def __init__(self, cfg: ExperimentConfig, status: Callable[[str], Any] | None = None):
         self.cfg = cfg
         self.status = status
+        self.prior = None  # θ0's posterior, set by base()
+        self.pretrain_seconds = 0.0
 
     def stage(self, msg: str):
         return self.status(msg) if self.status is not None else contextlib.nullcontext()
@@ -151,13 +155,19 @@ class LocalRunner:
             return pipeline.prepare_tasks(self.cfg)
 
     def base(self, data):
-        return pipeline.base_model(self.cfg, data[1])
+        """θ0 (pretrained when the config says so); its posterior is kept as ``self.prior``."""
+        what = "pretraining θ0" if self.cfg.pretrain is not None else "building θ0"
+        with self.stage(what):
+            t0 = time.perf_counter()
+            model, self.prior = pipeline.start_point(self.cfg, data[1])
+            self.pretrain_seconds = time.perf_counter() - t0
+        return model
 
     def finetunes(self, data, base):
         out = []
         for t in data[0]:
             with self.stage(f"finetuning {t.name} ({self.cfg.posterior.method}, {len(t.train[1])} examples)"):
-                out.append(pipeline.finetune_task(self.cfg, base, t)[0])
+                out.append(pipeline.finetune_task(self.cfg, base, t, prior=self.prior)[0])
         return out
 
     def sweep(self, method: str, data, base, posteriors, alpha: torch.Tensor | None = None) -> dict:
@@ -177,5 +187,5 @@ class LocalRunner:
         out = []
         for a in alphas:
             with self.stage(f"multitask finetune at α={[round(v, 2) for v in a.tolist()]}"):
-                out.append(pipeline.multitask_finetune(self.cfg, base, data[0], a)[1])
+                out.append(pipeline.multitask_finetune(self.cfg, base, data[0], a, prior=self.prior)[1])
         return out

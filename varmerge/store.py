@@ -200,9 +200,12 @@ class RunStore:
 
 
 def folder_hash(path: str | os.PathLike) -> str:
-    """SHA-256 over the relative names and bytes of every file below ``path``."""
+    """SHA-256 over the relative names and bytes of every file below ``path`` (a file: its bytes)."""
     root = Path(path)
     h = hashlib.sha256()
+    if root.is_file():
+        h.update(root.read_bytes())
+        return h.hexdigest()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())

@@ -32,6 +32,24 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return params
 
 
+def _start_hess(opt: ivon.IVON, named: list[tuple[str, nn.Parameter]], hess: Mapping[str, Tensor]) -> None:
+    """Set IVON's flat per-group ``hess`` from per-parameter tensors (names of ``named``)."""
+    names = {id(p): n for n, p in named}
+    missing = [n for n, _ in named if n not in hess]
+    if missing:
+        raise ValueError(f"initial_hess lacks trainable parameters {missing[:5]}")
+    for group in opt.param_groups:
+        parts = []
+        for p in group["params"]:
+            h = hess[names[id(p)]]
+            if tuple(h.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"initial_hess[{names[id(p)]!r}] has shape {tuple(h.shape)}, the parameter {tuple(p.shape)}"
+                )
+            parts.append(h.reshape(-1).to(group["hess"]))
+        group["hess"].copy_(torch.cat(parts))
+
+
 class _FinetuneModule(L.LightningModule):
     """Shared optimiser logic; subclasses define :meth:`compute_loss`.
 
@@ -61,6 +79,8 @@ class _FinetuneModule(L.LightningModule):
         s = self.optimizer_settings
         if s.name == "ivon":
             self.ivon_optimizer = s.make_ivon(params, ess=s.ess)
+            if s.initial_hess is not None:
+                _start_hess(self.ivon_optimizer, _trainable(self.model), s.initial_hess)
             return self.ivon_optimizer
         return torch.optim.AdamW(params, lr=float(s.lr), weight_decay=float(s.weight_decay))
 

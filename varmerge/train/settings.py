@@ -62,6 +62,9 @@ class OptimizerSettings:
       ``hess_approx``, ``rescale_lr``, ``debias``, ``sync``), passed straight to
       ``ivon.IVON(params, lr=lr, ess=ess, weight_decay=weight_decay, mc_samples=mc_samples, **ivon)``;
       IVON's defaults apply to the ones left out (``hess_init=1``, ``beta2=0.99999``).
+    * ``initial_hess``: IVON's Hessian at step 0, per trainable parameter name (a pretrained
+      posterior's :meth:`~varmerge.posterior.DiagonalGaussian.per_example_hessian`: the finetune
+      starts *at the pretrained posterior*); None starts every entry at ``hess_init``.
     """
 
     name: str = "ivon"
@@ -71,6 +74,7 @@ class OptimizerSettings:
     mc_samples: int = 1
     prior_precision: float | None = None
     ivon: Mapping[str, Any] = field(default_factory=dict)
+    initial_hess: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -91,6 +95,13 @@ class OptimizerSettings:
                 "(lr, ess, weight_decay and mc_samples are fields of their own)"
             )
         object.__setattr__(self, "ivon", types.MappingProxyType(dict(self.ivon)))
+        if self.initial_hess is not None:
+            if self.name != "ivon":
+                raise ValueError(f"initial_hess is IVON's state; optimizer {self.name!r} has none")
+            bad = [k for k, v in self.initial_hess.items() if not bool(torch.isfinite(v).all() and (v > 0).all())]
+            if bad:
+                raise ValueError(f"initial_hess must be finite and > 0; not so for {bad[:5]}")
+            object.__setattr__(self, "initial_hess", types.MappingProxyType(dict(self.initial_hess)))
         # IVON checks its own arguments' values: build it once on a one-element parameter
         try:
             self.make_ivon([torch.zeros(1, requires_grad=True)], ess=self.ess or 1.0)
