@@ -150,6 +150,18 @@ def test_a_user_checkpoint_is_theta0_and_a_scalar_prior(tmp_path):
     torch.testing.assert_close(model.linear.bias, pipeline.base_model(cfg, 10).linear.bias)  # the rest: seeded init
     assert torch.all(prior.per_example_hessian()["linear.bias"] == 2.0)
     check_start(user, 10)
+    # a squared-gradient pass over given training examples at the checkpoint: per-example scale
+    sg = config(base={"checkpoint": str(path), "prior_data": {"max_examples": 64}})
+    _, prior = pipeline.start_point(sg, 10)
+    h = prior.per_example_hessian()["linear.weight"]
+    assert prior.meta.optimizer == "squared_gradients" and prior.meta.ess == 64.0
+    assert float(h.min()) >= 1e-4 - 1e-9 and float(h.max()) > 10 * 1e-4  # the floor, and real curvature
+    with pytest.raises(PreflightError, match="base.prior_data shares"):
+        check_start(
+            config(base={"checkpoint": str(path), "prior_data": {"options": {"seed": 1}}}),
+            10,
+            pipeline.load_dataset(cfg),
+        )
     wrong = tmp_path / "wrong.safetensors"
     save_file({"linear.weight": torch.zeros(10, 5)}, str(wrong))
     with pytest.raises(PreflightError, match=r"'linear.weight' has shape \(10, 5\), the model \(10, 784\)"):

@@ -139,7 +139,8 @@ class PosteriorConfig(_Strict):
 
 
 class PretrainDataConfig(_Strict):
-    """Where pretraining examples come from: the *train* split of a source, never a test split."""
+    """Where pretraining (or prior) examples come from: the *train* split of a source, never a
+    test split."""
 
     source: str | None = Field(None, description="default: data.source")
     options: dict[str, Any] | None = Field(None, description="the source's options (default: data.options)")
@@ -200,6 +201,11 @@ class BaseConfig(_Strict):
     checkpoint: str
     prior_precision: float | None = Field(
         None, gt=0, description="per-example prior precision: IVON finetunes start with this Hessian"
+    )
+    prior_data: PretrainDataConfig | None = Field(
+        None,
+        description="a squared-gradient pass over these examples at the checkpoint gives the prior (per example; "
+        "prior_precision, default 1e-4, is added as a floor)",
     )
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from varmerge import data as vdata
 from varmerge import evaluate, merge, models, pareto, train
-from varmerge.config import MAP_METHOD, ExperimentConfig
+from varmerge.config import MAP_METHOD, ExperimentConfig, PretrainDataConfig
 from varmerge.grid import simplex_grid
 from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian, PosteriorMeta
 
@@ -174,17 +174,17 @@ def _examples(cfg: ExperimentConfig, ds, tokenizer) -> tuple:
 
 
 # ------------------------------------------------------------------------------ pretraining
-def pretrain_source(cfg: ExperimentConfig) -> tuple[str, dict]:
-    """The source and options ``pretrain.data`` loads (by default the run's own)."""
-    pd = cfg.pretrain.data
+def pretrain_source(cfg: ExperimentConfig, pd: PretrainDataConfig | None = None) -> tuple[str, dict]:
+    """The source and options a slice (default ``pretrain.data``) loads (by default the run's own)."""
+    pd = pd or cfg.pretrain.data
     source = pd.source or cfg.data.source
     options = pd.options if pd.options is not None else (cfg.data.options if source == cfg.data.source else {})
     return source, dict(options)
 
 
-def load_pretrain_dataset(cfg: ExperimentConfig):
-    """The source of ``pretrain.data`` (the run's own dataset when it names the same source)."""
-    source, opts = pretrain_source(cfg)
+def load_pretrain_dataset(cfg: ExperimentConfig, pd: PretrainDataConfig | None = None):
+    """The source of a slice (default ``pretrain.data``; the run's own dataset when it names the same source)."""
+    source, opts = pretrain_source(cfg, pd)
     if source == cfg.data.source and opts == cfg.data.options:
         return load_dataset(cfg)
     if source in ("mnist5k", "fortunes", "tweets"):
@@ -194,26 +194,29 @@ def load_pretrain_dataset(cfg: ExperimentConfig):
     return _remember("pretrain_dataset", key, lambda: vdata.load_source(source, **opts))
 
 
-def prepare_pretrain(cfg: ExperimentConfig, dataset=None) -> tuple[torch.Tensor | dict, torch.Tensor]:
-    """The pretraining examples as (x, y) tensors: the *train* split of ``pretrain.data``'s
-    source, filtered by classes or domains, from ``offset``, at most ``max_examples``; prepared as
-    the tasks are (pooling, tokenisation), so θ0 takes the tasks' inputs."""
-    pd = cfg.pretrain.data
-    ds = (load_pretrain_dataset(cfg) if dataset is None else dataset)["train"]
+def prepare_pretrain(
+    cfg: ExperimentConfig, dataset=None, pd: PretrainDataConfig | None = None
+) -> tuple[torch.Tensor | dict, torch.Tensor]:
+    """The pretraining examples as (x, y) tensors: the *train* split of the slice's source (default
+    ``pretrain.data``; ``base.prior_data`` for a checkpoint's prior), filtered by classes or
+    domains, from ``offset``, at most ``max_examples``; prepared as the tasks are (pooling,
+    tokenisation), so θ0 takes the tasks' inputs."""
+    pd = pd or cfg.pretrain.data
+    ds = (load_pretrain_dataset(cfg, pd) if dataset is None else dataset)["train"]
     if pd.classes:
         ds = vdata.class_subset(ds, pd.classes)
     if pd.domains:
         if "domain" not in ds.column_names:
-            raise ValueError(f"pretrain.data.domains: the source has no 'domain' column ({ds.column_names})")
+            raise ValueError(f"domains: the source has no 'domain' column ({ds.column_names})")
         col = ds["domain"]
         missing = sorted(set(pd.domains) - set(col))
         if missing:
-            raise ValueError(f"pretrain.data: no training examples of domains {missing}")
+            raise ValueError(f"no training examples of domains {missing}")
         keep = set(pd.domains)
         ds = ds.select([i for i, d in enumerate(col) if d in keep])
     stop = len(ds) if pd.max_examples is None else min(len(ds), pd.offset + pd.max_examples)
     if pd.offset >= stop:
-        raise ValueError(f"pretrain.data: offset {pd.offset} leaves no example of the {len(ds)} there are")
+        raise ValueError(f"offset {pd.offset} leaves no example of the {len(ds)} there are")
     ds = ds.select(range(pd.offset, stop))
     is_text = "text" in ds.column_names
     tokenizer = models.text_tokenizer(model_path(cfg)) if is_text else None
@@ -280,13 +283,16 @@ def start_point(
     """θ0 and its posterior, the prior the finetunes start from (None without one).
 
     With ``pretrain``: IVON on :func:`prepare_pretrain`'s examples from :func:`initial_model`;
-    the prior is IVON's posterior. With only ``base.prior_precision``: the checkpoint and a prior
-    of that per-example precision everywhere. Otherwise the seeded init and no prior.
+    the prior is IVON's posterior. With only ``base``: the checkpoint and, with ``prior_data``,
+    the per-example mean of squared gradients over those examples (+ ``prior_precision``, default
+    1e-4), or a prior of ``prior_precision`` everywhere. Otherwise the seeded init and no prior.
     """
     model = initial_model(cfg, num_classes)
     if cfg.pretrain is None:
-        if cfg.base is None or cfg.base.prior_precision is None:
+        if cfg.base is None or (cfg.base.prior_precision is None and cfg.base.prior_data is None):
             return model, None
+        if cfg.base.prior_data is not None:
+            return model, _squared_gradient_prior(cfg, model)
         mean = models.trainable_state_dict(model)
         prec = {k: torch.full_like(v, cfg.base.prior_precision) for k, v in mean.items()}
         return model, DiagonalGaussian(mean, prec, PosteriorMeta(task="base", optimizer="scalar", ess=1.0))
@@ -296,6 +302,17 @@ def start_point(
     data = _DictDataset(x, y) if isinstance(x, dict) else (x, y)
     model, prior = train.fit(model, data, opt, tr, seed=cfg.pretrain.seed, task="pretrain")
     return model, prior
+
+
+def _squared_gradient_prior(cfg: ExperimentConfig, model: nn.Module) -> DiagonalGaussian:
+    """``base.prior_data``'s squared-gradient pass at θ0, on the per-example scale after ``ess``."""
+    x, y = prepare_pretrain(cfg, pd=cfg.base.prior_data)
+    data = _DictDataset(x, y) if isinstance(x, dict) else (x, y)
+    n = len(y)
+    floor = cfg.base.prior_precision or 1e-4
+    loader = train.make_loader(data, cfg.posterior.batch_size, shuffle=False, what="base.prior_data")
+    meta = PosteriorMeta(task="base", optimizer="squared_gradients", ess=float(n), weight_decay=0.0)
+    return train.adamw_sg_posterior(model, loader, prior_precision=floor * n, meta=meta)
 
 
 def carried_hessian(cfg: ExperimentConfig, prior: DiagonalGaussian | None, optimizer: str):

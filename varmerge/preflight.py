@@ -308,14 +308,24 @@ def check_start(cfg: ExperimentConfig, num_classes: int, ds=None) -> None:
                 pipeline.initial_model(cfg, num_classes)
             except (ValueError, OSError) as exc:
                 raise PreflightError(str(exc)) from None
-    if cfg.pretrain is None:
-        return
+    slices = [
+        ("pretrain.data", cfg.pretrain and cfg.pretrain.data),
+        ("base.prior_data", cfg.base and cfg.base.prior_data),
+    ]
+    for where, pd in slices:
+        if pd is not None:
+            _check_slice(cfg, where, pd, ds)
+
+
+def _check_slice(cfg: ExperimentConfig, where: str, pd, ds) -> None:
+    from varmerge import pipeline
+
     try:
-        x, _ = pipeline.prepare_pretrain(cfg)
+        x, _ = pipeline.prepare_pretrain(cfg, pd=pd)
     except vdata.DataSourceMissing as exc:
-        raise PreflightError(f"pretrain.data: source not available here: {exc}") from None
+        raise PreflightError(f"{where}: source not available here: {exc}") from None
     except (ValueError, KeyError, OSError) as exc:
-        raise PreflightError(f"pretrain.data: {exc}") from None
+        raise PreflightError(f"{where}: {exc}") from None
     if ds is None:
         return
     seen = _row_digests(x)
@@ -324,6 +334,6 @@ def check_start(cfg: ExperimentConfig, num_classes: int, ds=None) -> None:
         shared = len(seen & _row_digests(t.test[0]))
         if shared:
             raise PreflightError(
-                f"pretrain.data shares {shared} examples with task {t.name!r}'s test set: pretrain on "
+                f"{where} shares {shared} examples with task {t.name!r}'s test set: use "
                 "examples no task is tested on (another offset, source or test_fraction)"
             )
