@@ -32,6 +32,27 @@ LABEL = {
 }
 
 
+def _pretrain_sentence(r: dict | None) -> str:
+    """How θ0 was pretrained (from the experiment's JSON), or that it was a seeded init."""
+    if r is None:
+        return ""
+    p = r.get("pretrain")
+    if not p:
+        return " θ0 = a seeded initialisation (no pretraining)."
+    d = p["data"]
+    where = ", ".join(
+        f"{k} {v}"
+        for k, v in (("source", d.get("source")), ("domains", d.get("domains")), ("offset", d.get("offset")))
+        if v
+    )
+    acc = ", ".join(f"{n} {100 * a:.1f}" for n, a in zip(r["tasks"], p["theta0_accuracy"], strict=True))
+    return (
+        f" θ0 pretrained with IVON on {p['examples']:,} training examples no task is tested on ({where}; "
+        f"{p['steps']} steps, {p['seconds']:.0f} s), θ0's test accuracy per task: {acc}; every finetune starts "
+        "from the pretrained posterior (its mean and IVON Hessian)."
+    )
+
+
 def _p(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -116,10 +137,12 @@ def render(results: dict, paper: dict, experiments: dict) -> str:
     add(
         "- **CNN column** (the paper's ResNet-20/CIFAR-10 row; CIFAR-10 is not available offline): a ResNet-20-style "
         "CNN (GroupNorm) on Fashion-MNIST, three class-split tasks, SoupIVON mixtures."
+        + _pretrain_sentence(exps.get("cnn_fashion"))
     )
     add(
         "- **LoRA column** (the paper's RoBERTa row): all-MiniLM-L6-v2 with LoRA adapters on tweet sentiment, "
         "three domains as tasks; posteriors and merges cover only the adapters and the head."
+        + _pretrain_sentence(exps.get("lora_tweets"))
     )
     add(
         "- Each cell: max over the α grid of the mean per-task test accuracy of the merged model; in brackets "
@@ -256,13 +279,14 @@ def render(results: dict, paper: dict, experiments: dict) -> str:
     add("## Cost ledger")
     add("")
     add(
-        "Wall-clock seconds of each stage. *finetunes*: the per-task posteriors (all mixture components); "
+        "Wall-clock seconds of each stage. *pretrain*: θ0 and its posterior, done once per experiment and shared "
+        "by every method; *finetunes*: the per-task posteriors (all mixture components); "
         "*merge* and *evaluation*: every method's sweep over the fine grid; *multitask_finetunes*: the ground "
         "truth plus every method's top-5 α, run by parallel single-threaded workers (the ratios below use the "
         "seconds of each finetune, so they do not depend on that parallelism)."
     )
     add("")
-    stages = ["data", "finetunes", "full_von_posteriors", "merge", "evaluation", "multitask_finetunes"]
+    stages = ["data", "pretrain", "finetunes", "full_von_posteriors", "merge", "evaluation", "multitask_finetunes"]
     add("| experiment | " + " | ".join(stages) + " | total |")
     add("|---|" + "---|" * (len(stages) + 1))
     for n, r in exps.items():

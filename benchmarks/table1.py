@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from varmerge import pareto, pipeline, plots, train
+from varmerge import models, pareto, pipeline, plots, train
 from varmerge.config import load_config
 from varmerge.grid import simplex_grid
 from varmerge.io import atomic_write
@@ -258,8 +258,17 @@ class Table1Runner(LocalRunner):
         if self.cfg.pretrain is not None:
             self.say(f"{self.cfg.name}: pretraining θ0 ({self.cfg.pretrain.steps} IVON steps)")
         self.base_model = super().base(data)
+        self.pretrain = None
         if self.cfg.pretrain is not None:
             self.ledger.seconds["pretrain"] = self.pretrain_seconds
+            theta0 = {k: v.unsqueeze(0) for k, v in models.trainable_state_dict(self.base_model).items()}
+            self.pretrain = {
+                "examples": len(pipeline.prepare_pretrain(self.cfg)[1]),
+                "steps": self.cfg.pretrain.steps,
+                "data": self.cfg.pretrain.data.model_dump(mode="json"),
+                "seconds": _round(self.pretrain_seconds, 3),
+                "theta0_accuracy": _round(pipeline.score_sweep(self.base_model, theta0, data[0])["accuracy"][0]),
+            }
         self.runs = MultitaskRuns(
             self.cfg, self.base_model, data[0], self.say, workers=self.exp.workers, prior=self.prior
         )
@@ -481,6 +490,7 @@ def run_experiment(name: str, exp: Experiment, console: Console) -> dict:
             "steps": cfg.posterior.steps,
             "full_von": exp.full_von,
         },
+        "pretrain": runner.pretrain,
         "grid": {"spacing": cfg.merge.spacing, "size": len(alpha)},
         "top_k": cfg.selection.top_k,
         "hypervolume_reference_point": [0.0] * T,
