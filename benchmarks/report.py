@@ -40,11 +40,9 @@ def _pretrain_sentence(r: dict | None) -> str:
     if not p:
         return " θ0 = a seeded initialisation (no pretraining)."
     d = p["data"]
-    where = ", ".join(
-        f"{k} {v}"
-        for k, v in (("source", d.get("source")), ("domains", d.get("domains")), ("offset", d.get("offset")))
-        if v
-    )
+    options = d.get("options") or {}
+    named = [("source", d.get("source")), *options.items(), ("classes", d.get("classes")), ("offset", d.get("offset"))]
+    where = ", ".join(f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in named if v)
     acc = ", ".join(f"{n} {100 * a:.1f}" for n, a in zip(r["tasks"], p["theta0_accuracy"], strict=True))
     return (
         f" θ0 pretrained with IVON on {p['examples']:,} training examples no task is tested on ({where}; "

@@ -518,9 +518,10 @@ def check_targets(exp: Experiment, r: dict) -> dict:
             if h in acc:
                 out[f"ordering_mixture>{h}>simple"] = bool(acc["mixture"] > acc[h] > acc["simple"])
     if {"mixture", "hessian", "simple"} <= acc.keys():  # the neural rows' shape (issue 12): ties count
-        igd = {k: m[k]["igd_plus"] for k in ("mixture", "hessian", "simple")}
         out["shape_mixture>=hessian>=simple"] = bool(acc["mixture"] >= acc["hessian"] >= acc["simple"])
-        out["shape_igd_plus_mixture<=hessian<=simple"] = bool(igd["mixture"] <= igd["hessian"] <= igd["simple"])
+        igd = {k: m[k].get("igd_plus") for k in ("mixture", "hessian", "simple")}
+        if None not in igd.values():
+            out["shape_igd_plus_mixture<=hessian<=simple"] = bool(igd["mixture"] <= igd["hessian"] <= igd["simple"])
     if all(m.get(k, {}).get("alpha_map_error") is not None for k in ("mixture", "simple")):
         out["shape_alpha_map_error_mixture<simple"] = bool(
             m["mixture"]["alpha_map_error"] < m["simple"]["alpha_map_error"]
