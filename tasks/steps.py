@@ -143,17 +143,7 @@ def base_model(cfg_json: str, run_dir: str, data_ref: dict, parent: Parent | Non
             prior.save(prior_path)  # before θ0: θ0's file marks the pair complete
         if child:
             tasks_, _ = load_tasks(run_dir, data_ref)
-            s = pipeline.score_sweep(
-                model, {k: v.unsqueeze(0) for k, v in models.trainable_state_dict(model).items()}, tasks_
-            )
-            tracking.log_metrics(
-                parent.uri,
-                child,
-                {
-                    "seconds": seconds,
-                    **{f"test/{t.name}/accuracy": float(a) for t, a in zip(tasks_, s["accuracy"][0], strict=True)},
-                },
-            )
+            _log_scores(parent, child, seconds, model, models.trainable_state_dict(model), tasks_)
             tracking.log_artifact(parent.uri, child, prior_path, "prior")
             tracking.finish(parent.uri, child)
         if cfg.pretrain is not None:
@@ -165,6 +155,13 @@ def base_model(cfg_json: str, run_dir: str, data_ref: dict, parent: Parent | Non
     if store is not store_for(run_dir):
         ref, prior = _relative(run_dir, store, ref), prior and _relative(run_dir, store, prior)
     return {**ref, "prior": prior}
+
+
+def _log_scores(parent: Parent, child: str, seconds: float, model, weights: dict, tasks_) -> None:
+    """``seconds`` and the test accuracy per task of ``model`` with trainable ``weights``."""
+    s = pipeline.score_sweep(model, {k: v.unsqueeze(0) for k, v in weights.items()}, tasks_)
+    accuracy = {f"test/{t.name}/accuracy": float(a) for t, a in zip(tasks_, s["accuracy"][0], strict=True)}
+    tracking.log_metrics(parent.uri, child, {"seconds": seconds, **accuracy})
 
 
 def load_base(cfg: ExperimentConfig, run_dir: str, base_ref: dict):
@@ -250,16 +247,7 @@ def finetune(
         sha = post.save(path)
         _say("finetuned %s in %.1f s -> %s", t.name, seconds, path.name)
         if child:
-            models.load_trainable(base, weights)
-            s = pipeline.score_sweep(base, {k: v.unsqueeze(0) for k, v in weights.items()}, tasks_)
-            tracking.log_metrics(
-                parent.uri,
-                child,
-                {
-                    "seconds": seconds,
-                    **{f"test/{n.name}/accuracy": float(a) for n, a in zip(tasks_, s["accuracy"][0], strict=True)},
-                },
-            )
+            _log_scores(parent, child, seconds, base, weights, tasks_)
             tracking.log_artifact(parent.uri, child, path, "posterior")
             tracking.finish(parent.uri, child)
         return sha

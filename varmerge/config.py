@@ -19,6 +19,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def ivon_settings(section, where: str, **fields):
+    """The ``OptimizerSettings`` of a config section with IVON's fields (lr, weight_decay, ess,
+    mc_samples, hess_init, beta2 and the other arguments in ``ivon``); ``fields`` override (e.g.
+    the optimizer ``name``). Raises ValueError naming the section for a bad IVON argument."""
+    from varmerge.train.settings import OptimizerSettings
+
+    taken = sorted(set(section.ivon) & {"hess_init", "beta2"})
+    if taken:
+        raise ValueError(f"ivon: {taken} have fields of their own: set {where}.{taken[0]} instead")
+    values = {
+        "name": "ivon",
+        "lr": section.lr,
+        "weight_decay": section.weight_decay,
+        "ess": section.ess,
+        "mc_samples": section.mc_samples,
+        "ivon": {"hess_init": section.hess_init, "beta2": section.beta2, **section.ivon},
+    }
+    return OptimizerSettings(**{**values, **fields})
+
+
 class TaskConfig(_Strict):
     name: str
     classes: list[int] = Field(default_factory=list, description="global class ids of this task")
@@ -109,21 +129,8 @@ class PosteriorConfig(_Strict):
     def _ivon_arguments(self):
         """``ivon`` holds IVON's arguments that have no field here; the optimizer settings (what
         the run builds from this section) check them, and IVON checks their values."""
-        if not self.ivon:
-            return self
-        from varmerge.train.settings import OptimizerSettings
-
-        taken = sorted(set(self.ivon) & {"hess_init", "beta2"})
-        if taken:
-            raise ValueError(f"ivon: {taken} have fields of their own: set posterior.{taken[0]} instead")
-        OptimizerSettings(
-            name="ivon",
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            ess=self.ess,
-            mc_samples=self.mc_samples,
-            ivon={"hess_init": self.hess_init, "beta2": self.beta2, **self.ivon},
-        )
+        if self.ivon:
+            ivon_settings(self, "posterior")
         return self
 
     @model_validator(mode="after")
@@ -178,19 +185,7 @@ class PretrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _ivon_arguments(self):
-        from varmerge.train.settings import OptimizerSettings
-
-        taken = sorted(set(self.ivon) & {"hess_init", "beta2"})
-        if taken:
-            raise ValueError(f"ivon: {taken} have fields of their own: set pretrain.{taken[0]} instead")
-        OptimizerSettings(
-            name="ivon",
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            ess=self.ess,
-            mc_samples=self.mc_samples,
-            ivon={"hess_init": self.hess_init, "beta2": self.beta2, **self.ivon},
-        )
+        ivon_settings(self, "pretrain")
         return self
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from varmerge import data as vdata
 from varmerge import evaluate, merge, models, pareto, train
-from varmerge.config import MAP_METHOD, ExperimentConfig, PretrainDataConfig
+from varmerge.config import MAP_METHOD, ExperimentConfig, PretrainDataConfig, ivon_settings
 from varmerge.grid import simplex_grid
 from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian, PosteriorMeta
 
@@ -260,14 +260,7 @@ def pretrain_settings(cfg: ExperimentConfig) -> tuple[train.OptimizerSettings, t
     """IVON and Lightning settings of ``cfg.pretrain``."""
     p = cfg.pretrain
     check_accelerator(cfg.accelerator)
-    opt = train.OptimizerSettings(
-        name="ivon",
-        lr=p.lr,
-        weight_decay=p.weight_decay,
-        ess=p.ess,
-        mc_samples=p.mc_samples,
-        ivon={"hess_init": p.hess_init, "beta2": p.beta2, **p.ivon},
-    )
+    opt = ivon_settings(p, "pretrain")
     tr = train.TrainerSettings(
         steps=p.steps,
         batch_size=p.batch_size,
@@ -391,15 +384,7 @@ def optimizer_settings(cfg: ExperimentConfig, *, name: str | None = None) -> tra
     """The optimizer of ``cfg.posterior`` (``name`` overrides the method's: the multitask finetune
     of a full VON config trains with IVON)."""
     p = cfg.posterior
-    return train.OptimizerSettings(
-        name=name or _METHOD_OPTIMIZER[p.method],
-        lr=p.lr,
-        weight_decay=p.weight_decay,
-        ess=p.ess,
-        mc_samples=p.mc_samples,
-        prior_precision=p.prior_precision,
-        ivon={"hess_init": p.hess_init, "beta2": p.beta2, **p.ivon},
-    )
+    return ivon_settings(p, "posterior", name=name or _METHOD_OPTIMIZER[p.method], prior_precision=p.prior_precision)
 
 
 def trainer_settings(cfg: ExperimentConfig, *, progress: bool = False, logger=None) -> train.TrainerSettings:
