@@ -33,14 +33,21 @@ def config(**sections):
 
 # ------------------------------------------------------------------------------------ config
 def test_config_sections_parse_and_refuse_bad_values():
-    cfg = config(pretrain=PRETRAIN, base={"checkpoint": "theta.safetensors", "prior_precision": 0.5})
-    assert cfg.pretrain.data.offset == 2000 and cfg.pretrain.carry_hessian and cfg.base.prior_precision == 0.5
+    cfg = config(pretrain=PRETRAIN, base={"checkpoint": "theta.safetensors"})  # pretraining from a checkpoint
+    assert (
+        cfg.pretrain.data.offset == 2000 and cfg.pretrain.carry_hessian and cfg.base.checkpoint == "theta.safetensors"
+    )
+    assert config(base={"checkpoint": "theta.safetensors", "prior_precision": 0.5}).base.prior_precision == 0.5
     bad = [
         ({"pretrain": {**PRETRAIN, "data": {"classes": [0], "domains": ["x"]}}}, "give classes or domains, not both"),
         ({"pretrain": {**PRETRAIN, "ivon": {"hess_init": 1.0}}}, "set pretrain.hess_init instead"),
         ({"pretrain": {**PRETRAIN, "ivon": {"beta1": 2.0}}}, "rejected by ivon.IVON"),
         ({"pretrain": {**PRETRAIN, "steps": 0}}, "pretrain.steps"),
         ({"base": {"checkpoint": "x", "prior_precision": -1}}, "base.prior_precision"),
+        (
+            {"pretrain": PRETRAIN, "base": {"checkpoint": "x", "prior_precision": 1.0}},
+            "with pretrain the prior is the pretrained posterior",
+        ),
     ]
     for sections, words in bad:
         with pytest.raises(ConfigError, match=words):
@@ -174,6 +181,15 @@ def test_a_user_checkpoint_is_theta0_and_a_scalar_prior(tmp_path):
     junk.write_text("not a tensor file")
     with pytest.raises(PreflightError, match="not a readable safetensors file"):
         check_start(config(base={"checkpoint": str(junk)}), 10)
+
+
+def test_a_model_folder_checkpoint_is_the_text_backbone(tmp_path):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    cfg = config(model={"name": "lora_text", "options": {"r": 2}}, base={"checkpoint": str(folder)})
+    assert pipeline.model_path(cfg) == str(folder) and pipeline.model_options(cfg)["model_path"] == str(folder)
+    with pytest.raises(PreflightError, match="is a folder \\(a Hugging Face model\\); model 'logreg'"):
+        check_start(config(base={"checkpoint": str(folder)}), 10)
 
 
 def test_preflight_refuses_pretraining_on_a_tasks_test_examples():

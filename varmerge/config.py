@@ -343,6 +343,10 @@ class ExperimentConfig(_Strict):
                 )
         for method, opts in self.merge.options.items():
             check_method_options(method, opts, len(self.data.tasks))
+        if self.pretrain is not None and self.base is not None:
+            given = [k for k in ("prior_precision", "prior_data") if getattr(self.base, k) is not None]
+            if given:
+                raise ValueError(f"base.{given[0]}: with pretrain the prior is the pretrained posterior; drop one")
         return self
 
 
