@@ -214,7 +214,7 @@ def test_dispatch_of_diagonal_posteriors_equals_the_rules():
             lambda: merge.regmean(means, ALPHA, grams=grams, ridge=0.01),
         ),
     }
-    assert set(cases) | {"mixture", "hessian_full"} == set(merge.merge_names())
+    assert set(cases) | {"mixture", "hessian_full", "mixture_full"} == set(merge.merge_names())
     for name, (opts, direct) in cases.items():
         assert_same(merge.apply(name, posts, base, ALPHA, opts, grams=grams), direct())
         # the pipeline's merge_sweep is the same generic call (options as a dict or a parsed model)

@@ -75,7 +75,8 @@ class PosteriorMeta:
 EXACT_VIEWS: dict[str, tuple[str, ...]] = {
     "diagonal": ("none", "diagonal"),
     "mixture": ("none", "diagonal", "mixture"),
-    "full": ("none", "diagonal", "full"),
+    "full": ("none", "diagonal", "full", "mixture_full"),
+    "mixture_full": ("none", "diagonal", "mixture", "mixture_full"),
 }
 
 
@@ -95,7 +96,9 @@ class _Views:
             return self.mixture()
         if kind == "full":
             return self.full(user=user)
-        raise ValueError(f"unknown posterior kind {kind!r}; kinds: none, diagonal, mixture, full")
+        if kind == "mixture_full":
+            return self.mixture_full(user=user)
+        raise ValueError(f"unknown posterior kind {kind!r}; kinds: none, diagonal, mixture, full, mixture_full")
 
     @classmethod
     def load(cls, path, expected: Mapping | None = None):
@@ -106,6 +109,12 @@ class _Views:
         raise ValueError(
             f"{user or 'this rule'} needs full-Gaussian posteriors (posterior.method: full_von); "
             f"got a {self.kind} posterior (task {self.meta.task!r}), which has no full precision matrix"
+        )
+
+    def mixture_full(self, *, user: str | None = None):
+        raise ValueError(
+            f"{user or 'this rule'} needs mixtures of full Gaussians (or full Gaussians: posterior.method "
+            f"full_von); got a {self.kind} posterior (task {self.meta.task!r}), which has no full precision matrix"
         )
 
 
@@ -339,6 +348,10 @@ class FullGaussian(_Views):
     def full(self, *, user: str | None = None) -> FullGaussian:
         return self
 
+    def mixture_full(self, *, user: str | None = None) -> MixtureFullGaussian:
+        """This Gaussian as a 1-component mixture."""
+        return MixtureFullGaussian([self], meta=self.meta)
+
     def save(self, path) -> str:
         header = {"kind": "full", "meta": self.meta.to_dict(), "shapes": {k: list(v) for k, v in self.shapes.items()}}
         return io.save_tensors(path, {"mean": self.mean, "precision": self.precision}, header)
@@ -350,6 +363,93 @@ class FullGaussian(_Views):
             raise ValueError(f"{where}: full posterior needs exactly 'mean' and 'precision' tensors")
         shapes = {k: tuple(v) for k, v in header["shapes"].items()}
         post = cls(tensors["mean"], tensors["precision"], shapes, PosteriorMeta.from_dict(header.get("meta", {})))
+        if expected is not None:
+            io.check_matches_model(post.state_dict(), expected, where)
+        return post
+
+
+@dataclass
+class MixtureFullGaussian(_Views):
+    """Σ_k weight_k N(mean_k, precision_k⁻¹) over one flat parameter vector (small models).
+
+    The components are :class:`FullGaussian` of the same parameters; ``weights`` are the learned
+    mixture weights π_k (default uniform). Each precision must be positive definite (checked by a
+    Cholesky factorisation, so a bad file or fit fails here, naming the component).
+    """
+
+    kind: ClassVar[str] = "mixture_full"
+
+    components: list[FullGaussian]
+    weights: list[float] | None = None
+    meta: PosteriorMeta = field(default_factory=PosteriorMeta)
+
+    def __post_init__(self):
+        if not self.components:
+            raise ValueError("a mixture needs at least one component")
+        ref = self.components[0]
+        for i, c in enumerate(self.components):
+            if i and (c.shapes != ref.shapes or c.mean.dtype != ref.mean.dtype):
+                raise ValueError(f"mixture component {i} has different parameters, shapes or dtype than component 0")
+            if torch.linalg.cholesky_ex(c.precision)[1] != 0:
+                raise ValueError(f"mixture component {i}: precision is not positive definite")
+        K = len(self.components)
+        if self.weights is None:
+            self.weights = [1.0 / K] * K
+        w = torch.as_tensor(self.weights, dtype=torch.float64)
+        if w.shape != (K,) or not torch.isfinite(w).all() or (w <= 0).any() or abs(float(w.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"mixture weights must be {K} positive numbers summing to 1, got {self.weights}")
+
+    @property
+    def K(self) -> int:
+        return len(self.components)
+
+    def diagonal(self) -> DiagonalGaussian:
+        """The first component's diagonal."""
+        return self.components[0].diagonal()
+
+    def mixture(self) -> MixtureGaussian:
+        """The mixture of the components' diagonals, with the same weights."""
+        return MixtureGaussian([c.diagonal() for c in self.components], list(self.weights), self.meta)
+
+    def mixture_full(self, *, user: str | None = None) -> MixtureFullGaussian:
+        return self
+
+    def state_dict(self, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.components[0].state_dict(flat)
+
+    def save(self, path) -> str:
+        tensors = {}
+        for k, c in enumerate(self.components):
+            tensors[f"c{k}/mean"], tensors[f"c{k}/precision"] = c.mean, c.precision
+        header = {
+            "kind": "mixture_full",
+            "K": self.K,
+            "weights": list(self.weights),
+            "meta": self.meta.to_dict(),
+            "component_meta": [c.meta.to_dict() for c in self.components],
+            "shapes": {k: list(v) for k, v in self.components[0].shapes.items()},
+        }
+        return io.save_tensors(path, tensors, header)
+
+    @classmethod
+    def from_tensors(cls, tensors, header, expected: Mapping | None = None, where: str = "posterior"):
+        _check_kind(header, "mixture_full", where)
+        K = header.get("K")
+        want = {f"c{k}/{part}" for k in range(K or 0) for part in ("mean", "precision")}
+        if not K or set(tensors) != want or len(header.get("component_meta", [])) != K:
+            raise ValueError(f"{where}: mixture of full Gaussians has inconsistent components (header K={K})")
+        shapes = {k: tuple(v) for k, v in header["shapes"].items()}
+        try:
+            comps = []
+            for k, cm in enumerate(header["component_meta"]):
+                mean, prec = tensors[f"c{k}/mean"], tensors[f"c{k}/precision"]
+                try:
+                    comps.append(FullGaussian(mean, prec, shapes, PosteriorMeta.from_dict(cm)))
+                except ValueError as exc:
+                    raise ValueError(f"mixture component {k}: {exc}") from None
+            post = cls(comps, header["weights"], PosteriorMeta.from_dict(header.get("meta", {})))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         if expected is not None:
             io.check_matches_model(post.state_dict(), expected, where)
         return post
@@ -374,7 +474,12 @@ def _check_kind(header: Mapping, kind: str, where: str) -> None:
 def posterior_from_tensors(tensors, header, expected: Mapping | None = None, where: str = "posterior"):
     """Whichever posterior kind ``header`` names, from tensors already read (and hash-checked)."""
     kind = header.get("kind")
-    cls = {"diagonal": DiagonalGaussian, "mixture": MixtureGaussian, "full": FullGaussian}.get(kind)
+    cls = {
+        "diagonal": DiagonalGaussian,
+        "mixture": MixtureGaussian,
+        "full": FullGaussian,
+        "mixture_full": MixtureFullGaussian,
+    }.get(kind)
     if cls is None:
         raise ValueError(f"{where}: not a posterior file (kind {kind!r})")
     return cls.from_tensors(tensors, header, expected, where)

@@ -42,12 +42,15 @@ __all__ = [
     "DEFAULT_PRECISION_FLOOR",
     "FullOptions",
     "HessianOptions",
+    "MixtureFullOptions",
     "MixtureOptions",
     "TaskArithmeticOptions",
     "hessian_weighted",
     "hessian_weighted_full",
+    "mixture_full_objective",
     "mixture_objective",
     "mixture_weighted",
+    "mixture_weighted_full",
     "simple_average",
     "task_arithmetic",
 ]
@@ -76,6 +79,11 @@ class MixtureOptions(ChunkedOptions):
 
 class FullOptions(Options):
     max_batch_bytes: int = 1 << 28  # memory of one batch of (P, P) systems
+
+
+class MixtureFullOptions(FullOptions):
+    iterations: int = 10  # EM steps after the start at the π-weighted Hessian merge
+    tol: float | None = None  # stop once no responsibility moves more than this
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,3 +477,140 @@ def hessian_weighted_full(
     if base is not None:
         x = base + x
     return x if batched else x[0]
+
+
+# --------------------------------------------------------------------------------------------
+# mixtures of full Gaussians (the paper's MNIST mixture row)
+# --------------------------------------------------------------------------------------------
+class _FullMixture:
+    """The components of every task stacked: means (C, P), precisions (C, P, P), H_c θ_c, ½ log det
+    H_c, log π_c and the task of each component (validated: shapes, symmetry, positive definite)."""
+
+    def __init__(self, means, precisions, weights):
+        if isinstance(means, Mapping) or len(means) == 0:
+            raise ValueError("mixture means must be a non-empty list (tasks) of lists (components)")
+        if len(precisions) != len(means):
+            raise ValueError(f"got {len(means)} tasks of means but {len(precisions)} of precisions")
+        flat_m, flat_h, task_of = [], [], []
+        for t, (mt, ht) in enumerate(zip(means, precisions, strict=True)):
+            if isinstance(mt, torch.Tensor) or len(mt) == 0:
+                raise ValueError(f"means[{t}] must be a non-empty list of K components")
+            if len(ht) != len(mt):
+                raise ValueError(f"task {t} has {len(mt)} mean components but {len(ht)} precision components")
+            try:
+                P = _check_full(list(mt), list(ht))  # names the component: means[k] / precisions[k]
+            except ValueError as exc:
+                raise ValueError(f"task {t}: {exc}") from None
+            if flat_m and (P != flat_m[0].shape[0] or mt[0].dtype != flat_m[0].dtype):
+                raise ValueError(
+                    f"task {t}: {P} parameters of {mt[0].dtype}, task 0 has {flat_m[0].shape[0]} of {flat_m[0].dtype}"
+                )
+            flat_m += list(mt)
+            flat_h += list(ht)
+            task_of += [t] * len(mt)
+        self.P = flat_m[0].shape[0]
+        self.theta = torch.stack(flat_m)
+        self.H = torch.stack(flat_h)
+        chol, info = torch.linalg.cholesky_ex(self.H)
+        if (info != 0).any():
+            c = int(torch.nonzero(info)[0])
+            raise ValueError(
+                f"precision of task {task_of[c]}, component {c - task_of.index(task_of[c])} is not positive definite"
+            )
+        self.half_logdet = torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1).to(torch.float64)
+        self.Htheta = torch.einsum("cij,cj->ci", self.H, self.theta)
+        self.task_of = torch.tensor(task_of)
+        self.T = len(means)
+        self.log_pi = _mixture_logweights(weights, means)
+
+    def log_joint(self, x: torch.Tensor) -> torch.Tensor:
+        """(g, C): log π_c + ½ log det H_c − ½ (x − θ_c)ᵀ H_c (x − θ_c) for (g, P) points x."""
+        q = torch.empty(x.shape[0], len(self.theta), dtype=torch.float64)
+        for c in range(len(self.theta)):
+            d = x - self.theta[c]
+            q[:, c] = ((d @ self.H[c]) * d).sum(-1).to(torch.float64)
+        return self.log_pi + self.half_logdet - 0.5 * q
+
+    def solve(self, w: torch.Tensor, alpha: torch.Tensor, first_row: int) -> torch.Tensor:
+        """(g, P) θ̂ = (Σ_c w_c H_c)⁻¹ Σ_c w_c H_c θ_c for (g, C) weights w."""
+        wd = w.to(self.H.dtype)
+        A = torch.einsum("gc,cij->gij", wd, self.H)
+        b = (wd @ self.Htheta).unsqueeze(-1)
+        what = "combined precision Σ r α H"
+        return solve_spd_rows(A, b, alpha, first_row, what, "check the posteriors").squeeze(-1)
+
+
+@register("mixture_full", posterior="mixture_full", options=MixtureFullOptions, dtype=torch.float64)
+@torch.no_grad()
+def mixture_weighted_full(
+    means: Sequence[Sequence[torch.Tensor]],
+    precisions: Sequence[Sequence[torch.Tensor]],
+    alpha,
+    *,
+    weights: Sequence[Sequence[float]] | None = None,
+    iterations: int = 10,
+    tol: float | None = None,
+    max_batch_bytes: int = 1 << 28,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+):
+    """Algorithm 1 with full precisions: the EM fixed point of Π_t (Σ_k π_tk N(θ_tk, H_tk⁻¹))^{α_t}.
+
+    ``means[t][k]`` is a flat (P,) tensor and ``precisions[t][k]`` a symmetric positive definite
+    (P, P) matrix; ``weights[t]`` the learned π_tk (default uniform). θ̂ starts at the Hessian-
+    weighted merge of all components with responsibilities π (iteration 0); each EM step sets
+    r_tk ∝ π_tk N(θ̂ | θ_tk, H_tk⁻¹) per task, from log-densities (½ log det H_tk included), then
+    θ̂ = (Σ_tk r_tk α_t H_tk)⁻¹ Σ_tk r_tk α_t H_tk θ_tk. Each step cannot decrease
+    :func:`mixture_full_objective` (it maximises Jensen's lower bound at the current r). With K = 1
+    everywhere this is :func:`hessian_weighted_full`. Batched over α in blocks of at most
+    ``max_batch_bytes`` of (P, P) systems; ``callback(i, θ̂)`` sees every iterate ((G, P)).
+    """
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    mix = _FullMixture(means, precisions, weights)
+    a, batched = check_alpha(alpha, mix.T)
+    per = max(1, int(max_batch_bytes // max(mix.P * mix.P * mix.theta.element_size(), 1)))
+    alpha_c = a[:, mix.task_of]  # (G, C): α_t of each component's task
+    iterates: list[list[torch.Tensor]] = [[] for _ in range(iterations + 1)]
+    outs = []
+    for lo in range(0, a.shape[0], per):
+        ac = alpha_c[lo : lo + per]
+        resp = _responsibilities(mix.log_pi.expand(ac.shape[0], -1).clone(), mix.task_of, mix.T)
+        theta = mix.solve(ac * resp, a, lo)
+        iterates[0].append(theta)
+        for i in range(1, iterations + 1):
+            new = _responsibilities(mix.log_joint(theta), mix.task_of, mix.T)
+            moved = float((new - resp).abs().max())
+            resp = new
+            theta = mix.solve(ac * resp, a, lo)
+            iterates[i].append(theta)
+            if tol is not None and moved <= tol:
+                for rest in range(i + 1, iterations + 1):
+                    iterates[rest].append(theta)
+                break
+        outs.append(theta)
+    if callback is not None:
+        for i, parts in enumerate(iterates):
+            x = torch.cat(parts)
+            callback(i, x if batched else x[0])
+    x = torch.cat(outs)
+    return x if batched else x[0]
+
+
+@torch.no_grad()
+def mixture_full_objective(
+    theta: torch.Tensor,
+    means: Sequence[Sequence[torch.Tensor]],
+    precisions: Sequence[Sequence[torch.Tensor]],
+    alpha,
+    *,
+    weights: Sequence[Sequence[float]] | None = None,
+) -> torch.Tensor:
+    """Σ_t α_t log Σ_k π_tk N(θ | θ_tk, H_tk⁻¹) up to a constant, at (P,) θ with (T,) α, or at (G, P)
+    points with (G, T) α; float64."""
+    mix = _FullMixture(means, precisions, weights)
+    a, batched = check_alpha(alpha, mix.T)
+    x = theta if batched else theta.unsqueeze(0)
+    lj = mix.log_joint(x.to(mix.theta.dtype))
+    per_task = torch.stack([torch.logsumexp(lj[:, mix.task_of == t], dim=1) for t in range(mix.T)], dim=1)
+    obj = (a * per_task).sum(1)
+    return obj if batched else obj[0]

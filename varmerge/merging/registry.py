@@ -47,11 +47,11 @@ __all__ = [
     "register",
 ]
 
-PosteriorKind = Literal["none", "diagonal", "mixture", "full"]
+PosteriorKind = Literal["none", "diagonal", "mixture", "full", "mixture_full"]
 MethodKind = Literal["rule", "estimator"]
 
 #: What a rule may read from the posteriors (see the module docstring).
-POSTERIOR_KINDS: tuple[str, ...] = ("none", "diagonal", "mixture", "full")
+POSTERIOR_KINDS: tuple[str, ...] = ("none", "diagonal", "mixture", "full", "mixture_full")
 METHOD_KINDS: tuple[str, ...] = ("rule", "estimator")
 
 #: The modules whose ``@register`` declarations make up the registry, in listing order.
@@ -312,13 +312,18 @@ def apply(
         alpha = mean_loss_alpha(alpha, views)
     if spec.posterior == "mixture":
         data = {"means": [v.means for v in views], "precisions": [v.precisions for v in views]}
+    elif spec.posterior == "mixture_full":
+        data = {
+            "means": [[c.mean for c in v.components] for v in views],
+            "precisions": [[c.precision for c in v.components] for v in views],
+        }
     else:
         data = {"means": [v.mean for v in views]}
         if spec.posterior != "none":
             data["precisions"] = [v.precision for v in views]
     if spec.dtype is not None:
         data = {k: _cast(v, spec.dtype) for k, v in data.items()}
-    if spec.posterior == "mixture":
+    if spec.posterior in ("mixture", "mixture_full"):
         data["weights"] = [list(v.weights) for v in views]
     if spec.needs_base:
         if base is None:
@@ -329,14 +334,14 @@ def apply(
             raise ValueError(f"merge method {spec.name!r} needs calibration Grams (grams=...)")
         data["grams"] = grams
     merged = spec.fn(alpha=alpha, **data, **opts.rule_kwargs())
-    if spec.posterior == "full":
+    if spec.posterior in ("full", "mixture_full"):
         return views[0].state_dict(merged)
     return merged
 
 
 def _tiny_problem(kind: str, num_tasks: int):
     """θ0, posteriors of ``kind`` and Grams on a 2x2 weight + bias model (float64)."""
-    from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian
+    from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureFullGaussian, MixtureGaussian
 
     f64 = torch.float64
     base = {"w": torch.zeros(2, 2, dtype=f64), "b": torch.zeros(2, dtype=f64)}
@@ -347,13 +352,16 @@ def _tiny_problem(kind: str, num_tasks: int):
 
     if kind == "mixture":
         posts = [MixtureGaussian([gaussian(t), gaussian(t, 0.5)]) for t in range(num_tasks)]
-    elif kind == "full":
+    elif kind in ("full", "mixture_full"):
         shapes = {"w": (2, 2), "b": (2,)}
         posts = []
         for t in range(num_tasks):
             g = gaussian(t)
             mean = torch.cat([g.mean["w"].reshape(-1), g.mean["b"]])
             posts.append(FullGaussian(mean, torch.eye(6, dtype=f64) * (t + 1), shapes))
+        if kind == "mixture_full":
+            shifted = [FullGaussian(p.mean + 0.5, p.precision * 2, shapes) for p in posts]
+            posts = [MixtureFullGaussian([p, q]) for p, q in zip(posts, shifted, strict=True)]
     else:
         posts = [gaussian(t) for t in range(num_tasks)]
     grams = [{"w": torch.eye(2, dtype=f64)} for _ in range(num_tasks)]

@@ -1,0 +1,156 @@
+"""Mixtures of full Gaussians: the posterior structure and the ``mixture_full`` merge rule.
+
+Oracles: K = 1 is ``hessian_full``; the EM objective never decreases and ends at a fixed point;
+on P = 2 the result is the mode of Π_t q_t^{α_t} found by a brute-force grid search; bad inputs
+raise ValueError naming the value; files round-trip with validation on load.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from varmerge import merge
+from varmerge.posterior import FullGaussian, MixtureFullGaussian, load_posterior
+
+f64 = torch.float64
+
+
+def spd(P: int, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    A = torch.randn(P, P, generator=g, dtype=f64)
+    return scale * (A @ A.T / P + 0.5 * torch.eye(P, dtype=f64))
+
+
+def problem(T=3, K=3, P=5, seed=0, spread=2.0):
+    g = torch.Generator().manual_seed(seed)
+    means = [[torch.randn(P, generator=g, dtype=f64) * spread for _ in range(K)] for _ in range(T)]
+    precs = [[spd(P, g, float(torch.rand(1, generator=g)) * 3 + 0.5) for _ in range(K)] for _ in range(T)]
+    w = torch.rand(T, K, generator=g, dtype=f64) + 0.2
+    weights = (w / w.sum(1, keepdim=True)).tolist()
+    return means, precs, weights
+
+
+ALPHA = torch.tensor([[0.2, 0.3, 0.5], [1 / 3, 1 / 3, 1 / 3], [0.7, 0.1, 0.2], [1.0, 0.0, 0.0]], dtype=f64)
+
+
+def test_one_component_is_the_full_hessian_merge():
+    means, precs, _ = problem(K=1)
+    got = merge.mixture_weighted_full(means, precs, ALPHA, iterations=5)
+    want = merge.hessian_weighted_full([m[0] for m in means], [h[0] for h in precs], ALPHA)
+    torch.testing.assert_close(got, want)
+
+
+def test_em_objective_never_decreases_and_ends_at_a_fixed_point():
+    means, precs, weights = problem(seed=1)
+    iterates = []
+    merge.mixture_weighted_full(
+        means, precs, ALPHA, weights=weights, iterations=40, callback=lambda i, x: iterates.append(x.clone())
+    )
+    objs = torch.stack([merge.mixture_full_objective(x, means, precs, ALPHA, weights=weights) for x in iterates])
+    steps = objs[1:] - objs[:-1]
+    assert (steps >= -1e-9).all(), steps.min()
+    assert float(steps.sum()) > 1e-3  # EM moved away from the start
+    last = iterates[-1]
+    again = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=41)
+    torch.testing.assert_close(again, last, atol=1e-8, rtol=0)  # one more step does not move it
+
+
+def test_mode_matches_a_brute_force_search_on_two_parameters():
+    means, precs, weights = problem(T=3, K=2, P=2, seed=3, spread=1.0)
+    a = torch.tensor([0.5, 0.3, 0.2], dtype=f64)
+    got = merge.mixture_weighted_full(means, precs, a, weights=weights, iterations=200, tol=1e-12)
+    ticks = torch.linspace(-4, 4, 801, dtype=f64)
+    grid = torch.cartesian_prod(ticks, ticks)
+    obj = merge.mixture_full_objective(grid, means, precs, a.expand(len(grid), -1), weights=weights)
+    best = grid[int(obj.argmax())]
+    assert float((got - best).abs().max()) <= 0.02  # the grid step is 0.01
+    assert float(merge.mixture_full_objective(got, means, precs, a, weights=weights)) >= float(obj.max()) - 1e-6
+
+
+def test_batched_equals_one_at_a_time_and_blocks_do_not_change_the_result():
+    means, precs, weights = problem(seed=4)
+    batch = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=6)
+    small = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=6, max_batch_bytes=5 * 5 * 8)
+    torch.testing.assert_close(small, batch)
+    for g, a in enumerate(ALPHA):
+        torch.testing.assert_close(
+            merge.mixture_weighted_full(means, precs, a, weights=weights, iterations=6), batch[g]
+        )
+
+
+def test_bad_inputs_name_the_value():
+    means, precs, weights = problem(T=2, K=2, P=3, seed=5)
+    a = torch.tensor([0.5, 0.5], dtype=f64)
+    bad_h = [list(h) for h in precs]
+    bad_h[1][0] = -torch.eye(3, dtype=f64)
+    with pytest.raises(ValueError, match="precision of task 1, component 0 is not positive definite"):
+        merge.mixture_weighted_full(means, bad_h, a)
+    with pytest.raises(ValueError, match=r"mixture weights of task 0 must be 2 positive numbers summing to 1"):
+        merge.mixture_weighted_full(means, precs, a, weights=[[0.7, 0.7], weights[1]])
+    with pytest.raises(ValueError, match="task 1 has 2 mean components but 1 precision components"):
+        merge.mixture_weighted_full(means, [precs[0], precs[1][:1]], a)
+    with pytest.raises(ValueError, match=r"task 1: means\[1\] has 4 entries, expected 3"):
+        merge.mixture_weighted_full([means[0], [means[1][0], torch.zeros(4, dtype=f64)]], precs, a)
+    with pytest.raises(ValueError, match="simplex"):
+        merge.mixture_weighted_full(means, precs, torch.tensor([0.9, 0.3], dtype=f64))
+    with pytest.raises(ValueError, match="not symmetric"):
+        merge.mixture_weighted_full(
+            means, [[precs[0][0] + torch.triu(torch.ones(3, 3, dtype=f64), 1), precs[0][1]], precs[1]], a
+        )
+
+
+def _posterior(means, precs, weights, shapes, ess=1.0):
+    from varmerge.posterior import PosteriorMeta
+
+    return MixtureFullGaussian(
+        [FullGaussian(m, h, shapes) for m, h in zip(means, precs, strict=True)], weights, PosteriorMeta(ess=ess)
+    )
+
+
+def test_posterior_file_round_trip_views_and_the_registry(tmp_path):
+    means, precs, weights = problem(T=3, K=2, P=6, seed=6)
+    shapes = {"w": (2, 2), "b": (2,)}
+    posts = [_posterior(m, h, w, shapes) for m, h, w in zip(means, precs, weights, strict=True)]
+    path = tmp_path / "p.safetensors"
+    posts[0].save(path)
+    back = load_posterior(path, expected={"w": torch.zeros(2, 2), "b": torch.zeros(2)})
+    assert isinstance(back, MixtureFullGaussian) and back.K == 2 and back.weights == pytest.approx(weights[0])
+    torch.testing.assert_close(back.components[1].precision, precs[0][1])
+    assert back.mixture().K == 2 and back.diagonal().mean["w"].shape == (2, 2)
+    merged = merge.apply("mixture_full", posts, None, ALPHA[0], {"iterations": 4})
+    flat = merge.mixture_weighted_full(means, precs, ALPHA[0], weights=weights, iterations=4)
+    torch.testing.assert_close(torch.cat([merged["w"].reshape(-1), merged["b"]]), flat)
+    # a full Gaussian is a one-component mixture: mixture_full runs on full_von posteriors
+    fulls = [p.components[0] for p in posts]
+    one = merge.apply("mixture_full", fulls, None, ALPHA[0])
+    ref = merge.apply("hessian_full", fulls, None, ALPHA[0])
+    torch.testing.assert_close(one["w"], ref["w"].to(f64), atol=1e-4, rtol=1e-4)  # hessian_full solves in float32
+    with pytest.raises(ValueError, match="needs mixtures of full Gaussians"):
+        merge.apply("mixture_full", [p.diagonal() for p in posts], None, ALPHA[0])
+
+
+def test_a_damaged_file_is_refused(tmp_path):
+    from varmerge import io
+
+    means, precs, weights = problem(T=1, K=2, P=6, seed=7)
+    post = _posterior(means[0], precs[0], weights[0], {"w": (2, 2), "b": (2,)})
+    tensors = {
+        "c0/mean": means[0][0],
+        "c0/precision": 2 * torch.ones(6, 6, dtype=f64) - torch.eye(6, dtype=f64),  # diagonal > 0, indefinite
+        "c1/mean": means[0][1],
+        "c1/precision": precs[0][1],
+    }
+    header = {
+        "kind": "mixture_full",
+        "K": 2,
+        "weights": weights[0],
+        "meta": post.meta.to_dict(),
+        "component_meta": [c.meta.to_dict() for c in post.components],
+        "shapes": {"w": [2, 2], "b": [2]},
+    }
+    io.save_tensors(tmp_path / "bad.safetensors", tensors, header)
+    with pytest.raises(ValueError, match="bad.safetensors: mixture component 0: precision is not positive definite"):
+        load_posterior(tmp_path / "bad.safetensors")
+    io.save_tensors(tmp_path / "short.safetensors", {k: v for k, v in tensors.items() if k.startswith("c0")}, header)
+    with pytest.raises(ValueError, match="inconsistent components"):
+        load_posterior(tmp_path / "short.safetensors")
