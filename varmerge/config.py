@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-POSTERIOR_METHODS = ("adamw_sg", "ivon", "multi_ivon", "soup_ivon", "full_von")
+POSTERIOR_METHODS = ("adamw_sg", "ivon", "multi_ivon", "soup_ivon", "full_von", "mixture_full_von")
 
 
 class _Strict(BaseModel):
@@ -94,7 +94,7 @@ class ModelConfig(_Strict):
 
 
 class PosteriorConfig(_Strict):
-    method: Literal["adamw_sg", "ivon", "multi_ivon", "soup_ivon", "full_von"] = "ivon"
+    method: Literal["adamw_sg", "ivon", "multi_ivon", "soup_ivon", "full_von", "mixture_full_von"] = "ivon"
     steps: int = Field(500, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.1, gt=0)
@@ -112,7 +112,12 @@ class PosteriorConfig(_Strict):
     precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed"] = Field(
         "32-true", description="Lightning training precision (16-mixed needs a gradient scaler: AdamW only)"
     )
-    components: int = Field(1, ge=1, description="K: seeds (multi_ivon) or runs (soup_ivon)")
+    components: int = Field(
+        1, ge=1, description="K: seeds (multi_ivon), runs (soup_ivon) or mixture_full_von components"
+    )
+    weights_lr: float = Field(
+        3e-6, ge=0, description="mixture_full_von: step size of the mixture weights (paper: 3e-6)"
+    )
     checkpoint_steps: list[int] = Field(default_factory=list, description="soup_ivon checkpoints")
     seed: int = 0
 
@@ -215,6 +220,7 @@ POSTERIOR_KINDS = {
     "multi_ivon": "mixture",
     "soup_ivon": "mixture",
     "full_von": "full",
+    "mixture_full_von": "mixture_full",
 }
 
 #: Former MergeConfig fields, now options of their rule's model.

@@ -377,6 +377,7 @@ _METHOD_OPTIMIZER = {
     "multi_ivon": "ivon",
     "soup_ivon": "ivon",
     "full_von": "full_von",
+    "mixture_full_von": "full_von",
 }
 
 
@@ -439,6 +440,22 @@ def finetune_task(
         runs = {"completed_runs": parts.completed(), "on_run": parts.save}
     if p.method in ("ivon", "adamw_sg", "full_von"):
         model, post = train.fit(model, train_data(task), opt, tr, seed=p.seed, task=task.name)
+        return post, models.trainable_state_dict(model)
+    if p.method == "mixture_full_von":
+        x, y = task.train
+        post = train.fit_mixture_full_von(
+            model,
+            x,
+            y,
+            components=p.components,
+            lr=p.lr,
+            lr_weights=p.weights_lr,
+            mc_samples=p.mc_samples,
+            num_iters=p.steps,
+            prior_precision=p.prior_precision,
+            seed=p.seed,
+            meta=PosteriorMeta(task=task.name),
+        )
         return post, models.trainable_state_dict(model)
     if p.method == "multi_ivon":
         post = train.fit_multi_ivon(

@@ -76,7 +76,7 @@ EXACT_VIEWS: dict[str, tuple[str, ...]] = {
     "diagonal": ("none", "diagonal"),
     "mixture": ("none", "diagonal", "mixture"),
     "full": ("none", "diagonal", "full", "mixture_full"),
-    "mixture_full": ("none", "diagonal", "mixture", "mixture_full"),
+    "mixture_full": ("none", "diagonal", "mixture", "full", "mixture_full"),
 }
 
 
@@ -410,6 +410,10 @@ class MixtureFullGaussian(_Views):
     def mixture(self) -> MixtureGaussian:
         """The mixture of the components' diagonals, with the same weights."""
         return MixtureGaussian([c.diagonal() for c in self.components], list(self.weights), self.meta)
+
+    def full(self, *, user: str | None = None) -> FullGaussian:
+        """The first component (one fit's cost, as the diagonal mixtures' first component)."""
+        return self.components[0]
 
     def mixture_full(self, *, user: str | None = None) -> MixtureFullGaussian:
         return self

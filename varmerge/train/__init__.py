@@ -12,7 +12,8 @@ config. The modules:
 * :mod:`~varmerge.train.fitting`: :func:`fit` (one task and its posterior), :func:`fit_multitask`
   (eq. 1 at a weighting α), :func:`trained_sg_posterior` (AdamW-SG);
 * :mod:`~varmerge.train.ensembles`: :func:`fit_multi_ivon`, :func:`fit_soup_ivon` (mixtures);
-* :mod:`~varmerge.train.von`: full-Gaussian VON for logistic regression.
+* :mod:`~varmerge.train.von`: full-Gaussian VON and mixtures of full Gaussians (natural-gradient
+  mixture VI) for logistic regression.
 
 Nothing here imports prefect, mlflow or dvc; pass an MLflow logger in ``TrainerSettings.logger``
 from the orchestration layer.
@@ -23,7 +24,13 @@ from varmerge.train.ensembles import fit_multi_ivon, fit_soup_ivon
 from varmerge.train.fitting import adamw_sg_posterior, fit, fit_multitask, trained_sg_posterior
 from varmerge.train.modules import IVONSnapshots, SingleTaskModule, WeightedMultitaskModule
 from varmerge.train.settings import OPTIMIZERS, OptimizerSettings, TrainerSettings
-from varmerge.train.von import fit_full_von, full_von, softmax_regression_hessian
+from varmerge.train.von import (
+    fit_full_von,
+    fit_mixture_full_von,
+    full_von,
+    mixture_full_von,
+    softmax_regression_hessian,
+)
 
 __all__ = [
     "OPTIMIZERS",
@@ -37,10 +44,12 @@ __all__ = [
     "default_labels",
     "fit",
     "fit_full_von",
+    "fit_mixture_full_von",
     "fit_multi_ivon",
     "fit_multitask",
     "fit_soup_ivon",
     "full_von",
+    "mixture_full_von",
     "make_loader",
     "softmax_regression_hessian",
     "task_loss",
