@@ -220,3 +220,36 @@ def test_a_config_runs_mixture_full_von_posteriors_through_the_front():
     acc = result.sweeps["mixture_full"]["accuracy"]
     assert acc.shape == (6, 3) and float(acc.max(0).values.min()) > 0.6  # each task learned at its vertex
     assert result.realised is not None and result.realised.shape == (1, 3)
+
+
+# --------------------------------------------------------------------------- the CG solver
+def test_preconditioned_cg_equals_the_cholesky_sweep():
+    from varmerge.grid import simplex_grid
+    from varmerge.merging.kernels import solve_combined_pcg
+
+    g = torch.Generator().manual_seed(8)
+    P, T = 40, 3
+    H = torch.stack([spd(P, g, s) for s in (0.5, 2.0, 8.0)])  # unequal scales: anchors matter
+    means = [torch.randn(P, generator=g, dtype=f64) for _ in range(T)]
+    alpha = simplex_grid(T, 0.05)
+    want = merge.hessian_weighted_full(means, list(H), alpha)
+    got = merge.hessian_weighted_full(means, list(H), alpha, solver="pcg", pcg_tol=1e-10)
+    torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
+    base, H0 = torch.randn(P, generator=g, dtype=f64), spd(P, g)
+    want = merge.hessian_weighted_full(means, list(H), alpha, base=base, base_precision=H0)
+    got = merge.hessian_weighted_full(means, list(H), alpha, base=base, base_precision=H0, solver="pcg", pcg_tol=1e-10)
+    torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
+    b = torch.randn(len(alpha), P, generator=g, dtype=f64)
+    _, info = solve_combined_pcg(H, alpha, b, tol=1e-10)
+    assert (
+        info["anchors"] <= 21 and info["iterations"] < P and "unconverged" not in info
+    )  # fewer steps than plain CG's P
+    with pytest.raises(ValueError, match="solver must be 'cholesky' or 'pcg'"):
+        merge.hessian_weighted_full(means, list(H), alpha, solver="lu")
+
+
+def test_mixture_em_by_cg_equals_refactorising_every_step():
+    means, precs, weights = problem(seed=9, P=12)
+    want = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=8)
+    got = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=8, solver="pcg", pcg_tol=1e-12)
+    torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)

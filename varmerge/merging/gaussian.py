@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import torch
 
@@ -33,6 +34,8 @@ from varmerge.merging.kernels import (
     compute_dtype,
     finish,
     flat,
+    pcg,
+    solve_combined_pcg,
     solve_spd_rows,
     stack_rows,
 )
@@ -81,9 +84,17 @@ class FullOptions(Options):
     max_batch_bytes: int = 1 << 28  # memory of one batch of (P, P) systems
 
 
+class HessianFullOptions(FullOptions):
+    solver: Literal["cholesky", "pcg"] = "cholesky"  # pcg: kernels.solve_combined_pcg
+    pcg_tol: float = 1e-7  # relative residual at which a row's CG stops
+    anchor_spacing: float = 0.2  # the preconditioners' coarse grid
+
+
 class MixtureFullOptions(FullOptions):
     iterations: int = 10  # EM steps after the start at the π-weighted Hessian merge
     tol: float | None = None  # stop once no responsibility moves more than this
+    solver: Literal["cholesky", "pcg"] = "cholesky"  # pcg: factor once, then CG from the last iterate
+    pcg_tol: float = 1e-7
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +439,7 @@ def _check_full(means, precisions):
     return P
 
 
-@register("hessian_full", posterior="full", options=FullOptions, dtype=torch.float32)
+@register("hessian_full", posterior="full", options=HessianFullOptions, dtype=torch.float32)
 @torch.no_grad()
 def hessian_weighted_full(
     means: Sequence[torch.Tensor],
@@ -438,12 +449,18 @@ def hessian_weighted_full(
     base: torch.Tensor | None = None,
     base_precision: torch.Tensor | None = None,
     max_batch_bytes: int = 1 << 28,
+    solver: str = "cholesky",
+    pcg_tol: float = 1e-7,
+    anchor_spacing: float = 0.2,
 ):
     """Hessian-weighted merging with full precision matrices: (Σ α_t H_t)⁻¹ Σ α_t H_t θ_t.
 
-    ``means[t]`` is a flat (P,) tensor, ``precisions[t]`` a symmetric (P, P) matrix. The (G, P, P)
-    batch of combined precisions is built and Cholesky-solved in chunks of at most
-    ``max_batch_bytes``. With ``base`` (and ``base_precision``) the prior form is used.
+    ``means[t]`` is a flat (P,) tensor, ``precisions[t]`` a symmetric (P, P) matrix. With
+    ``solver="cholesky"`` the (G, P, P) batch of combined precisions is built and Cholesky-solved in
+    chunks of at most ``max_batch_bytes``; ``"pcg"`` solves all α at once by preconditioned CG
+    (:func:`~varmerge.merging.kernels.solve_combined_pcg`: T matrix products per step, Cholesky
+    factors only at the anchors of a coarse grid). With ``base`` (and ``base_precision``) the prior
+    form is used.
     """
     P = _check_full(means, precisions)
     a, batched = check_alpha(alpha, len(means))
@@ -463,6 +480,12 @@ def hessian_weighted_full(
         H0 = torch.zeros(P, P, dtype=dt)
         rhs = torch.einsum("tij,tj->ti", H, th)
     al = a.to(dt)
+    if solver == "pcg":
+        x, _ = solve_combined_pcg(H, al, al @ rhs, anchor_spacing=anchor_spacing, tol=pcg_tol, base=H0)
+        x = x if base is None else base + x
+        return x if batched else x[0]
+    if solver != "cholesky":
+        raise ValueError(f"solver must be 'cholesky' or 'pcg', got {solver!r}")
     per = max(1, int(max_batch_bytes // max(P * P * th.element_size(), 1)))
     outs = []
     for lo in range(0, al.shape[0], per):
@@ -531,13 +554,35 @@ class _FullMixture:
             q[:, c] = ((d @ self.H[c]) * d).sum(-1).to(torch.float64)
         return self.log_pi + self.half_logdet - 0.5 * q
 
-    def solve(self, w: torch.Tensor, alpha: torch.Tensor, first_row: int) -> torch.Tensor:
-        """(g, P) θ̂ = (Σ_c w_c H_c)⁻¹ Σ_c w_c H_c θ_c for (g, C) weights w."""
+    def factor(self, w: torch.Tensor, alpha: torch.Tensor, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, P) θ̂ = (Σ_c w_c H_c)⁻¹ Σ_c w_c H_c θ_c for (g, C) weights w, and the Cholesky factors."""
         wd = w.to(self.H.dtype)
         A = torch.einsum("gc,cij->gij", wd, self.H)
         b = (wd @ self.Htheta).unsqueeze(-1)
-        what = "combined precision Σ r α H"
-        return solve_spd_rows(A, b, alpha, first_row, what, "check the posteriors").squeeze(-1)
+        L, info = torch.linalg.cholesky_ex(A)
+        if (info != 0).any():
+            g = int(torch.nonzero(info)[0]) + first_row
+            raise ValueError(f"combined precision Σ r α H is not positive definite at α row {g}: {alpha[g].tolist()}")
+        return torch.cholesky_solve(b, L).squeeze(-1), L
+
+    def solve(self, w: torch.Tensor, alpha: torch.Tensor, first_row: int) -> torch.Tensor:
+        return self.factor(w, alpha, first_row)[0]
+
+    def solve_pcg(self, w: torch.Tensor, L: torch.Tensor, x0: torch.Tensor, tol: float) -> torch.Tensor:
+        """The same system by CG from ``x0``, preconditioned by earlier factors ``L`` (g, P, P)."""
+        wd = w.to(self.H.dtype)
+        b = wd @ self.Htheta
+
+        def matvec(V):
+            out = torch.zeros_like(V)
+            for c in range(len(self.H)):
+                out += wd[:, c, None] * (V @ self.H[c])
+            return out
+
+        def precond(R):
+            return torch.cholesky_solve(R.unsqueeze(-1), L).squeeze(-1)
+
+        return pcg(matvec, precond, b, x0, tol=tol, max_iter=10 * self.P)[0]
 
 
 @register("mixture_full", posterior="mixture_full", options=MixtureFullOptions, dtype=torch.float64)
@@ -551,6 +596,8 @@ def mixture_weighted_full(
     iterations: int = 10,
     tol: float | None = None,
     max_batch_bytes: int = 1 << 28,
+    solver: str = "cholesky",
+    pcg_tol: float = 1e-7,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ):
     """Algorithm 1 with full precisions: the EM fixed point of Π_t (Σ_k π_tk N(θ_tk, H_tk⁻¹))^{α_t}.
@@ -563,9 +610,14 @@ def mixture_weighted_full(
     :func:`mixture_full_objective` (it maximises Jensen's lower bound at the current r). With K = 1
     everywhere this is :func:`hessian_weighted_full`. Batched over α in blocks of at most
     ``max_batch_bytes`` of (P, P) systems; ``callback(i, θ̂)`` sees every iterate ((G, P)).
+    ``solver="pcg"`` factors each α's system once (iteration 0) and solves the later EM steps by
+    CG started at the previous iterate and preconditioned by that factor (C matrix products per
+    step instead of a new factorisation).
     """
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    if solver not in ("cholesky", "pcg"):
+        raise ValueError(f"solver must be 'cholesky' or 'pcg', got {solver!r}")
     mix = _FullMixture(means, precisions, weights)
     a, batched = check_alpha(alpha, mix.T)
     per = max(1, int(max_batch_bytes // max(mix.P * mix.P * mix.theta.element_size(), 1)))
@@ -575,13 +627,16 @@ def mixture_weighted_full(
     for lo in range(0, a.shape[0], per):
         ac = alpha_c[lo : lo + per]
         resp = _responsibilities(mix.log_pi.expand(ac.shape[0], -1).clone(), mix.task_of, mix.T)
-        theta = mix.solve(ac * resp, a, lo)
+        theta, L = mix.factor(ac * resp, a, lo)
         iterates[0].append(theta)
         for i in range(1, iterations + 1):
             new = _responsibilities(mix.log_joint(theta), mix.task_of, mix.T)
             moved = float((new - resp).abs().max())
             resp = new
-            theta = mix.solve(ac * resp, a, lo)
+            if solver == "pcg":
+                theta = mix.solve_pcg(ac * resp, L, theta, pcg_tol)
+            else:
+                theta = mix.solve(ac * resp, a, lo)
             iterates[i].append(theta)
             if tol is not None and moved <= tol:
                 for rest in range(i + 1, iterations + 1):
