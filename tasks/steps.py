@@ -152,6 +152,13 @@ def base_model(cfg_json: str, run_dir: str, data_ref: dict, parent: Parent | Non
 
     ref = store.compute("base", key, make, name="theta0")[0]
     prior = store.find("base", key, "prior")
+    wants_prior = cfg.pretrain is not None or (
+        cfg.base is not None and bool(cfg.base.prior_precision or cfg.base.prior_data)
+    )
+    if wants_prior and prior is None:
+        raise ValueError(
+            f"{prior_path}: θ0's prior is missing beside {store.resolve(ref)}; delete θ0 to recompute both"
+        )
     if store is not store_for(run_dir):
         ref, prior = _relative(run_dir, store, ref), prior and _relative(run_dir, store, prior)
     return {**ref, "prior": prior}

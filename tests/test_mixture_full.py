@@ -246,6 +246,8 @@ def test_preconditioned_cg_equals_the_cholesky_sweep():
     )  # fewer steps than plain CG's P
     with pytest.raises(ValueError, match="solver must be 'cholesky' or 'pcg'"):
         merge.hessian_weighted_full(means, list(H), alpha, solver="lu")
+    with pytest.raises(ValueError, match=r"CG did not reach pcg_tol=0.0 for \d+ α rows"):  # never silently wrong
+        merge.hessian_weighted_full(means, list(H), alpha, solver="pcg", pcg_tol=0.0)
 
 
 def test_mixture_em_by_cg_equals_refactorising_every_step():

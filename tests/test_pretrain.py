@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,6 +199,22 @@ def test_preflight_refuses_pretraining_on_a_tasks_test_examples():
     with pytest.raises(PreflightError, match=r"pretrain.data shares \d+ examples with task 'a''s test set"):
         check_start(cfg, 10, ds)
     check_start(config(pretrain=PRETRAIN), 10, ds)  # the run's own train split: disjoint from the tests
+
+
+def test_a_theta0_whose_prior_file_is_gone_is_refused_not_used_without_it(tmp_path):
+    import json
+
+    from tasks import steps
+
+    cfg_json = json.dumps(config(pretrain=PRETRAIN).model_dump(mode="json"))
+    run_dir = str(tmp_path / "runs" / "tiny")
+    data_ref = steps.prepare_data.fn(cfg_json, run_dir)
+    ref = steps.base_model.fn(cfg_json, run_dir, data_ref)
+    assert ref["prior"] is not None and ref["path"].startswith("../pretrained/")
+    assert steps.base_model.fn(cfg_json, run_dir, data_ref) == ref  # reused
+    (Path(run_dir) / ref["prior"]["path"]).unlink()
+    with pytest.raises(ValueError, match="θ0's prior is missing beside"):
+        steps.base_model.fn(cfg_json, run_dir, data_ref)
 
 
 # --------------------------------------------------------------------------------------- flow

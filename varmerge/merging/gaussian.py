@@ -481,7 +481,12 @@ def hessian_weighted_full(
         rhs = torch.einsum("tij,tj->ti", H, th)
     al = a.to(dt)
     if solver == "pcg":
-        x, _ = solve_combined_pcg(H, al, al @ rhs, anchor_spacing=anchor_spacing, tol=pcg_tol, base=H0)
+        x, info = solve_combined_pcg(H, al, al @ rhs, anchor_spacing=anchor_spacing, tol=pcg_tol, base=H0)
+        if "unconverged" in info:
+            raise ValueError(
+                f"hessian_full: CG did not reach pcg_tol={pcg_tol} for {info['unconverged']} α rows in "
+                f"{info['iterations']} steps; raise pcg_tol or use solver: cholesky"
+            )
         x = x if base is None else base + x
         return x if batched else x[0]
     if solver != "cholesky":
@@ -582,7 +587,12 @@ class _FullMixture:
         def precond(R):
             return torch.cholesky_solve(R.unsqueeze(-1), L).squeeze(-1)
 
-        return pcg(matvec, precond, b, x0, tol=tol, max_iter=10 * self.P)[0]
+        x, _, unconverged = pcg(matvec, precond, b, x0, tol=tol, max_iter=10 * self.P)
+        if unconverged:
+            raise ValueError(
+                f"mixture_full: CG did not reach pcg_tol={tol} for {unconverged} α rows; use solver: cholesky"
+            )
+        return x
 
 
 @register("mixture_full", posterior="mixture_full", options=MixtureFullOptions, dtype=torch.float64)
@@ -622,13 +632,18 @@ def mixture_weighted_full(
     a, batched = check_alpha(alpha, mix.T)
     per = max(1, int(max_batch_bytes // max(mix.P * mix.P * mix.theta.element_size(), 1)))
     alpha_c = a[:, mix.task_of]  # (G, C): α_t of each component's task
-    iterates: list[list[torch.Tensor]] = [[] for _ in range(iterations + 1)]
+    iterates: list[list[torch.Tensor]] = [[] for _ in range(iterations + 1)]  # kept only for a callback
+
+    def keep(i: int, theta: torch.Tensor) -> None:
+        if callback is not None:
+            iterates[i].append(theta)
+
     outs = []
     for lo in range(0, a.shape[0], per):
         ac = alpha_c[lo : lo + per]
         resp = _responsibilities(mix.log_pi.expand(ac.shape[0], -1).clone(), mix.task_of, mix.T)
         theta, L = mix.factor(ac * resp, a, lo)
-        iterates[0].append(theta)
+        keep(0, theta)
         for i in range(1, iterations + 1):
             new = _responsibilities(mix.log_joint(theta), mix.task_of, mix.T)
             moved = float((new - resp).abs().max())
@@ -637,10 +652,10 @@ def mixture_weighted_full(
                 theta = mix.solve_pcg(ac * resp, L, theta, pcg_tol)
             else:
                 theta = mix.solve(ac * resp, a, lo)
-            iterates[i].append(theta)
+            keep(i, theta)
             if tol is not None and moved <= tol:
                 for rest in range(i + 1, iterations + 1):
-                    iterates[rest].append(theta)
+                    keep(rest, theta)
                 break
         outs.append(theta)
     if callback is not None:
