@@ -7,6 +7,7 @@ Errors a user can act on (bad config, missing data, α off the simplex, ...) pri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,15 @@ from rich.table import Table
 
 from varmerge.services import LOOPBACK, apply_service_env
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+#: Help is plain text (click's layout): typer's rich layout prints a ``<bool>`` type beside every flag.
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
+    help="varmerge: Pareto fronts of multitask finetuning by variational model merging. Errors a user can act "
+    "on (bad config, missing data, α off the simplex) print one line; --debug shows the traceback.",
+)
 console = Console()
 _STATE = {"debug": False}
 
@@ -182,8 +191,8 @@ def run_flow(
 ) -> None:
     """The main job as a Prefect flow: finetunes, posteriors, α sweeps, front, multitask finetune.
 
-    Config, accelerator, output folder, tracking store, data and model are checked first
-    (``varmerge.preflight``): a run that would fail stops here and writes nothing.
+    Config, accelerator, output folder, tracking store, data and model are checked first: a run
+    that would fail stops there and writes nothing.
     """
     from varmerge.preflight import preflight
 
@@ -273,15 +282,48 @@ def ui(
     host: str = typer.Option(LOOPBACK, help="bind address (loopback by default; 0.0.0.0 exposes it to the network)"),
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 (other hosts only when asked with --host)."""
-    import subprocess
-
     if host not in (LOOPBACK, "localhost", "::1"):
         console.print(
             f"[yellow]note:[/] the MLflow UI will listen on {host}, not only on this machine; it has no authentication",
             soft_wrap=True,
         )
     console.print(f"MLflow UI on http://{host}:{port} ({tracking_uri}); Ctrl-C stops it")
-    raise typer.Exit(subprocess.call(ui_command(tracking_uri, host, port)))
+    raise typer.Exit(serve(ui_command(tracking_uri, host, port)))
+
+
+def serve(cmd: list[str], grace_seconds: float = 10.0) -> int:
+    """Run a server command in its own process group until it exits; SIGINT, SIGTERM or SIGHUP to
+    this process stop the whole group (``mlflow ui`` forks gunicorn / uvicorn workers), with
+    SIGKILL after ``grace_seconds``, so nothing outlives the command. Returns its exit code."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    stopping: list[float] = []
+
+    def stop(signum, _frame) -> None:
+        if not stopping:
+            stopping.append(time.monotonic())
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stopping and time.monotonic() - stopping[0] > grace_seconds:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # workers the server left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if stopping else rc
 
 
 def ui_command(tracking_uri: str, host: str = LOOPBACK, port: int = 5000) -> list[str]:

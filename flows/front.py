@@ -61,8 +61,10 @@ def front_flow(
 
     data_ref = runner.data()
     exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
-    for stale in tracking.close_stale_runs(uri, exp_id, cfg.name):
+    for stale, flow_run_id in tracking.close_stale_runs(uri, exp_id, cfg.name):
         logger.info("MLflow run %s was left RUNNING by a killed flow: marked KILLED", stale)
+        if flow_run_id and mark_crashed(flow_run_id):
+            logger.info("Prefect flow run %s of that killed flow: marked Crashed", flow_run_id)
     parent = (
         tracking.client(uri)
         .create_run(
@@ -98,7 +100,7 @@ def front_flow(
         if len(names) == 3:
             files.append(plots.ternary_mean_accuracy(result.sweeps, names, run_dir / "ternary.png"))
         if result.error is not None:  # the front is still saved and logged
-            io.write_text_atomic(front_json, json.dumps(summary, indent=2))
+            io.write_text_atomic(front_json, json.dumps(portable(summary, run_dir), indent=2))
             for p in files:
                 tracking.log_artifact(uri, parent, p, "front")
             raise ValueError(f"{result.error} (the estimated front is in {front_json})")
@@ -110,7 +112,7 @@ def front_flow(
         )
         # register first, then write front.json (atomically, once): it exists only for a finished run
         summary["registered_model"] = register_model(runner, uri, parent, result.chosen_alpha[0].tolist())
-        io.write_text_atomic(front_json, json.dumps(summary, indent=2))
+        io.write_text_atomic(front_json, json.dumps(portable(summary, run_dir), indent=2))
         tracking.log_metrics(
             uri,
             parent,
@@ -130,6 +132,40 @@ def front_flow(
     except BaseException:
         tracking.finish(uri, parent, "FAILED")
         raise
+
+
+def mark_crashed(flow_run_id: str) -> bool:
+    """Set a Prefect flow run that a killed process left Running (or Pending) to Crashed, as the
+    MLflow run of that flow is marked KILLED; True if it was changed. Prefect's own crash
+    detection needs the process alive to report; a SIGKILL leaves the run Running forever."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(UUID(flow_run_id))
+        except (ObjectNotFound, ValueError):
+            return False
+        if run.state is None or run.state.is_final():
+            return False
+        message = "its process was killed; marked Crashed by the next run of this config"
+        client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+        return True
+
+
+def portable(summary: dict, run_dir: Path) -> dict:
+    """front.json's content: the summary without machine-specific paths. ``run_dir`` is where the
+    file lies, and a SQLite tracking store is given relative to it (``sqlite:///../mlflow.db``), so
+    the same run on another machine or folder writes the same file (``dvc metrics diff`` compares
+    them across revisions)."""
+    out = {k: v for k, v in summary.items() if k != "run_dir"}
+    uri = str(summary.get("tracking_uri", ""))
+    if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).is_absolute():
+        out["tracking_uri"] = "sqlite:///" + os.path.relpath(uri.removeprefix("sqlite:///"), run_dir.resolve())
+    return out
 
 
 def register_model(runner: PrefectRunner, uri: str, parent: str, alpha: list) -> str:

@@ -72,10 +72,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def close_stale_runs(uri: str, experiment_id: str, config_name: str) -> list[str]:
+def close_stale_runs(uri: str, experiment_id: str, config_name: str) -> list[tuple[str, str | None]]:
     """Mark KILLED the runs of ``config_name`` left RUNNING by a process of this machine that is
     gone (a killed flow: nothing in it got to finish its runs). Runs of live processes, or of
-    other machines, are left alone. Returns the run ids closed."""
+    other machines, are left alone. Returns ``(run id, Prefect flow-run id or None)`` of each run
+    closed (the flow-run id from the run's ``varmerge.flow_run_id`` tag)."""
     if "'" in config_name:
         return []
     c = client(uri)
@@ -87,7 +88,7 @@ def close_stale_runs(uri: str, experiment_id: str, config_name: str) -> list[str
         h, _, pid = r.data.tags.get("varmerge.process", "").rpartition(":")
         if h == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             c.set_terminated(r.info.run_id, status="KILLED")
-            closed.append(r.info.run_id)
+            closed.append((r.info.run_id, r.data.tags.get("varmerge.flow_run_id")))
     return closed
 
 

@@ -495,3 +495,17 @@ def test_no_alpha_meets_the_constraints_front_still_saved(prefect_harness, tmp_p
     assert parent.info.status == "FAILED"
     assert "front/front.json" in [a.path for a in client.list_artifacts(parent.info.run_id, "front")]
     assert client.search_model_versions("name='varmerge-unmet'") == []
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["demo"], ["sweep"], ["validate"], ["ui"], ["front"], ["prepare-data"]]
+)
+def test_cli_help_is_plain_text(command):
+    from typer.testing import CliRunner
+
+    from flows import cli
+
+    text = CliRunner().invoke(cli.app, [*command, "--help"], terminal_width=120).output
+    assert text.startswith("Usage: ") and "Options:" in text
+    for markup in ("``", ":func:", "<bool>", "[bold"):
+        assert markup not in text, (command, markup, text)

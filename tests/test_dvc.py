@@ -36,7 +36,8 @@ def _env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `varmerge` of this venv
+            # without this venv: the README's commands must put it on the PATH themselves
+            "PATH": os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != BIN),
             "DVC_NO_ANALYTICS": "1",
             "DVC_STUDIO_OFFLINE": "true",
             "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global"),
@@ -207,8 +208,19 @@ def dvc_copy(tmp_path_factory):
             shutil.copy2(src, root / rel)
     assert (root / ".dvc" / "config").is_file() and not (root / ".dvc" / "cache").exists()
     _run(["git", "init", "-q"], root, env)
-    _dvc("repro", "prepare_data", cwd=root, env=env)
+    (root / ".venv").symlink_to(BIN.parent)  # the checkout's venv, as `make setup` leaves it
+    # the README's own lines, as printed: activate the venv, then `dvc repro prepare_data`
+    activate, repro = _readme_dvc_lines()[:2]
+    assert activate.startswith("source .venv/bin/activate") and repro == "dvc repro prepare_data"
+    _run(["bash", "-c", f"{activate} && {repro}"], root, env)
     return root, env
+
+
+def _readme_dvc_lines() -> list[str]:
+    """The commands of the README's DVC block, comments stripped."""
+    text = (REPO / "README.md").read_text().split("## Data versions (DVC)", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
 
 
 @pytest.mark.slow

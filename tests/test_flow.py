@@ -80,6 +80,8 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     assert (run_dir / "ground_truth_0.25.json").exists()
     # the main run's front.json and MLflow parent run now carry the scores for trusting α
     front = json.loads((run_dir / "front.json").read_text())
+    assert str(tmp_path) not in json.dumps(front)  # paths relative to the run folder
+    assert front["tracking_uri"] == "sqlite:///../../mlflow.db"
     regret = front["methods"]["mixture"]["selection_regret"]  # mixture picks α in TINY
     assert regret["top1"] == gt["selection_regret"]["top1"] and regret["best_of_k"] <= regret["top1"]
     assert front["methods"]["simple"]["alpha_map_error"] == gt["methods"]["simple"]["alpha_map_error"]

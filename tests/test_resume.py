@@ -180,6 +180,18 @@ def _assert_nothing_partial(out: Path, uri: str, killed: int = 1) -> None:
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(r.info.status for r in parents) == sorted(["FINISHED"] + ["KILLED"] * killed)
+    # the killed flow's Prefect run is Crashed too, not left Running
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        states = [
+            (r.info.status, prefect.read_flow_run(UUID(r.data.tags["varmerge.flow_run_id"])).state.type.value)
+            for r in parents
+        ]
+    want = {"KILLED": "CRASHED", "FINISHED": "COMPLETED"}
+    assert all(state == want[status] for status, state in states), states
 
 
 def _posteriors(out: Path) -> dict[str, int]:

@@ -21,7 +21,7 @@ def test_ui_binds_loopback_by_default(monkeypatch):
     host_block = help_text[help_text.index("--host") : help_text.index("--help")]
     assert "[default: 127.0.0.1]" in host_block, help_text
     seen = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.append(cmd) or 0)
+    monkeypatch.setattr(cli, "serve", lambda cmd: seen.append(cmd) or 0)
     result = CliRunner().invoke(cli.app, ["ui", "--tracking-uri", "sqlite:///x.db"])
     assert result.exit_code == 0, result.output
     [cmd] = seen
@@ -31,7 +31,7 @@ def test_ui_binds_loopback_by_default(monkeypatch):
 
 def test_ui_elsewhere_only_when_asked_and_with_a_note(monkeypatch):
     seen = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.append(cmd) or 0)
+    monkeypatch.setattr(cli, "serve", lambda cmd: seen.append(cmd) or 0)
     result = CliRunner().invoke(cli.app, ["ui", "--host", "0.0.0.0"], terminal_width=200)
     assert seen[0][seen[0].index("--host") + 1] == "0.0.0.0"
     assert "note:" in result.output and "no authentication" in result.output
@@ -89,3 +89,50 @@ def test_ephemeral_prefect_api_is_on_loopback(prefect_harness):
     from urllib.parse import urlparse
 
     assert urlparse(prefect_harness).hostname == "127.0.0.1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_ui_stops_its_server_and_workers_on_a_signal(tmp_path, sig):
+    import signal
+    import time
+
+    import psutil
+
+    port = _free_port()
+    cmd = [str(Path(sys.executable).with_name("varmerge")), "ui", "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while not _answers(port):
+            assert proc.poll() is None, "varmerge ui exited before its server answered"
+            assert time.monotonic() < deadline, "the MLflow UI did not answer within 90 s"
+            time.sleep(0.5)
+        group = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert group, "mlflow ui runs as a child process"
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=30) == 0
+        _, alive = psutil.wait_procs(group, timeout=15)
+        assert not alive, [p.cmdline() for p in alive]
+        assert not _answers(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
