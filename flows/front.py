@@ -19,7 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import steps, tracking
 from tasks.runner import PrefectRunner
-from varmerge import io, plots
+from varmerge import io, pareto, plots
 from varmerge.config import ExperimentConfig, load_config, parse_config
 from varmerge.sequence import estimate_front
 
@@ -99,6 +99,7 @@ def front_flow(
         ]
         if len(names) == 3:
             files.append(plots.ternary_mean_accuracy(result.sweeps, names, run_dir / "ternary.png"))
+        tracking.log_table(uri, parent, front_table(result.sweeps, names), "front/front_table.json")
         if result.error is not None:  # the front is still saved and logged
             io.write_text_atomic(front_json, json.dumps(portable(summary, run_dir), indent=2))
             for p in files:
@@ -117,13 +118,24 @@ def front_flow(
             uri,
             parent,
             {
-                **{f"{m}/max_mean_accuracy": s["max_mean_accuracy"] for m, s in summary["methods"].items()},
+                **{
+                    f"{m}/{k}": s[k]
+                    for m, s in summary["methods"].items()
+                    for k in ("max_mean_accuracy", "hypervolume", "front_size")
+                },
                 "chosen/predicted_mean": float(predicted[0].mean()),
                 "chosen/realised_mean": float(result.realised[0].mean()),
                 **{f"chosen/predicted/{n}": float(v) for n, v in zip(names, predicted[0], strict=True)},
                 **{f"chosen/realised/{n}": float(v) for n, v in zip(names, result.realised[0], strict=True)},
             },
         )
+        chosen = {
+            "alpha": [round(a, 6) for a in result.chosen_alpha[0].tolist()],
+            "predicted": [round(float(v), 6) for v in predicted[0]],
+            "realised": [round(float(v), 6) for v in result.realised[0]],
+        }
+        tags = {f"varmerge.chosen.{k}": json.dumps(v) for k, v in chosen.items()}
+        tracking.set_tags(uri, parent, {**tags, "varmerge.chosen.method": result.method})
         for p in files:
             tracking.log_artifact(uri, parent, p, "front")
         tracking.finish(uri, parent)
@@ -132,6 +144,22 @@ def front_flow(
     except BaseException:
         tracking.finish(uri, parent, "FAILED")
         raise
+
+
+def front_table(sweeps: dict[str, dict], names: list[str]) -> dict[str, list]:
+    """Every merged model of every method as table columns: method, α and accuracy per task, the
+    mean, and whether the point is on that method's estimated Pareto front."""
+    cols: dict[str, list] = {"method": [], **{f"alpha/{n}": [] for n in names}, **{f"accuracy/{n}": [] for n in names}}
+    cols.update({"mean_accuracy": [], "pareto": []})
+    for m, sw in sweeps.items():
+        acc, alpha = sw["accuracy"], sw["alpha"]
+        cols["method"] += [m] * len(acc)
+        for i, n in enumerate(names):
+            cols[f"alpha/{n}"] += [round(float(a), 6) for a in alpha[:, i]]
+            cols[f"accuracy/{n}"] += [float(a) for a in acc[:, i]]
+        cols["mean_accuracy"] += acc.mean(1).tolist()
+        cols["pareto"] += pareto.pareto_mask(acc).tolist()
+    return cols
 
 
 def mark_crashed(flow_run_id: str) -> bool:
@@ -154,6 +182,24 @@ def mark_crashed(flow_run_id: str) -> bool:
         message = "its process was killed; marked Crashed by the next run of this config"
         client.set_flow_run_state(run.id, Crashed(message=message), force=True)
         return True
+
+
+def log_text_model(config_json: str, num_classes: int, weights: Path, example_text: str):
+    """Log a text model in the active MLflow run as the pyfunc of ``tasks/text_model.py``: its code
+    (MLflow's models-from-code, no pickle), the weights file (safetensors) and the config. Its
+    signature comes from ``predict``'s type hints (a list of texts in, one dict per text out)."""
+    import importlib.util
+
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=importlib.util.find_spec("tasks.text_model").origin,
+        artifacts={"weights": str(weights)},
+        model_config={"config": config_json, "num_classes": int(num_classes)},
+        input_example=[example_text],
+        pip_requirements=["torch", "transformers", "peft", "varmerge"],
+    )
 
 
 def portable(summary: dict, run_dir: Path) -> dict:
@@ -199,20 +245,20 @@ def _register(runner: PrefectRunner, uri: str, parent: str, alpha: list, name: s
     tracking.log_metrics(
         uri, child, {f"test/{t.name}/accuracy": a for t, a in zip(cfg.data.tasks, mt_ref["accuracy"], strict=True)}
     )
-    if example is None:  # text models: the weights file is the artifact; no registry entry yet
-        tracking.log_artifact(uri, child, steps.store_for(run_dir).resolve(mt_ref), "model")
-        tracking.finish(uri, child)
-        return f"(not registered: text model; weights logged in run {child})"
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=child):
-        # pt2 (torch.export), never pickle: also where MLflow would default to pickle (Databricks)
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            input_example=example,
-            serialization_format="pt2",
-            pip_requirements=["torch", "varmerge"],
-        )
+        if example is None:  # text: a pyfunc over the model and its tokenizer, logged as code
+            tasks_, n = steps.load_tasks(run_dir, runner.data_ref)
+            text = steps.example_text(cfg, tasks_[0])
+            info = log_text_model(runner.cfg_json, n, steps.store_for(run_dir).resolve(mt_ref), text)
+        else:  # pt2 (torch.export), never pickle: also where MLflow would default to pickle (Databricks)
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=example,
+                serialization_format="pt2",
+                pip_requirements=["torch", "varmerge"],
+            )
     version = mlflow.register_model(
         info.model_uri, name, tags={"alpha": json.dumps(alpha), "varmerge.sha256": mt_ref["sha256"]}
     )

@@ -439,6 +439,12 @@ def example_input(run_dir: str, data_ref: dict):
     return None if isinstance(x, dict) else x[:1].numpy()
 
 
+def example_text(cfg: ExperimentConfig, task) -> str:
+    """A test text of ``task`` (decoded from its tokens), for a text model's input example."""
+    ids = task.test[0]["input_ids"][0]
+    return models.text_tokenizer(pipeline.model_path(cfg)).decode(ids, skip_special_tokens=True)
+
+
 def multitask_model(cfg: ExperimentConfig, run_dir: str, mt_ref: dict, base_ref: dict):
     model = load_base(cfg, run_dir, base_ref)
     tensors, _ = store_for(run_dir).load(mt_ref)

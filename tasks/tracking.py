@@ -48,13 +48,21 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+#: MLflow 3's UI opens an experiment with this tag in its model-training view (runs, metrics,
+#: models), not in the GenAI one (traces, judges, prompts).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(uri: str, name: str, artifact_root: Path) -> str:
+    """The experiment ``name`` (created with ``artifact_root`` if new), tagged as model training."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    artifact_root.mkdir(parents=True, exist_ok=True)
-    return c.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+    if exp is None:
+        artifact_root.mkdir(parents=True, exist_ok=True)
+        exp = c.get_experiment(c.create_experiment(name, artifact_location=artifact_root.resolve().as_uri()))
+    if exp.tags.get(EXPERIMENT_KIND[0]) is None:  # a kind the user set is theirs
+        c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def process_tag() -> str:
@@ -130,6 +138,17 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int | None = None) -
         c.log_metric(run_id, k, float(v), step=step or 0)
 
 
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    c = client(uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, v)
+
+
+def log_table(uri: str, run_id: str, columns: dict[str, list], artifact_file: str) -> None:
+    """A table (column name -> values) the MLflow UI shows and compares across runs."""
+    client(uri).log_table(run_id, columns, artifact_file)
+
+
 def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
     client(uri).log_artifact(run_id, str(path), artifact_path)
 
@@ -167,5 +186,7 @@ __all__ = [
     "log_artifact",
     "process_tag",
     "close_stale_runs",
+    "log_table",
+    "set_tags",
     "find_model_version",
 ]

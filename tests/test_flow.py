@@ -53,6 +53,21 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     assert any(k.startswith("train") for k in ft.data.metrics), ft.data.metrics.keys()
     arts = [a.path for a in client.list_artifacts(parent.info.run_id, "front")]
     assert "front/front.json" in arts and "front/front.png" in arts
+    # the UI's model-training view, a front table it can show and compare, per-method metrics
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=parent.info.experiment_id)
+    table = mlflow.load_table("front/front_table.json", run_ids=[parent.info.run_id])
+    assert len(table) == 3 * summary["grid_size"] and set(table["method"]) == set(summary["methods"])
+    rows = table[table["method"] == "mixture"]
+    assert rows["mean_accuracy"].max() == pytest.approx(summary["methods"]["mixture"]["max_mean_accuracy"])
+    assert int(rows["pareto"].sum()) == summary["methods"]["mixture"]["front_size"]
+    assert json.loads(parent.data.tags["varmerge.chosen.alpha"]) == [round(a, 6) for a in summary["chosen"]["alpha"][0]]
+    assert parent.data.tags["varmerge.chosen.method"] == "mixture"
+    for m, s in summary["methods"].items():
+        assert parent.data.metrics[f"{m}/hypervolume"] == pytest.approx(s["hypervolume"]) and 0 < s["hypervolume"] < 1
     versions = client.search_model_versions("name='varmerge-tiny'")
     assert len(versions) == 1 and json.loads(versions[0].tags["alpha"]) == summary["chosen"]["alpha"][0]
 

@@ -7,6 +7,9 @@ raise ValueError naming the value; files round-trip with validation on load.
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 
@@ -53,6 +56,25 @@ def test_em_objective_never_decreases_and_ends_at_a_fixed_point():
     last = iterates[-1]
     again = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=41)
     torch.testing.assert_close(again, last, atol=1e-8, rtol=0)  # one more step does not move it
+
+
+def test_anchor_starts_reach_the_same_fixed_points_in_fewer_steps():
+    from varmerge.grid import simplex_grid
+
+    means, precs, weights = problem(seed=5, spread=0.3)  # overlapping components: one maximum per α
+    alpha = simplex_grid(3, 0.1)
+    counted = []
+    plain = merge.mixture_weighted_full(means, precs, alpha, weights=weights, iterations=60, tol=1e-10)
+    fast = merge.mixture_weighted_full(
+        means, precs, alpha, weights=weights, iterations=60, tol=1e-10, anchor_spacing=0.5,
+        callback=lambda i, x: counted.append(x.clone()),
+    )  # fmt: skip
+    torch.testing.assert_close(fast, plain, atol=1e-7, rtol=0)
+    start = counted[0]  # the M-step from responsibilities at the nearest anchor's fixed point
+    from_pi = merge.mixture_weighted_full(means, precs, alpha, weights=weights, iterations=0)
+    assert float((start - plain).abs().max()) < float((from_pi - plain).abs().max())
+    with pytest.raises(ValueError, match="anchor_spacing must be in"):
+        merge.mixture_weighted_full(means, precs, alpha, weights=weights, anchor_spacing=0.0)
 
 
 def test_mode_matches_a_brute_force_search_on_two_parameters():
@@ -119,12 +141,14 @@ def test_posterior_file_round_trip_views_and_the_registry(tmp_path):
     assert back.mixture().K == 2 and back.diagonal().mean["w"].shape == (2, 2)
     merged = merge.apply("mixture_full", posts, None, ALPHA[0], {"iterations": 4})
     flat = merge.mixture_weighted_full(means, precs, ALPHA[0], weights=weights, iterations=4)
-    torch.testing.assert_close(torch.cat([merged["w"].reshape(-1), merged["b"]]), flat)
+    got = torch.cat([merged["w"].reshape(-1), merged["b"]])  # the registry solves in float32
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), flat, atol=1e-4, rtol=1e-4)
     # a full Gaussian is a one-component mixture: mixture_full runs on full_von posteriors
     fulls = [p.components[0] for p in posts]
     one = merge.apply("mixture_full", fulls, None, ALPHA[0])
     ref = merge.apply("hessian_full", fulls, None, ALPHA[0])
-    torch.testing.assert_close(one["w"], ref["w"].to(f64), atol=1e-4, rtol=1e-4)  # hessian_full solves in float32
+    torch.testing.assert_close(one["w"], ref["w"], atol=1e-4, rtol=1e-4)  # both solve in float32
     with pytest.raises(ValueError, match="needs mixtures of full Gaussians"):
         merge.apply("mixture_full", [p.diagonal() for p in posts], None, ALPHA[0])
 
@@ -170,7 +194,8 @@ def test_one_component_at_the_mean_is_full_von_step_for_step():
 
     x, y = _data()
     m_ref, S_ref = full_von(x, y, 3, lr=0.3, mc_samples=0, num_iters=6, prior_precision=2.0, reduce_inactive=False)
-    mu, S, w, fallbacks = mixture_full_von(x, y, 3, 1, lr=0.3, mc_samples=0, num_iters=6, prior_precision=2.0)
+    fit = mixture_full_von(x, y, 3, 1, lr=0.3, mc_samples=0, num_iters=6, prior_precision=2.0)
+    mu, S, w, fallbacks = fit.means, fit.precisions, fit.weights, fit.fallbacks
     idx = _class_major(3, 4)
     torch.testing.assert_close(mu[0], m_ref[idx])
     torch.testing.assert_close(S[0], S_ref[idx][:, idx])
@@ -194,6 +219,42 @@ def test_fitted_mixture_is_a_valid_posterior_that_predicts(tmp_path):
     back = load_posterior(tmp_path / "m.safetensors", expected=models.trainable_state_dict(model))
     merged = merge.apply("mixture_full", [back, post], None, torch.tensor([0.5, 0.5], dtype=f64))
     assert torch.isfinite(merged["linear.weight"]).all()
+
+
+def test_warm_start_begins_at_the_full_von_gaussian_and_fits_better_in_the_same_iterations():
+    from varmerge import models
+    from varmerge.train.von import fit_full_von, fit_mixture_full_von
+
+    x, y = _data(n=200, seed=2)
+    base = models.build_model("logreg", num_classes=3, in_features=4).double()
+    von = fit_full_von(copy.deepcopy(base), x, y, lr=0.2, mc_samples=3, num_iters=20, prior_precision=1.0)
+    settings = {"components": 3, "lr": 0.2, "mc_samples": 3, "prior_precision": 1.0, "init_spread": 0.1}
+    start = fit_mixture_full_von(copy.deepcopy(base), x, y, num_iters=0, warm_start=20, **settings)
+    torch.testing.assert_close(start.components[0].mean, von.mean)  # same seed, same VON iterations
+    for c in start.components:
+        torch.testing.assert_close(c.precision, von.precision)
+    assert 0 < float((start.components[1].mean - von.mean).norm()) < 1.0  # a small offset
+    warm = fit_mixture_full_von(copy.deepcopy(base), x, y, num_iters=4, warm_start=20, **settings)
+    cold = fit_mixture_full_von(copy.deepcopy(base), x, y, num_iters=4, **settings)
+    assert warm.meta.extra["warm_start"] == 20 and warm.meta.extra["init_spread"] == 0.1
+    assert warm.meta.extra["elbo"] > cold.meta.extra["elbo"] + 1.0  # the ELBO estimate, recorded in meta
+    with pytest.raises(ValueError, match="warm_start must be >= 0"):
+        fit_mixture_full_von(copy.deepcopy(base), x, y, num_iters=1, warm_start=-1, **settings)
+
+
+def test_mixture_vi_checks_its_start_and_records_the_elbo_per_iteration():
+    from varmerge.train.von import mixture_full_von
+
+    x, y = _data()
+    fit = mixture_full_von(x, y, 3, 2, lr=0.2, num_iters=5, prior_precision=1.0)
+    assert len(fit.elbo) == 5 and all(math.isfinite(e) for e in fit.elbo)
+    # minibatches scaled by N/B estimate the same precision as the full batch
+    full = mixture_full_von(x, y, 3, 1, lr=0.3, num_iters=30, prior_precision=1.0)
+    mini = mixture_full_von(x, y, 3, 1, lr=0.3, num_iters=30, prior_precision=1.0, batch_size=60)
+    ratio = torch.trace(mini.precisions[0]) / torch.trace(full.precisions[0])
+    assert 0.8 < float(ratio) < 1.25
+    with pytest.raises(ValueError, match=r"init_precision must be \(15, 15\)"):
+        mixture_full_von(x, y, 3, 2, num_iters=1, init_precision=torch.eye(4, dtype=f64))
 
 
 def test_a_config_runs_mixture_full_von_posteriors_through_the_front():
@@ -220,6 +281,27 @@ def test_a_config_runs_mixture_full_von_posteriors_through_the_front():
     acc = result.sweeps["mixture_full"]["accuracy"]
     assert acc.shape == (6, 3) and float(acc.max(0).values.min()) > 0.6  # each task learned at its vertex
     assert result.realised is not None and result.realised.shape == (1, 3)
+
+
+def test_the_posterior_section_sets_the_mixture_start():
+    from helpers import TINY
+
+    from varmerge import pipeline
+    from varmerge.config import parse_config
+
+    posterior = {"method": "mixture_full_von", "components": 2, "steps": 2, "lr": 0.3, "prior_precision": 1.0}
+    cfg = parse_config(
+        {
+            **TINY,
+            "data": {**TINY["data"], "image_pool": 2, "max_train_per_task": 60, "max_test_per_task": 20},
+            "posterior": {**posterior, "warm_start": 3, "init_spread": 0.05},
+        }
+    )
+    tasks, n = pipeline.prepare_tasks(cfg)
+    post, _ = pipeline.finetune_task(cfg, pipeline.base_model(cfg, n), tasks[0])
+    assert post.meta.extra["warm_start"] == 3 and post.meta.extra["init_spread"] == 0.05
+    with pytest.raises(ValueError, match="warm_start"):
+        parse_config({**TINY, "posterior": {**posterior, "warm_start": -1}})
 
 
 # --------------------------------------------------------------------------- the CG solver

@@ -54,3 +54,23 @@ def test_targets_are_computed_from_the_numbers():
     assert t["gap_met"] is True
     r["methods"]["hessian"]["max_mean_accuracy"] = 0.60
     assert table1.check_targets(exp, r)["ordering_mixture>hessian>simple"] is False
+
+
+def test_a_run_told_to_write_elsewhere_leaves_docs_alone(tmp_path):
+    import shutil
+
+    import torch
+
+    from varmerge.grid import simplex_grid
+
+    report = ROOT / "docs" / "RESULTS.md"
+    before = report.stat().st_mtime_ns
+    out = tmp_path / "scratch.json"
+    shutil.copy(ROOT / "results" / "table1.json", out)
+    table1.main(["--output", str(out), "--report-only"])
+    assert (tmp_path / "scratch.md").is_file() and report.stat().st_mtime_ns == before
+    alpha = simplex_grid(3, 0.5)
+    sweeps = {"mixture": {"alpha": alpha, "accuracy": torch.rand(len(alpha), 3)}}
+    figs = table1.draw_figures("x", ["a", "b", "c"], sweeps, torch.rand(4, 3), {"mixture": ([0.5], [0.6])}, tmp_path)
+    assert figs and all((tmp_path / p).is_file() and p.startswith("figures/x/") for p in figs.values())
+    assert not (ROOT / "docs" / "figures" / "x").exists()

@@ -118,6 +118,12 @@ class PosteriorConfig(_Strict):
     weights_lr: float = Field(
         3e-6, ge=0, description="mixture_full_von: step size of the mixture weights (paper: 3e-6)"
     )
+    init_spread: float = Field(
+        1.0, ge=0, description="mixture_full_von: component offsets at start, in standard deviations"
+    )
+    warm_start: int = Field(
+        0, ge=0, description="mixture_full_von: full-VON iterations whose Gaussian the components start from"
+    )
     checkpoint_steps: list[int] = Field(default_factory=list, description="soup_ivon checkpoints")
     seed: int = 0
 

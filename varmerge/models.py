@@ -50,6 +50,7 @@ __all__ = [
     "load_trainable",
     "logistic_regression",
     "lora_text_classifier",
+    "predict_texts",
     "mlp",
     "resnet20",
     "text_encoder_path",
@@ -401,6 +402,20 @@ def tokenize(texts: Sequence[str], tokenizer=None, *, max_length: int = 128) -> 
     tokenizer = tokenizer if tokenizer is not None else text_tokenizer()
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@torch.no_grad()
+def predict_texts(model: nn.Module, texts: Sequence[str], tokenizer, *, max_length: int = 128) -> torch.Tensor:
+    """(N, C) class probabilities of a text classifier (e.g. :func:`lora_text_classifier`)."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise ValueError("predict_texts expects a sequence of strings")
+    was_training = model.training
+    model.eval()
+    try:
+        enc = tokenize(texts, tokenizer, max_length=max_length)
+        return torch.softmax(logits_of(model(**enc)).float(), dim=-1)
+    finally:
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------

@@ -453,6 +453,8 @@ def finetune_task(
             mc_samples=p.mc_samples,
             num_iters=p.steps,
             prior_precision=p.prior_precision,
+            init_spread=p.init_spread,
+            warm_start=p.warm_start,
             seed=p.seed,
             meta=PosteriorMeta(task=task.name),
         )

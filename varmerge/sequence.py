@@ -80,6 +80,7 @@ class FrontResult:
                 "max_mean_accuracy": float(mean[b]),
                 "best_alpha": sw["alpha"][b].tolist(),
                 "front_size": int(mask.sum()),
+                "hypervolume": pareto.hypervolume(sw["accuracy"][mask], 0.0),  # reference point 0 per task
                 "seconds": float(sw["seconds"]),
                 "front": {"alpha": sw["alpha"][mask].tolist(), "accuracy": sw["accuracy"][mask].tolist()},
             }

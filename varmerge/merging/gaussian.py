@@ -95,6 +95,7 @@ class MixtureFullOptions(FullOptions):
     tol: float | None = None  # stop once no responsibility moves more than this
     solver: Literal["cholesky", "pcg"] = "cholesky"  # pcg: factor once, then CG from the last iterate
     pcg_tol: float = 1e-7
+    anchor_spacing: float | None = None  # EM on this coarse grid first; each α starts at its nearest anchor
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,7 +596,7 @@ class _FullMixture:
         return x
 
 
-@register("mixture_full", posterior="mixture_full", options=MixtureFullOptions, dtype=torch.float64)
+@register("mixture_full", posterior="mixture_full", options=MixtureFullOptions, dtype=torch.float32)
 @torch.no_grad()
 def mixture_weighted_full(
     means: Sequence[Sequence[torch.Tensor]],
@@ -608,6 +609,7 @@ def mixture_weighted_full(
     max_batch_bytes: int = 1 << 28,
     solver: str = "cholesky",
     pcg_tol: float = 1e-7,
+    anchor_spacing: float | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ):
     """Algorithm 1 with full precisions: the EM fixed point of Π_t (Σ_k π_tk N(θ_tk, H_tk⁻¹))^{α_t}.
@@ -623,47 +625,79 @@ def mixture_weighted_full(
     ``solver="pcg"`` factors each α's system once (iteration 0) and solves the later EM steps by
     CG started at the previous iterate and preconditioned by that factor (C matrix products per
     step instead of a new factorisation).
+
+    ``anchor_spacing``: first run EM on the simplex grid of that spacing, then start each α's EM
+    from the responsibilities at its nearest anchor's fixed point instead of π (neighbouring α have
+    nearby fixed points, so with ``tol`` most α stop after a step or two). The objective can have
+    several local maxima; a start from a neighbour's solution may end in another one than the
+    start from π (a continuation along the grid).
     """
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
     if solver not in ("cholesky", "pcg"):
         raise ValueError(f"solver must be 'cholesky' or 'pcg', got {solver!r}")
+    if anchor_spacing is not None and not 0 < anchor_spacing <= 1:
+        raise ValueError(f"anchor_spacing must be in (0, 1], got {anchor_spacing}")
     mix = _FullMixture(means, precisions, weights)
     a, batched = check_alpha(alpha, mix.T)
-    per = max(1, int(max_batch_bytes // max(mix.P * mix.P * mix.theta.element_size(), 1)))
-    alpha_c = a[:, mix.task_of]  # (G, C): α_t of each component's task
-    iterates: list[list[torch.Tensor]] = [[] for _ in range(iterations + 1)]  # kept only for a callback
+    em = _MixtureEM(mix, iterations, tol, solver, pcg_tol, max_batch_bytes)
+    start = None
+    if anchor_spacing is not None:  # EM on a coarse grid first; every α starts at its nearest anchor
+        from varmerge.grid import simplex_grid
 
-    def keep(i: int, theta: torch.Tensor) -> None:
-        if callback is not None:
-            iterates[i].append(theta)
-
-    outs = []
-    for lo in range(0, a.shape[0], per):
-        ac = alpha_c[lo : lo + per]
-        resp = _responsibilities(mix.log_pi.expand(ac.shape[0], -1).clone(), mix.task_of, mix.T)
-        theta, L = mix.factor(ac * resp, a, lo)
-        keep(0, theta)
-        for i in range(1, iterations + 1):
-            new = _responsibilities(mix.log_joint(theta), mix.task_of, mix.T)
-            moved = float((new - resp).abs().max())
-            resp = new
-            if solver == "pcg":
-                theta = mix.solve_pcg(ac * resp, L, theta, pcg_tol)
-            else:
-                theta = mix.solve(ac * resp, a, lo)
-            keep(i, theta)
-            if tol is not None and moved <= tol:
-                for rest in range(i + 1, iterations + 1):
-                    keep(rest, theta)
-                break
-        outs.append(theta)
-    if callback is not None:
-        for i, parts in enumerate(iterates):
-            x = torch.cat(parts)
-            callback(i, x if batched else x[0])
-    x = torch.cat(outs)
+        anchors = simplex_grid(mix.T, anchor_spacing).to(a.dtype)
+        solved = em.run(anchors)
+        start = solved[torch.cdist(a, anchors).argmin(1)]
+    each = None if callback is None else (lambda i, x: callback(i, x if batched else x[0]))
+    x = em.run(a, start, each)
     return x if batched else x[0]
+
+
+class _MixtureEM:
+    """The EM iteration of :func:`mixture_weighted_full` over blocks of α rows."""
+
+    def __init__(self, mix: _FullMixture, iterations: int, tol, solver: str, pcg_tol: float, max_batch_bytes: int):
+        self.mix, self.iterations, self.tol, self.solver, self.pcg_tol = mix, iterations, tol, solver, pcg_tol
+        self.per = max(1, int(max_batch_bytes // max(mix.P * mix.P * mix.theta.element_size(), 1)))
+
+    def run(self, a: torch.Tensor, start: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+        """(G, P) fixed points for (G, T) α; ``start`` (G, P): first responsibilities at these points
+        instead of π."""
+        mix, iterations = self.mix, self.iterations
+        alpha_c = a[:, mix.task_of]  # (G, C): α_t of each component's task
+        iterates: list[list[torch.Tensor]] = [[] for _ in range(iterations + 1)]  # kept only for a callback
+
+        def keep(i: int, theta: torch.Tensor) -> None:
+            if callback is not None:
+                iterates[i].append(theta)
+
+        outs = []
+        for lo in range(0, a.shape[0], self.per):
+            ac = alpha_c[lo : lo + self.per]
+            if start is None:
+                resp = _responsibilities(mix.log_pi.expand(ac.shape[0], -1).clone(), mix.task_of, mix.T)
+            else:
+                resp = _responsibilities(mix.log_joint(start[lo : lo + self.per]), mix.task_of, mix.T)
+            theta, L = mix.factor(ac * resp, a, lo)
+            keep(0, theta)
+            for i in range(1, iterations + 1):
+                new = _responsibilities(mix.log_joint(theta), mix.task_of, mix.T)
+                moved = float((new - resp).abs().max())
+                resp = new
+                if self.solver == "pcg":
+                    theta = mix.solve_pcg(ac * resp, L, theta, self.pcg_tol)
+                else:
+                    theta = mix.solve(ac * resp, a, lo)
+                keep(i, theta)
+                if self.tol is not None and moved <= self.tol:
+                    for rest in range(i + 1, iterations + 1):
+                        keep(rest, theta)
+                    break
+            outs.append(theta)
+        if callback is not None:
+            for i, parts in enumerate(iterates):
+                callback(i, torch.cat(parts))
+        return torch.cat(outs)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,14 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from varmerge.posterior import FullGaussian, MixtureFullGaussian, PosteriorMeta
 from varmerge.train.batches import Data, as_logits
 
-__all__ = ["fit_full_von", "fit_mixture_full_von", "full_von", "mixture_full_von", "softmax_regression_hessian"]
+__all__ = [
+    "MixtureFit",
+    "fit_full_von",
+    "fit_mixture_full_von",
+    "full_von",
+    "mixture_full_von",
+    "softmax_regression_hessian",
+]
 
 
 def full_tensors(data: Data) -> tuple[Tensor, Tensor]:
@@ -267,6 +275,20 @@ def fit_full_von(
     return FullGaussian(m, S, shapes, meta)
 
 
+@dataclass
+class MixtureFit:
+    """What :func:`mixture_full_von` returns: ``means`` (K, P), ``precisions`` (K, P, P) and
+    ``weights`` (K,) of the mixture, the number of PD ``fallbacks`` and the Monte Carlo ``elbo``
+    estimate (E_q[log p(D | θ) + log p(θ) − log q(θ)], without log p's constants) at each
+    iteration's start."""
+
+    means: Tensor
+    precisions: Tensor
+    weights: Tensor
+    fallbacks: int
+    elbo: list[float]
+
+
 def _log_mixture_derivatives(theta: Tensor, mu: Tensor, S: Tensor, log_pi: Tensor, half_logdet: Tensor):
     """log q(θ), ∇ log q(θ) and ∇² log q(θ) of q = Σ_j π_j N(μ_j, S_j⁻¹) at one point θ (P,)."""
     d = theta[None] - mu  # (K, P)
@@ -293,13 +315,14 @@ def mixture_full_von(
     num_iters: int = 25,
     prior_precision: float = 1.0,
     init_mean: Tensor | None = None,
+    init_precision: Tensor | None = None,
     init_spread: float = 1.0,
+    batch_size: int | None = None,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, int]:
+) -> MixtureFit:
     """A mixture of K full Gaussians fitted by natural-gradient VI (Lin, Khan & Schmidt 2019, §4.1)
-    to softmax regression with the prior N(0, δ⁻¹ I); returns ``(means (K, P), precisions (K, P, P),
-    weights (K,), fallbacks)``.
+    to softmax regression with the prior N(0, δ⁻¹ I); returns a :class:`MixtureFit`.
 
     With f(θ) = log p(D | θ) + log p(θ) − log q(θ), each iteration draws ``mc_samples`` θ from each
     component N(μ_k, S_k⁻¹) and updates, with step β = ``lr``,
@@ -312,8 +335,14 @@ def mixture_full_von(
     −∇² log q is not positive semi-definite where components overlap: a step that would make S_k
     indefinite uses −∇² log q ≈ S_k for that component (the non-overlapping limit, which is full
     VON's update) and is counted in ``fallbacks``. With K = 1 and ``mc_samples=0`` this is
-    :func:`full_von` at the mean step for step. Components start at ``init_mean`` (default 0) plus
-    N(0, ``init_spread``²/δ) offsets (the first at ``init_mean`` itself), precisions δ I, weights 1/K.
+    :func:`full_von` at the mean step for step.
+
+    ``batch_size`` draws one minibatch per iteration (shared by the components) and scales its
+    likelihood terms by N/B, as stochastic :func:`full_von` does; None is full batch.
+
+    Start: precisions ``init_precision`` (a (P, P) matrix, e.g. a converged full-VON precision;
+    default δ I) and means ``init_mean`` (default 0) plus offsets drawn from N(0, ``init_spread``² ·
+    init_precision⁻¹) (the first component at ``init_mean`` itself), weights 1/K.
     """
     if components < 1:
         raise ValueError(f"components must be >= 1, got {components}")
@@ -332,26 +361,36 @@ def mixture_full_von(
     m0 = torch.zeros(P, dtype=dtype) if init_mean is None else init_mean.to(dtype).flatten()
     if m0.numel() != P:
         raise ValueError(f"init_mean must have C·(D+1) = {P} entries, got {m0.numel()}")
-    offsets = torch.randn(K, P, generator=gen, dtype=dtype) * (init_spread / math.sqrt(delta))
+    S0 = torch.eye(P, dtype=dtype) * delta if init_precision is None else init_precision.to(dtype)
+    if S0.shape != (P, P):
+        raise ValueError(f"init_precision must be ({P}, {P}), got {tuple(S0.shape)}")
+    eps = torch.randn(K, P, generator=gen, dtype=dtype) * init_spread
+    offsets = torch.linalg.solve_triangular(torch.linalg.cholesky(S0).T, eps.T, upper=True).T
     offsets[0] = 0
     mu = m0[None] + offsets
-    S = torch.eye(P, dtype=dtype).expand(K, P, P).clone() * delta
+    S = S0.expand(K, P, P).clone()
     eta = torch.zeros(K, dtype=dtype)  # log π up to a constant
     eye = torch.eye(P, dtype=dtype)
     fallbacks = 0
 
-    def log_lik_grad(th: Tensor):
-        logits = xa @ th.view(C, Da).T
+    def log_lik_grad(th: Tensor, xb: Tensor, yb: Tensor, scale: float):
+        logits = xb @ th.view(C, Da).T
         p = torch.softmax(logits, -1)
-        ll = (onehot * torch.log_softmax(logits, -1)).sum()
-        g = ((onehot - p).T @ xa).flatten()  # ∇ log p(D | θ)
+        ll = scale * (yb * torch.log_softmax(logits, -1)).sum()
+        g = scale * ((yb - p).T @ xb).flatten()  # ∇ log p(D | θ)
         return ll, g, p
 
+    chol = torch.linalg.cholesky(S)
+    elbo: list[float] = []
     for _ in range(num_iters):
+        if batch_size is not None and batch_size < N:  # one minibatch per iteration, shared by the components
+            sel = torch.randperm(N, generator=gen)[:batch_size]
+            xb, yb, scale = xa[sel], onehot[sel], N / batch_size
+        else:
+            xb, yb, scale = xa, onehot, 1.0
         log_pi = torch.log_softmax(eta, 0)
-        chol = torch.linalg.cholesky(S)
         half_logdet = torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)
-        new_S, new_mu, fbar = S.clone(), mu.clone(), torch.zeros(K, dtype=dtype)
+        new_S, new_chol, new_mu, fbar = S.clone(), chol.clone(), mu.clone(), torch.zeros(K, dtype=dtype)
         for k in range(K):
             if mc_samples == 0:
                 thetas = mu[k][None]
@@ -360,9 +399,9 @@ def mixture_full_von(
                 thetas = mu[k][None] + torch.linalg.solve_triangular(chol[k].T, eps.T, upper=True).T
             g_f = torch.zeros(P, dtype=dtype)
             h_q = torch.zeros(P, P, dtype=dtype)  # E[−∇² log q]
-            A = torch.zeros(N, C, C, dtype=dtype)
+            A = torch.zeros(xb.shape[0], C, C, dtype=dtype)
             for th in thetas:
-                ll, g_lik, p = log_lik_grad(th)
+                ll, g_lik, p = log_lik_grad(th, xb, yb, scale)
                 logq, g_q, hess_q = _log_mixture_derivatives(th, mu, S, log_pi, half_logdet)
                 g_f += g_lik - delta * th - g_q
                 h_q -= hess_q
@@ -370,18 +409,22 @@ def mixture_full_von(
                 fbar[k] += ll - 0.5 * delta * th.dot(th) - logq
             n = thetas.shape[0]
             g_f, h_q, A, fbar[k] = g_f / n, h_q / n, A / n, fbar[k] / n
-            h_lik = softmax_regression_hessian(xa, A)  # E[−∇² log p(D | θ)]
+            h_lik = softmax_regression_hessian(xb, A * scale)  # E[−∇² log p(D | θ)]
             cand = S[k] + lr * (h_lik + delta * eye - h_q)  # S_k − β E_k[∇² f]
             cand = 0.5 * (cand + cand.T)
-            if int(torch.linalg.cholesky_ex(cand)[1]) != 0:
+            L, info = torch.linalg.cholesky_ex(cand)
+            if int(info) != 0:
                 fallbacks += 1
                 cand = (1 - lr) * S[k] + lr * (h_lik + delta * eye)
-            new_S[k] = cand
-            new_mu[k] = mu[k] + lr * torch.cholesky_solve(g_f[:, None], torch.linalg.cholesky(cand)).flatten()
+                L = torch.linalg.cholesky(cand)
+            new_S[k], new_chol[k] = cand, L
+            new_mu[k] = mu[k] + lr * torch.cholesky_solve(g_f[:, None], L).flatten()
+        # the ELBO estimate at the iterate the samples came from (up to log p's constant)
+        elbo.append(float((log_pi.exp() * fbar).sum()))
         if K > 1:
             eta = eta + lr_weights * (fbar - fbar[-1])
-        S, mu = new_S, new_mu
-    return mu, S, torch.softmax(eta, 0), fallbacks
+        S, chol, mu = new_S, new_chol, new_mu
+    return MixtureFit(mu, S, torch.softmax(eta, 0), fallbacks, elbo)
 
 
 def _class_major(C: int, D: int) -> Tensor:
@@ -406,13 +449,22 @@ def fit_mixture_full_von(
     num_iters: int = 25,
     prior_precision: float = 1.0,
     init_spread: float = 1.0,
+    warm_start: int = 0,
+    batch_size: int | None = None,
     seed: int = 0,
     meta: PosteriorMeta | None = None,
 ) -> MixtureFullGaussian:
     """:func:`mixture_full_von` on the model's single ``nn.Linear``: a :class:`MixtureFullGaussian`
     (float64, on CPU) whose components are in the [W, b] order of :func:`fit_full_von`; the model's
-    weights become the mean of the heaviest component. The first component starts at the model's
-    weights."""
+    weights become the mean of the heaviest component.
+
+    The first component starts at the model's weights, with precision δ I. ``warm_start`` > 0 runs
+    that many full-VON iterations first (:func:`full_von`, same ``lr`` and ``mc_samples``) and
+    starts every component from the Gaussian they reach: its precision, and means at its mean plus
+    N(0, ``init_spread``² · covariance) offsets. With a small spread the components start
+    overlapping where the posterior is, so the mixture's own iterations go to shaping it rather
+    than to the walk from the prior that every component would otherwise repeat. ``batch_size``:
+    minibatches of that size in both (None: full batch)."""
     prefix, lin = _find_linear(model)
     if lin.bias is None:
         raise ValueError("mixture VON expects an nn.Linear with a bias")
@@ -429,17 +481,36 @@ def fit_mixture_full_von(
         "num_iters": num_iters,
         "prior_precision": prior_precision,
     }
-    mu, S, w, fallbacks = mixture_full_von(
-        xf.cpu(), y.cpu(), C, components, init_mean=theta0[idx], init_spread=init_spread, seed=seed, **settings
+    if warm_start < 0:
+        raise ValueError(f"warm_start must be >= 0 full-VON iterations, got {warm_start}")
+    start = {"init_mean": theta0[idx]}
+    if warm_start:
+        m, S = full_von(
+            xf.cpu(), y.cpu(), C, lr=lr, mc_samples=mc_samples, num_iters=warm_start,
+            prior_precision=prior_precision, init_mean=theta0, batch_size=batch_size, seed=seed,
+        )  # fmt: skip
+        start = {"init_mean": m[idx], "init_precision": S[idx][:, idx]}
+    meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta()
+    fit = mixture_full_von(
+        xf.cpu(), y.cpu(), C, components, init_spread=init_spread, batch_size=batch_size, seed=seed, **start, **settings
     )
+    mu, S, w, fallbacks = fit.means, fit.precisions, fit.weights, fit.fallbacks
     inv = torch.empty_like(idx)
     inv[idx] = torch.arange(idx.numel())
     shapes = {f"{prefix}weight": (C, D), f"{prefix}bias": (C,)}
-    meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta()
     meta.optimizer = "mixture_full_von"
     meta.seed = seed if meta.seed is None else meta.seed
     meta.ess = float(xf.shape[0]) if meta.ess is None else meta.ess
-    meta.extra = {**meta.extra, **settings, "components": components, "fallbacks": fallbacks}
+    meta.extra = {
+        **meta.extra,
+        **settings,
+        "components": components,
+        "init_spread": init_spread,
+        "warm_start": warm_start,
+        "batch_size": batch_size,
+        "fallbacks": fallbacks,
+        "elbo": fit.elbo[-1] if fit.elbo else None,
+    }
     comps = [
         FullGaussian(mu[k][inv], S[k][inv][:, inv], shapes, PosteriorMeta(task=meta.task, ess=meta.ess))
         for k in range(components)
