@@ -16,7 +16,7 @@ and the report beside it (``docs/RESULTS.md`` for the default file) is rewritten
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import datetime
 import time
 from pathlib import Path
@@ -34,12 +34,12 @@ from benchmarks.table1 import (
     _round,
     load_results,
     machine,
+    mixture_full_posteriors,
     save_results,
     write_report,
 )
-from varmerge import pareto, pipeline, train
+from varmerge import pareto, pipeline
 from varmerge.config import load_config
-from varmerge.posterior import PosteriorMeta
 
 
 def ground_truth(results: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,18 +76,8 @@ def main(argv=None) -> None:
     rows = []
     for k in args.ks:
         t0 = time.perf_counter()
-        posts = [
-            train.fit_mixture_full_von(
-                copy.deepcopy(base),
-                t.train[0],
-                t.train[1],
-                seed=cfg.posterior.seed,
-                **{**MIXTURE_FULL, "components": k},
-                batch_size=exp.von_batch,
-                meta=PosteriorMeta(task=t.name),
-            )
-            for t in tasks
-        ]
+        with_k = dataclasses.replace(exp, mixture_full={**MIXTURE_FULL, "components": k})
+        posts = mixture_full_posteriors(with_k, cfg, base, tasks)
         fit_s = time.perf_counter() - t0
         cfg.merge.options["mixture_full"] = {**MIXTURE_FULL_MERGE["options"], "iterations": 0}
         start = pipeline.sweep_and_score(cfg, "mixture_full", posts, base, tasks, gt_alpha)["accuracy"]

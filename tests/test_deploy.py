@@ -270,7 +270,8 @@ def test_local_deployment_round_trip(tmp_path):
 
         summary = json.loads((out_dir / "tiny-deploy" / "front.json").read_text())
         assert set(summary["methods"]) == {"simple", "hessian", "mixture"}
-        assert summary["tracking_uri"] == uri
+        stored = summary["tracking_uri"].removeprefix("sqlite:///")  # relative to the run folder
+        assert (out_dir / "tiny-deploy" / stored).resolve() == Path(uri.removeprefix("sqlite:///")).resolve()
         assert summary["grid_size"] == 15
         phase("run")
 
