@@ -10,7 +10,7 @@ Then the same for ``mixture_full`` on mixtures of ``--components`` full Gaussian
 (``mixture_full_von`` with Table 1's settings), at most ``--iterations`` EM steps, on a coarser
 grid: the batched Cholesky with every step against early stopping (no responsibility moving by
 more than 1e-3), CG, and EM started from the fixed points of a 0.1 anchor grid (float64 CG is
-left out there: 206 s against 248 s for the float64 Cholesky when last measured).
+left out there: 206 s against 248 s for the float64 Cholesky on the previous stop's mixtures).
 """
 
 from __future__ import annotations
