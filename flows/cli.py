@@ -182,6 +182,37 @@ def prepare_data(
     console.print(f"saved {cfg.data.source} ({', '.join(f'{k}: {len(v)}' for k, v in ds.items())}) to {out}")
 
 
+@contextmanager
+def start_services(report, experiment: str):
+    """Start what a flow waits for, in threads, while the block imports the flow (the imports of
+    Prefect and MLflow take seconds, so do these): Prefect's ephemeral API server, the one the
+    flow's first API call would otherwise start (Prefect keeps one per process), unless
+    ``PREFECT_API_URL`` names a server; and the MLflow store with the experiment (a new SQLite
+    store runs its schema migrations). Leaving the block waits for both and raises the first error.
+    Called after preflight: a run that fails its checks starts nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.settings import PREFECT_API_URL
+
+    def mlflow_store() -> None:
+        from tasks import tracking
+
+        tracking.experiment_id(report.tracking_uri, experiment, tracking.artifact_root(report.run_dir))
+
+    with ThreadPoolExecutor(2, thread_name_prefix="varmerge-start") as pool:
+        futures = []
+        # read here: a server set by a settings context (tests) is not seen by other threads
+        if not PREFECT_API_URL.value():
+            # imported first, alone: the server process starts only after this import
+            from prefect.server.api.server import SubprocessASGIServer
+
+            futures.append(pool.submit(SubprocessASGIServer().start))
+        futures.append(pool.submit(mlflow_store))
+        yield
+        for f in futures:
+            f.result()
+
+
 @app.command("run")
 def run_flow(
     config: Path = typer.Argument(..., help="experiment YAML"),
@@ -198,9 +229,10 @@ def run_flow(
 
     cfg = _load(config)  # fail fast, before Prefect starts
     with _user_errors(PREFLIGHT_STATUS):
-        preflight(cfg, tracking_uri, output_dir=output, data_dir=data)
+        report = preflight(cfg, tracking_uri, output_dir=output, data_dir=data)
     _prefect_env()
-    from flows.front import front_flow
+    with _user_errors("starting Prefect's API and the MLflow store"), start_services(report, cfg.tracking.experiment):
+        from flows.front import front_flow
 
     t0 = time.perf_counter()
     with _user_errors(f"running the front flow on {config} (Prefect + MLflow)"):
@@ -234,9 +266,10 @@ def sweep(
     cfg = _load(config)
     with _user_errors(PREFLIGHT_STATUS):
         n = grid_size(len(cfg.data.tasks), spacing)
-        preflight(cfg, tracking_uri, output_dir=output)
+        report = preflight(cfg, tracking_uri, output_dir=output)
     _prefect_env()
-    from flows.sweep import ground_truth_flow
+    with _user_errors("starting Prefect's API and the MLflow store"), start_services(report, cfg.tracking.experiment):
+        from flows.sweep import ground_truth_flow
 
     t0 = time.perf_counter()
     with _user_errors(f"{n} multitask finetunes (spacing {spacing})"):

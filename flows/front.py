@@ -9,6 +9,8 @@ API, MLflow in a local SQLite store) or as the ``front`` deployment of ``prefect
 
 from __future__ import annotations
 
+import contextlib
+import io as io_
 import json
 import os
 from pathlib import Path
@@ -60,7 +62,7 @@ def front_flow(
     runner = PrefectRunner(cfg, str(run_dir), data_dir=data_dir)
 
     data_ref = runner.data()
-    exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
+    exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, tracking.artifact_root(run_dir))
     for stale, flow_run_id in tracking.close_stale_runs(uri, exp_id, cfg.name):
         logger.info("MLflow run %s was left RUNNING by a killed flow: marked KILLED", stale)
         if flow_run_id and mark_crashed(flow_run_id):
@@ -259,8 +261,8 @@ def _register(runner: PrefectRunner, uri: str, parent: str, alpha: list, name: s
                 serialization_format="pt2",
                 pip_requirements=["torch", "varmerge"],
             )
-    version = mlflow.register_model(
-        info.model_uri, name, tags={"alpha": json.dumps(alpha), "varmerge.sha256": mt_ref["sha256"]}
-    )
+    tags = {"alpha": json.dumps(alpha), "varmerge.sha256": mt_ref["sha256"]}
+    with contextlib.redirect_stderr(io_.StringIO()):  # MLflow prints "Successfully registered ..."
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
     tracking.finish(uri, child)
     return f"{name}/{version.version}"

@@ -86,7 +86,7 @@ def ground_truth_flow(
             title=f"{cfg.name}: merged fronts vs multitask",
         )
     uri = tracking_uri or cfg.tracking.uri or tracking.default_uri(run_dir)
-    exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
+    exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, tracking.artifact_root(run_dir))
     run = tracking.client(uri).create_run(
         exp_id,
         run_name=f"{cfg.name}/ground-truth",

@@ -433,10 +433,11 @@ def multitask(
 
 
 def example_input(run_dir: str, data_ref: dict):
-    """One test input (numpy) for MLflow's model signature; None for dict (text) inputs."""
+    """Two test inputs (numpy) for MLflow's model signature (two, so that torch.export keeps the
+    batch dimension dynamic: one would fix it to 1); None for dict (text) inputs."""
     tasks_, _ = load_tasks(run_dir, data_ref)
     x = tasks_[0].test[0]
-    return None if isinstance(x, dict) else x[:1].numpy()
+    return None if isinstance(x, dict) else x[:2].numpy()
 
 
 def example_text(cfg: ExperimentConfig, task) -> str:

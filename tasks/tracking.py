@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,11 @@ class Parent:
 
 def default_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
+
+
+def artifact_root(run_dir: Path) -> Path:
+    """Where the runs of a new experiment keep their artifacts: beside the run folders."""
+    return Path(run_dir).parent / "mlartifacts"
 
 
 _READY: set[str] = set()
@@ -123,25 +129,33 @@ def start_child(uri: str, parent_id: str, name: str, tags: dict | None = None) -
 
 
 def finish(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """End a run, after the metrics still queued by asynchronous logging (Lightning's) are written."""
+    mlflow.flush_async_logging()
     client(uri).set_terminated(run_id, status=status)
 
 
 def log_params(uri: str, run_id: str, params: dict) -> None:
-    c = client(uri)
-    for k, v in params.items():
-        c.log_param(run_id, k, str(v)[:6000])
+    _log_batch(uri, run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int | None = None) -> None:
-    c = client(uri)
-    for k, v in metrics.items():
-        c.log_metric(run_id, k, float(v), step=step or 0)
+    now = int(time.time() * 1000)
+    batch = [mlflow.entities.Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    _log_batch(uri, run_id, metrics=batch)
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    _log_batch(uri, run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def _log_batch(uri: str, run_id: str, metrics=(), params=(), tags=()) -> None:
+    """One write (one SQLite transaction) per chunk within MLflow's per-request limits, instead of
+    one per value: a flow logs a few hundred values, and each commit of a local store is a sync."""
     c = client(uri)
-    for k, v in tags.items():
-        c.set_tag(run_id, k, v)
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    while metrics or params or tags:
+        c.log_batch(run_id, metrics=metrics[:1000], params=params[:100], tags=tags[:100])
+        metrics, params, tags = metrics[1000:], params[100:], tags[100:]
 
 
 def log_table(uri: str, run_id: str, columns: dict[str, list], artifact_file: str) -> None:
@@ -169,6 +183,7 @@ def lightning_logger(uri: str | None, run_id: str | None):
         return None
     from lightning.pytorch.loggers import MLFlowLogger
 
+    # asynchronous: the per-step metrics are written by MLflow's logging thread, not between steps
     return MLFlowLogger(tracking_uri=uri, run_id=run_id, log_model=False)
 
 

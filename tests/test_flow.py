@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("prefect")
 
@@ -70,6 +71,21 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
         assert parent.data.metrics[f"{m}/hypervolume"] == pytest.approx(s["hypervolume"]) and 0 < s["hypervolume"] < 1
     versions = client.search_model_versions("name='varmerge-tiny'")
     assert len(versions) == 1 and json.loads(versions[0].tags["alpha"]) == summary["chosen"]["alpha"][0]
+    # the registered model loads from its registry URI and predicts a batch of any size: its
+    # accuracy on every task's whole test set is the multitask finetune's logged accuracy
+    from varmerge import io
+
+    loaded = mlflow.pyfunc.load_model(f"models:/varmerge-tiny/{versions[0].version}")
+    tasks_, n_classes = pipeline.tasks_from_tensors(
+        *io.load_tensors(next((run_dir / "data").glob("tasks-*.safetensors")))
+    )
+    final = next(r for r in children if r.info.run_name == "multitask/final")
+    for t in tasks_:
+        x, y = t.test
+        logits = loaded.predict(x.numpy())
+        accuracy = float((torch.as_tensor(logits).argmax(1) == y).double().mean())
+        assert accuracy == pytest.approx(final.data.metrics[f"test/{t.name}/accuracy"], abs=1e-9), t.name
+    assert torch.as_tensor(loaded.predict(tasks_[0].test[0][:3].numpy())).shape == (3, n_classes)
 
     # `varmerge front RUN_ID` reads the front back from MLflow
     from typer.testing import CliRunner

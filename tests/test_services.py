@@ -136,3 +136,34 @@ def test_ui_stops_its_server_and_workers_on_a_signal(tmp_path, sig):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_run_on_the_ephemeral_api_is_quiet_and_leaves_no_process(tmp_path):
+    """``varmerge run`` as a user runs it (no PREFECT_API_URL: Prefect's ephemeral API server, which
+    the CLI starts while the flow imports): it succeeds, prints no warning or library chatter, and
+    nothing of its process group (the API server included) outlives it."""
+    import os
+    import re
+
+    import yaml
+    from helpers import TINY
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "name": "quiet"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_LOGGING"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    varmerge = str(Path(sys.executable).with_name("varmerge"))
+    cmd = [varmerge, "run", str(config), "--output", str(tmp_path / "runs")]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "registered model varmerge-quiet/1" in " ".join(output.split()), output
+    noise = [
+        ln for ln in output.splitlines() if re.search(r"warn|^[WE]\d{4}|successfully registered|traceback", ln, re.I)
+    ]
+    assert not noise, output
+    with pytest.raises(ProcessLookupError):  # the group is empty: the ephemeral API server stopped too
+        os.killpg(proc.pid, 0)
