@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from flows.bars import Bars
 from flows.cli import print_front
 from varmerge.config import load_config
 from varmerge.sequence import LocalRunner, estimate_front
@@ -36,7 +37,8 @@ def main(argv=None) -> None:
     if args.spacing is not None:
         cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"spacing": args.spacing})})
     console = Console()
-    res = estimate_front(cfg, LocalRunner(cfg, status=console.status))
+    with Bars(console) as bars:
+        res = estimate_front(cfg, LocalRunner(cfg, steps=bars.step))
     summary = res.summary()
     print_front(summary, cfg.merge.spacing)
     paper = PAPER.get(cfg.name, {})

@@ -78,6 +78,17 @@ def _fail(exc: BaseException) -> None:
 
 
 PREFLIGHT_STATUS = "checking the config, data, model and tracking store"
+QUIET = typer.Option(False, "--quiet", "-q", help="no progress bars (there are none either when not on a terminal)")
+
+
+@contextmanager
+def _progress(quiet: bool):
+    """The flow's steps report to progress bars in this terminal (and to Prefect artifacts)."""
+    from flows.bars import Bars
+    from tasks.progress import show_in
+
+    with Bars(console, quiet=quiet) as bars, show_in(bars):
+        yield
 
 
 @contextmanager
@@ -148,14 +159,16 @@ def validate(
 def demo(
     config: Path = typer.Argument(Path("configs/smoke.yaml"), help="experiment YAML"),
     output: Path = typer.Option(Path("runs/demo"), help="where the front table goes"),
+    quiet: bool = QUIET,
 ) -> None:
     """Estimate a front with the library alone (no Prefect, no MLflow) and print it."""
+    from flows.bars import Bars
     from varmerge.sequence import LocalRunner, estimate_front
 
     cfg = _load(config)
     t0 = time.perf_counter()
-    with _user_errors():
-        res = estimate_front(cfg, LocalRunner(cfg, status=console.status))
+    with _user_errors(), Bars(console, quiet=quiet) as bars:
+        res = estimate_front(cfg, LocalRunner(cfg, steps=bars.step))
         if res.error is not None:
             raise ValueError(res.error)
     summary = res.summary()
@@ -219,6 +232,7 @@ def run_flow(
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: sqlite in the output folder)"),
     output: Path = typer.Option(None, help="output folder (default: the config's output_dir)"),
     data: Path = typer.Option(None, help="a prepared dataset folder (e.g. DVC's data/dvc) instead of the source"),
+    quiet: bool = QUIET,
 ) -> None:
     """The main job as a Prefect flow: finetunes, posteriors, α sweeps, front, multitask finetune.
 
@@ -235,7 +249,7 @@ def run_flow(
         from flows.front import front_flow
 
     t0 = time.perf_counter()
-    with _user_errors(f"running the front flow on {config} (Prefect + MLflow)"):
+    with _user_errors(), _progress(quiet):
         summary = front_flow(
             str(config),
             tracking_uri=tracking_uri,
@@ -258,6 +272,7 @@ def sweep(
     spacing: float = typer.Option(0.1, help="α grid spacing of the ground truth (coarser than the merges)"),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI"),
     output: Path = typer.Option(None, help="output folder (default: the config's output_dir)"),
+    quiet: bool = QUIET,
 ) -> None:
     """Ground truth: real multitask finetunes over an α grid; front quality of every merge method."""
     from varmerge.grid import grid_size
@@ -272,7 +287,7 @@ def sweep(
         from flows.sweep import ground_truth_flow
 
     t0 = time.perf_counter()
-    with _user_errors(f"{n} multitask finetunes (spacing {spacing})"):
+    with _user_errors(), _progress(quiet):
         out = ground_truth_flow(
             str(config), spacing=spacing, tracking_uri=tracking_uri, output_dir=str(output) if output else None
         )

@@ -22,10 +22,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import tasks as _tasks_package
-from tasks import tracking
+from tasks import progress, tracking
 from tasks.tracking import Parent
 from varmerge import data as vdata
-from varmerge import io, models, pipeline
+from varmerge import io, models, pipeline, sequence
 from varmerge.config import ExperimentConfig, parse_config
 from varmerge.posterior import posterior_from_tensors
 from varmerge.store import RunStore, folder_hash
@@ -137,7 +137,8 @@ def base_model(cfg_json: str, run_dir: str, data_ref: dict, parent: Parent | Non
             tracking.log_params(parent.uri, child, cfg.pretrain.model_dump(mode="json"))
         t0 = time.perf_counter()
         logger = tracking.lightning_logger(parent.uri, child) if child else None
-        model, prior = pipeline.start_point(cfg, n_classes, logger=logger)
+        with progress.step("pretraining θ0" if cfg.pretrain is not None else "building θ0") as report:
+            model, prior = pipeline.start_point(cfg, n_classes, logger=logger, report=report)
         seconds = time.perf_counter() - t0
         if prior is not None:
             prior.save(prior_path)  # before θ0: θ0's file marks the pair complete
@@ -242,14 +243,16 @@ def finetune(
                 },
             )
         t0 = time.perf_counter()
-        post, weights = pipeline.finetune_task(
-            cfg,
-            base,
-            t,
-            logger=tracking.lightning_logger(parent.uri, child) if child else None,
-            resume_dir=parts,
-            prior=load_prior(cfg, run_dir, base_ref),
-        )
+        with progress.step(sequence.finetune_label(cfg, t)) as report:
+            post, weights = pipeline.finetune_task(
+                cfg,
+                base,
+                t,
+                logger=tracking.lightning_logger(parent.uri, child) if child else None,
+                resume_dir=parts,
+                prior=load_prior(cfg, run_dir, base_ref),
+                report=report,
+            )
         seconds = time.perf_counter() - t0
         sha = post.save(path)
         _say("finetuned %s in %.1f s -> %s", t.name, seconds, path.name)
@@ -310,7 +313,8 @@ def sweep(
         base = load_base(cfg, run_dir, base_ref)
         posts = load_posteriors(cfg, run_dir, base_ref, posterior_refs)
         t0 = time.perf_counter()
-        res = pipeline.sweep_and_score(cfg, method, posts, base, tasks_)
+        with progress.step(sequence.sweep_label(method)) as report:
+            res = pipeline.sweep_and_score(cfg, method, posts, base, tasks_, report=report)
         seconds = time.perf_counter() - t0
         names = [t.name for t in tasks_]
         sha = io.save_tensors(
@@ -404,14 +408,16 @@ def multitask(
                 f"multitask/alpha={[round(v, 3) for v in alpha]}",
                 {"varmerge.stage": "multitask_finetune", "varmerge.alpha": json.dumps(alpha)},
             )
-        model, acc = pipeline.multitask_finetune(
-            cfg,
-            base,
-            tasks_,
-            alpha,
-            logger=tracking.lightning_logger(parent.uri, child) if child else None,
-            prior=load_prior(cfg, run_dir, base_ref),
-        )
+        with progress.step(sequence.multitask_label(alpha)) as report:
+            model, acc = pipeline.multitask_finetune(
+                cfg,
+                base,
+                tasks_,
+                alpha,
+                logger=tracking.lightning_logger(parent.uri, child) if child else None,
+                prior=load_prior(cfg, run_dir, base_ref),
+                report=report,
+            )
         seconds = time.perf_counter() - t0
         _say("multitask finetune at α=%s in %.1f s", [round(v, 3) for v in alpha], seconds)
         if child:

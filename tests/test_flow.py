@@ -145,3 +145,34 @@ def test_prepare_data_from_a_prepared_folder(tmp_path):
     assert [t.name for t in tasks] == ["a", "b", "c"] and len(tasks[0].train[1]) == 300
     with pytest.raises((FileNotFoundError, ValueError)):
         steps.prepare_data.fn(cfg_json, str(tmp_path / "run"), str(tmp_path / "nope"))
+
+
+@pytest.mark.slow
+def test_every_step_reports_progress_to_a_prefect_artifact(reference_run):
+    """The Prefect UI shows each finetune, sweep and multitask finetune of a flow run as a progress
+    artifact of its task run, at 100 % once the run is over."""
+    from uuid import UUID
+
+    from helpers import RESUME
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    summary = reference_run["summary"]
+    tags = MlflowClient(reference_run["uri"]).get_run(summary["mlflow_run_id"]).data.tags
+    flow_run = UUID(tags["varmerge.flow_run_id"])
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                type=ArtifactFilterType(any_=["progress"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run])
+            )
+        )
+    steps = sorted(a.description.split(":")[0] for a in found)
+    methods = RESUME["merge"]["methods"]
+    assert steps == sorted(
+        [f"finetune {t['name']} (multi_ivon × 2)" for t in RESUME["data"]["tasks"]]
+        + [f"merge + evaluate {m}" for m in methods]
+        + [f"multitask α={[round(a, 2) for a in summary['chosen']['alpha'][0]]}"]
+    ), " | ".join(steps)
+    assert all(a.data == 100 and a.task_run_id is not None for a in found), [(a.description, a.data) for a in found]
+    steps_done = [a.description for a in found if a.description.startswith("finetune a ")]
+    assert steps_done == [f"finetune a (multi_ivon × 2): {RESUME['posterior']['steps']}/300 (run 2)"], steps_done

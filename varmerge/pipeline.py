@@ -29,6 +29,7 @@ from varmerge import evaluate, merge, models, pareto, train
 from varmerge.config import MAP_METHOD, ExperimentConfig, PretrainDataConfig, ivon_settings
 from varmerge.grid import simplex_grid
 from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian, PosteriorMeta
+from varmerge.progress import Report, StepProgress
 
 Posterior = DiagonalGaussian | MixtureGaussian | FullGaussian
 
@@ -271,7 +272,7 @@ def pretrain_settings(cfg: ExperimentConfig) -> tuple[train.OptimizerSettings, t
 
 
 def start_point(
-    cfg: ExperimentConfig, num_classes: int, *, logger=None, progress: bool = False
+    cfg: ExperimentConfig, num_classes: int, *, logger=None, report: Report | None = None
 ) -> tuple[nn.Module, DiagonalGaussian | None]:
     """θ0 and its posterior, the prior the finetunes start from (None without one).
 
@@ -291,7 +292,7 @@ def start_point(
         return model, DiagonalGaussian(mean, prec, PosteriorMeta(task="base", optimizer="scalar", ess=1.0))
     x, y = prepare_pretrain(cfg)
     opt, tr = pretrain_settings(cfg)
-    tr = dataclasses.replace(tr, logger=logger, progress=progress)
+    tr = dataclasses.replace(tr, logger=logger, callbacks=_progress_callbacks(report))
     data = _DictDataset(x, y) if isinstance(x, dict) else (x, y)
     model, prior = train.fit(model, data, opt, tr, seed=cfg.pretrain.seed, task="pretrain")
     return model, prior
@@ -388,8 +389,9 @@ def optimizer_settings(cfg: ExperimentConfig, *, name: str | None = None) -> tra
     return ivon_settings(p, "posterior", name=name or _METHOD_OPTIMIZER[p.method], prior_precision=p.prior_precision)
 
 
-def trainer_settings(cfg: ExperimentConfig, *, progress: bool = False, logger=None) -> train.TrainerSettings:
-    """How Lightning runs ``cfg.posterior.steps`` steps on ``cfg.accelerator`` (checked first)."""
+def trainer_settings(cfg: ExperimentConfig, *, logger=None, report: Report | None = None) -> train.TrainerSettings:
+    """How Lightning runs ``cfg.posterior.steps`` steps on ``cfg.accelerator`` (checked first);
+    ``report`` is told the optimiser steps (:class:`varmerge.progress.StepProgress`)."""
     check_accelerator(cfg.accelerator)
     p = cfg.posterior
     return train.TrainerSettings(
@@ -398,9 +400,13 @@ def trainer_settings(cfg: ExperimentConfig, *, progress: bool = False, logger=No
         accelerator=cfg.accelerator,
         precision=p.precision,
         logger=logger,
-        progress=progress,
+        callbacks=_progress_callbacks(report),
         log_every_n_steps=max(1, min(50, p.steps // 20)),
     )
+
+
+def _progress_callbacks(report: Report | None) -> tuple:
+    return () if report is None else (StepProgress(report),)
 
 
 def finetune_task(
@@ -408,7 +414,7 @@ def finetune_task(
     base: nn.Module,
     task: TaskData,
     *,
-    progress: bool = False,
+    report: Report | None = None,
     logger=None,
     resume_dir: str | os.PathLike | None = None,
     prior: DiagonalGaussian | None = None,
@@ -430,7 +436,7 @@ def finetune_task(
 
     p = cfg.posterior
     model = copy.deepcopy(base)
-    opt, tr = optimizer_settings(cfg), trainer_settings(cfg, progress=progress, logger=logger)
+    opt, tr = optimizer_settings(cfg), trainer_settings(cfg, logger=logger, report=report)
     opt = dataclasses.replace(opt, initial_hess=carried_hessian(cfg, prior, opt.name))
     if p.method == "adamw_sg" and resume_dir is not None:
         return _adamw_sg_resumable(cfg, model, task, opt, tr, Path(resume_dir))
@@ -582,9 +588,10 @@ def sweep_and_score(
     alpha: torch.Tensor | None = None,
     *,
     block: int = 256,
-    progress: bool = False,
+    report: Report | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Merge and score over the α grid in blocks of ``block`` α (bounds memory for big models).
+    """Merge and score over the α grid in blocks of ``block`` α (bounds memory for big models);
+    ``report`` is told the α done after each block.
 
     Returns ``alpha``, (G, T) ``accuracy`` and ``loss``, and the wall-clock ``merge_seconds``
     (incl. calibration Grams) and ``eval_seconds`` of the sweep.
@@ -599,9 +606,7 @@ def sweep_and_score(
     if spec.kind == "estimator":
 
         def score_task_arithmetic(design: torch.Tensor) -> dict[str, torch.Tensor]:
-            s = sweep_and_score(
-                cfg, "task_arithmetic", posteriors, model, tasks, design, block=block, progress=progress
-            )
+            s = sweep_and_score(cfg, "task_arithmetic", posteriors, model, tasks, design, block=block, report=report)
             return {"accuracy": s["accuracy"], "loss": s["loss"]}
 
         return map_sweep(cfg, alpha, score_task_arithmetic)
@@ -614,14 +619,18 @@ def sweep_and_score(
     merge_s = time.perf_counter() - t0
     eval_s = 0.0
     acc, loss = [], []
+    if report is not None:
+        report(0, len(alpha))
     for lo in range(0, len(alpha), block):
         t0 = time.perf_counter()
         merged = merge_sweep(method, posteriors, base, alpha[lo : lo + block], options=options, grams=grams)
         t1 = time.perf_counter()
-        s = score_sweep(model, merged, tasks, progress=progress)
+        s = score_sweep(model, merged, tasks)
         merge_s, eval_s = merge_s + t1 - t0, eval_s + time.perf_counter() - t1
         acc.append(s["accuracy"])
         loss.append(s["loss"])
+        if report is not None:
+            report(min(lo + block, len(alpha)), len(alpha))
     return {
         "alpha": alpha,
         "accuracy": torch.cat(acc),
@@ -673,7 +682,7 @@ def multitask_finetune(
     tasks: Sequence[TaskData],
     alpha: Sequence[float],
     *,
-    progress: bool = False,
+    report: Report | None = None,
     logger=None,
     prior: DiagonalGaussian | None = None,
 ) -> tuple[nn.Module, torch.Tensor]:
@@ -686,9 +695,7 @@ def multitask_finetune(
     # IVON's ess defaults to the examples of all tasks; full VON configs finetune with IVON
     opt = optimizer_settings(cfg, name="adamw" if p.method == "adamw_sg" else "ivon")
     opt = dataclasses.replace(opt, initial_hess=carried_hessian(cfg, prior, opt.name))
-    tr = dataclasses.replace(
-        trainer_settings(cfg, progress=progress, logger=logger), steps=cfg.multitask_steps or p.steps
-    )
+    tr = dataclasses.replace(trainer_settings(cfg, logger=logger, report=report), steps=cfg.multitask_steps or p.steps)
     model = train.fit_multitask(
         model, [train_data(t) for t in tasks], torch.as_tensor(alpha, dtype=torch.float64), opt, tr, seed=p.seed
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +26,7 @@ import torch
 
 from varmerge import pareto, pipeline
 from varmerge.config import ExperimentConfig
+from varmerge.progress import Report
 
 
 class Runner(Protocol):
@@ -137,56 +139,73 @@ def estimate_front(cfg: ExperimentConfig, runner: Runner) -> FrontResult:
 class LocalRunner:
     """The steps in this process, in memory (no files, no Prefect, no MLflow).
 
-    ``status(msg)`` (a context manager factory, e.g. ``rich.Console.status``) is told what runs.
-    Handles: data = ``(tasks, num_classes)``, base = θ0 as a module (its posterior, the prior of
-    the finetunes, in ``self.prior``), posteriors in memory.
+    ``steps(label)`` (a context manager factory, e.g. the CLI's progress bars) is entered around
+    each step and yields the :class:`~varmerge.progress.Report` that step's progress goes to (or
+    None). Handles: data = ``(tasks, num_classes)``, base = θ0 as a module (its posterior, the
+    prior of the finetunes, in ``self.prior``), posteriors in memory.
     """
 
-    def __init__(self, cfg: ExperimentConfig, status: Callable[[str], Any] | None = None):
+    def __init__(
+        self, cfg: ExperimentConfig, steps: Callable[[str], AbstractContextManager[Report | None]] | None = None
+    ):
         self.cfg = cfg
-        self.status = status
+        self.steps = steps
         self.prior = None  # θ0's posterior, set by base()
         self.pretrain_seconds = 0.0
 
-    def stage(self, msg: str):
-        return self.status(msg) if self.status is not None else contextlib.nullcontext()
+    def step(self, label: str) -> AbstractContextManager[Report | None]:
+        return self.steps(label) if self.steps is not None else contextlib.nullcontext()
 
     def data(self):
-        with self.stage("loading data"):
+        with self.step("loading data"):
             return pipeline.prepare_tasks(self.cfg)
 
     def base(self, data):
         """θ0 (pretrained when the config says so); its posterior is kept as ``self.prior``."""
         what = "pretraining θ0" if self.cfg.pretrain is not None else "building θ0"
-        with self.stage(what):
+        with self.step(what) as report:
             t0 = time.perf_counter()
-            model, self.prior = pipeline.start_point(self.cfg, data[1])
+            model, self.prior = pipeline.start_point(self.cfg, data[1], report=report)
             self.pretrain_seconds = time.perf_counter() - t0
         return model
 
     def finetunes(self, data, base):
         out = []
         for t in data[0]:
-            with self.stage(f"finetuning {t.name} ({self.cfg.posterior.method}, {len(t.train[1])} examples)"):
-                out.append(pipeline.finetune_task(self.cfg, base, t, prior=self.prior)[0])
+            with self.step(finetune_label(self.cfg, t)) as report:
+                out.append(pipeline.finetune_task(self.cfg, base, t, prior=self.prior, report=report)[0])
         return out
 
-    def sweep(self, method: str, data, base, posteriors, alpha: torch.Tensor | None = None) -> dict:
+    def sweep(self, method: str, data, base, posteriors, alpha: torch.Tensor | None = None, report=None) -> dict:
         """One method's sweep (over ``alpha``, default the config's grid), with its seconds."""
         t0 = time.perf_counter()
-        res = pipeline.sweep_and_score(self.cfg, method, posteriors, base, data[0], alpha)
+        res = pipeline.sweep_and_score(self.cfg, method, posteriors, base, data[0], alpha, report=report)
         return {**res, "seconds": time.perf_counter() - t0}
 
     def sweeps(self, data, base, posteriors, methods):
         out = {}
         for m in methods:
-            with self.stage(f"merging + evaluating '{m}' over the α grid"):
-                out[m] = self.sweep(m, data, base, posteriors)
+            with self.step(sweep_label(m)) as report:
+                out[m] = self.sweep(m, data, base, posteriors, report=report)
         return out
 
     def multitasks(self, data, base, alphas):
         out = []
         for a in alphas:
-            with self.stage(f"multitask finetune at α={[round(v, 2) for v in a.tolist()]}"):
-                out.append(pipeline.multitask_finetune(self.cfg, base, data[0], a, prior=self.prior)[1])
+            with self.step(multitask_label(a.tolist())) as report:
+                out.append(pipeline.multitask_finetune(self.cfg, base, data[0], a, prior=self.prior, report=report)[1])
         return out
+
+
+def finetune_label(cfg: ExperimentConfig, task) -> str:
+    p = cfg.posterior
+    runs = f" × {p.components}" if p.method in ("multi_ivon", "soup_ivon") else ""
+    return f"finetune {task.name} ({p.method}{runs})"
+
+
+def sweep_label(method: str) -> str:
+    return f"merge + evaluate {method}"
+
+
+def multitask_label(alpha) -> str:
+    return f"multitask α={[round(float(v), 2) for v in alpha]}"
