@@ -39,7 +39,7 @@ apply_service_env()  # offline, no telemetry, loopback only (varmerge/services.p
 
 
 def _prefect_env() -> None:
-    """Prefect's local ephemeral API in the project folder, patient start-up, quiet logs."""
+    """Prefect's home in the project folder, a patient API start-up, quiet logs."""
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_API_HOST", LOOPBACK)
@@ -196,34 +196,107 @@ def prepare_data(
 
 
 @contextmanager
-def start_services(report, experiment: str):
-    """Start what a flow waits for, in threads, while the block imports the flow (the imports of
-    Prefect and MLflow take seconds, so do these): Prefect's ephemeral API server, the one the
-    flow's first API call would otherwise start (Prefect keeps one per process), unless
-    ``PREFECT_API_URL`` names a server; and the MLflow store with the experiment (a new SQLite
-    store runs its schema migrations). Leaving the block waits for both and raises the first error.
-    Called after preflight: a run that fails its checks starts nothing."""
-    from concurrent.futures import ThreadPoolExecutor
+def prefect_api():
+    """A Prefect API server of this command's own, for the flows it runs, started first thing: it
+    boots in its own process (``prefect server start --no-services --no-ui`` on a free loopback
+    port, 4–8 s on 2 cores) while this one imports torch and checks the inputs, where Prefect's
+    ephemeral server would start only at the flow's first API call, after importing the server's
+    code here too. Like that server, it lives as long as the command: stopped on the way out, and
+    it gets SIGTERM if this process dies (Linux). Nothing is started when ``PREFECT_API_URL`` names
+    a server (in the environment, or in Prefect's settings once Prefect is imported: tests)."""
+    _prefect_env()
+    if os.environ.get("PREFECT_API_URL") or _prefect_api_in_settings():
+        yield
+        return
+    import signal
+    import socket
+    import subprocess
+    import tempfile
 
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK, "--port", str(port)]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        [*cmd, "--no-services", "--no-ui"],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+    os.environ["PREFECT_API_URL"] = f"http://{LOOPBACK}:{port}/api"
+    _API.update(proc=proc, log=log)
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        _API.clear()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+_API: dict = {}  # the server prefect_api() started: its process and its log
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _prefect_api_in_settings() -> bool:
+    if "prefect.settings" not in sys.modules:  # not imported yet: only the environment can say
+        return False
     from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+def _wait_for_api(timeout: float) -> None:
+    """Wait until the server of :func:`prefect_api` answers; its output in the error if it does not."""
+    if not _API:
+        return
+    import urllib.request
+
+    proc, url = _API["proc"], os.environ["PREFECT_API_URL"] + "/health"
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    _API["log"].seek(0)
+    output = _API["log"].read().decode(errors="replace").strip().splitlines()[-5:]
+    what = f"exited with code {proc.returncode}" if proc.poll() is not None else f"not up after {timeout:.0f} s"
+    raise RuntimeError(f"the Prefect API server {what}: {' | '.join(output)}")
+
+
+@contextmanager
+def start_services(report, experiment: str):
+    """While the block imports the flow (the imports of Prefect and MLflow take seconds): create
+    the MLflow store and the experiment in a thread (a new SQLite store runs its schema
+    migrations); then wait for the Prefect API server of :func:`prefect_api`. Called after
+    preflight: a run that fails its checks creates no store."""
+    from concurrent.futures import ThreadPoolExecutor
 
     def mlflow_store() -> None:
         from tasks import tracking
 
         tracking.experiment_id(report.tracking_uri, experiment, tracking.artifact_root(report.run_dir))
 
-    with ThreadPoolExecutor(2, thread_name_prefix="varmerge-start") as pool:
-        futures = []
-        # read here: a server set by a settings context (tests) is not seen by other threads
-        if not PREFECT_API_URL.value():
-            # imported first, alone: the server process starts only after this import
-            from prefect.server.api.server import SubprocessASGIServer
-
-            futures.append(pool.submit(SubprocessASGIServer().start))
-        futures.append(pool.submit(mlflow_store))
+    with ThreadPoolExecutor(1, thread_name_prefix="varmerge-mlflow") as pool:
+        store = pool.submit(mlflow_store)
         yield
-        for f in futures:
-            f.result()
+        store.result()
+    _wait_for_api(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
 
 
 @app.command("run")
@@ -241,22 +314,25 @@ def run_flow(
     """
     from varmerge.preflight import preflight
 
-    cfg = _load(config)  # fail fast, before Prefect starts
-    with _user_errors(PREFLIGHT_STATUS):
-        report = preflight(cfg, tracking_uri, output_dir=output, data_dir=data)
-    _prefect_env()
-    with _user_errors("starting Prefect's API and the MLflow store"), start_services(report, cfg.tracking.experiment):
-        from flows.front import front_flow
+    with prefect_api():
+        cfg = _load(config)
+        with _user_errors(PREFLIGHT_STATUS):
+            report = preflight(cfg, tracking_uri, output_dir=output, data_dir=data)
+        with (
+            _user_errors("starting Prefect's API and the MLflow store"),
+            start_services(report, cfg.tracking.experiment),
+        ):
+            from flows.front import front_flow
 
-    t0 = time.perf_counter()
-    with _user_errors(), _progress(quiet):
-        summary = front_flow(
-            str(config),
-            tracking_uri=tracking_uri,
-            output_dir=str(output) if output else None,
-            data_dir=str(data) if data else None,
-            check_inputs=False,
-        )
+        t0 = time.perf_counter()
+        with _user_errors(), _progress(quiet):
+            summary = front_flow(
+                str(config),
+                tracking_uri=tracking_uri,
+                output_dir=str(output) if output else None,
+                data_dir=str(data) if data else None,
+                check_inputs=False,
+            )
     print_front(summary, cfg.merge.spacing)
     console.print(
         f"done in {time.perf_counter() - t0:.0f} s. Front, plots: {summary['run_dir']}/ "
@@ -278,19 +354,22 @@ def sweep(
     from varmerge.grid import grid_size
     from varmerge.preflight import preflight
 
-    cfg = _load(config)
-    with _user_errors(PREFLIGHT_STATUS):
-        n = grid_size(len(cfg.data.tasks), spacing)
-        report = preflight(cfg, tracking_uri, output_dir=output)
-    _prefect_env()
-    with _user_errors("starting Prefect's API and the MLflow store"), start_services(report, cfg.tracking.experiment):
-        from flows.sweep import ground_truth_flow
+    with prefect_api():
+        cfg = _load(config)
+        with _user_errors(PREFLIGHT_STATUS):
+            n = grid_size(len(cfg.data.tasks), spacing)
+            report = preflight(cfg, tracking_uri, output_dir=output)
+        with (
+            _user_errors("starting Prefect's API and the MLflow store"),
+            start_services(report, cfg.tracking.experiment),
+        ):
+            from flows.sweep import ground_truth_flow
 
-    t0 = time.perf_counter()
-    with _user_errors(), _progress(quiet):
-        out = ground_truth_flow(
-            str(config), spacing=spacing, tracking_uri=tracking_uri, output_dir=str(output) if output else None
-        )
+        t0 = time.perf_counter()
+        with _user_errors(), _progress(quiet):
+            out = ground_truth_flow(
+                str(config), spacing=spacing, tracking_uri=tracking_uri, output_dir=str(output) if output else None
+            )
     table = Table(title=f"ground truth: {n} multitask finetunes, max mean acc {100 * out['max_mean_accuracy']:.1f}")
     for col in ("method", "max mean acc", "hypervolume", "IGD+"):
         table.add_column(col, justify="left" if col == "method" else "right")

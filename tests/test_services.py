@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,27 @@ def test_run_on_the_ephemeral_api_is_quiet_and_leaves_no_process(tmp_path):
     assert not noise, output
     with pytest.raises(ProcessLookupError):  # the group is empty: the ephemeral API server stopped too
         os.killpg(proc.pid, 0)
+
+
+@pytest.mark.slow
+def test_the_commands_own_prefect_api_answers_and_is_stopped(monkeypatch, tmp_path, restore_env):
+    """``prefect_api()`` starts a Prefect server on loopback for the command's flows, points
+    PREFECT_API_URL at it, and stops it (the environment restored) when the block ends, also when
+    the block fails."""
+    import urllib.request
+    from urllib.parse import urlparse
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.setattr(cli, "_prefect_api_in_settings", lambda: False)  # no test harness here
+    with pytest.raises(RuntimeError, match="the block failed"):
+        with cli.prefect_api():
+            url = os.environ["PREFECT_API_URL"]
+            proc = cli._API["proc"]
+            cli._wait_for_api(90)
+            assert urlparse(url).hostname == LOOPBACK
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                assert r.status == 200
+            raise RuntimeError("the block failed")
+    assert proc.poll() is not None, "the server outlived the command"
+    assert "PREFECT_API_URL" not in os.environ and not cli._API
