@@ -283,8 +283,8 @@ def _wait_for_api(timeout: float) -> None:
 def start_services(report, experiment: str):
     """While the block imports the flow (the imports of Prefect and MLflow take seconds): create
     the MLflow store and the experiment in a thread (a new SQLite store runs its schema
-    migrations); then wait for the Prefect API server of :func:`prefect_api`. Called after
-    preflight: a run that fails its checks creates no store."""
+    migrations); then wait for the Prefect API server of :func:`prefect_api`. An error ends the
+    command with one line. Called after preflight: a run that fails its checks creates no store."""
     from concurrent.futures import ThreadPoolExecutor
 
     def mlflow_store() -> None:
@@ -292,11 +292,12 @@ def start_services(report, experiment: str):
 
         tracking.experiment_id(report.tracking_uri, experiment, tracking.artifact_root(report.run_dir))
 
-    with ThreadPoolExecutor(1, thread_name_prefix="varmerge-mlflow") as pool:
-        store = pool.submit(mlflow_store)
-        yield
-        store.result()
-    _wait_for_api(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    with _user_errors("starting Prefect's API and the MLflow store"):
+        with ThreadPoolExecutor(1, thread_name_prefix="varmerge-mlflow") as pool:
+            store = pool.submit(mlflow_store)
+            yield
+            store.result()
+        _wait_for_api(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
 
 
 @app.command("run")
@@ -318,10 +319,7 @@ def run_flow(
         cfg = _load(config)
         with _user_errors(PREFLIGHT_STATUS):
             report = preflight(cfg, tracking_uri, output_dir=output, data_dir=data)
-        with (
-            _user_errors("starting Prefect's API and the MLflow store"),
-            start_services(report, cfg.tracking.experiment),
-        ):
+        with start_services(report, cfg.tracking.experiment):
             from flows.front import front_flow
 
         t0 = time.perf_counter()
@@ -359,10 +357,7 @@ def sweep(
         with _user_errors(PREFLIGHT_STATUS):
             n = grid_size(len(cfg.data.tasks), spacing)
             report = preflight(cfg, tracking_uri, output_dir=output)
-        with (
-            _user_errors("starting Prefect's API and the MLflow store"),
-            start_services(report, cfg.tracking.experiment),
-        ):
+        with start_services(report, cfg.tracking.experiment):
             from flows.sweep import ground_truth_flow
 
         t0 = time.perf_counter()
