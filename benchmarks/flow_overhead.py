@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="flow_overhead-") as tmp:
         env = {**os.environ, "PREFECT_HOME": str(Path(tmp) / "prefect")}
-        env.pop("PREFECT_API_URL", None)  # the user's case: Prefect's ephemeral API
+        env.pop("PREFECT_API_URL", None)  # the user's case: `varmerge run` starts its own Prefect API
         for i in range(args.repeats):
             out = Path(tmp) / f"r{i}"
             demo = timed([varmerge, "demo", args.config, "--output", str(out / "demo")], env)

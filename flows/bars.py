@@ -45,7 +45,8 @@ class Bars:
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[Report]:
-        """A bar for one step; the step reports ``(done, total, note)``; it ends full."""
+        """A bar for one step; the step reports ``(done, total, note)``; it ends full when the step
+        ends (a step that reports nothing, e.g. loading data, shows a spinner until then)."""
         task = self.progress.add_task(label, total=None)
         seen = {"total": 1}
 
@@ -54,7 +55,5 @@ class Bars:
             description = f"{label} · {note}" if note else label
             self.progress.update(task, completed=done, total=total or None, description=description)
 
-        try:
-            yield report
-        finally:
-            self.progress.update(task, total=seen["total"], completed=seen["total"])
+        yield report  # a step that fails leaves its bar where it stopped
+        self.progress.update(task, total=seen["total"], completed=seen["total"])

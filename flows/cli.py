@@ -202,46 +202,69 @@ def prefect_api():
     port, 4–8 s on 2 cores) while this one imports torch and checks the inputs, where Prefect's
     ephemeral server would start only at the flow's first API call, after importing the server's
     code here too. Like that server, it lives as long as the command: stopped on the way out, and
-    it gets SIGTERM if this process dies (Linux). Nothing is started when ``PREFECT_API_URL`` names
-    a server (in the environment, or in Prefect's settings once Prefect is imported: tests)."""
+    it gets SIGTERM if this process dies (Linux). Yields the :class:`OwnPrefectAPI`, or None when
+    ``PREFECT_API_URL`` names a server (in the environment, or in Prefect's settings once Prefect
+    is imported: tests)."""
     _prefect_env()
     if os.environ.get("PREFECT_API_URL") or _prefect_api_in_settings():
-        yield
+        yield None
         return
-    import signal
-    import socket
-    import subprocess
-    import tempfile
-
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK, "--port", str(port)]
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(
-        [*cmd, "--no-services", "--no-ui"],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-    )
-    os.environ["PREFECT_API_URL"] = f"http://{LOOPBACK}:{port}/api"
-    _API.update(proc=proc, log=log)
+    api = OwnPrefectAPI()
+    os.environ["PREFECT_API_URL"] = api.url
     try:
-        yield
+        yield api
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        _API.clear()
-        proc.send_signal(signal.SIGTERM)
+        api.stop()
+
+
+class OwnPrefectAPI:
+    def __init__(self):
+        import socket
+        import subprocess
+        import tempfile
+
+        with socket.socket() as sock:
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://{LOOPBACK}:{port}/api"
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK, "--port", str(port)]
+            + ["--no-services", "--no-ui"],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+    def wait(self, timeout: float) -> None:
+        """Return once the server answers; its last output in the error if it exits or times out."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.log.seek(0)
+        output = self.log.read().decode(errors="replace").strip().splitlines()[-5:]
+        rc = self.proc.poll()
+        what = f"exited with code {rc}" if rc is not None else f"did not answer within {timeout:.0f} s"
+        raise RuntimeError(f"the Prefect API server {what}: {' | '.join(output)}")
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
         try:
-            proc.wait(timeout=10)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-_API: dict = {}  # the server prefect_api() started: its process and its log
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -259,31 +282,11 @@ def _prefect_api_in_settings() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
-def _wait_for_api(timeout: float) -> None:
-    """Wait until the server of :func:`prefect_api` answers; its output in the error if it does not."""
-    if not _API:
-        return
-    import urllib.request
-
-    proc, url = _API["proc"], os.environ["PREFECT_API_URL"] + "/health"
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    _API["log"].seek(0)
-    output = _API["log"].read().decode(errors="replace").strip().splitlines()[-5:]
-    what = f"exited with code {proc.returncode}" if proc.poll() is not None else f"not up after {timeout:.0f} s"
-    raise RuntimeError(f"the Prefect API server {what}: {' | '.join(output)}")
-
-
 @contextmanager
-def start_services(report, experiment: str):
+def start_services(report, experiment: str, api: OwnPrefectAPI | None):
     """While the block imports the flow (the imports of Prefect and MLflow take seconds): create
     the MLflow store and the experiment in a thread (a new SQLite store runs its schema
-    migrations); then wait for the Prefect API server of :func:`prefect_api`. An error ends the
+    migrations); then wait for ``api``, the server of :func:`prefect_api` if any. An error ends the
     command with one line. Called after preflight: a run that fails its checks creates no store."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -297,7 +300,8 @@ def start_services(report, experiment: str):
             store = pool.submit(mlflow_store)
             yield
             store.result()
-        _wait_for_api(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        if api is not None:
+            api.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
 
 
 @app.command("run")
@@ -315,11 +319,11 @@ def run_flow(
     """
     from varmerge.preflight import preflight
 
-    with prefect_api():
+    with prefect_api() as api:
         cfg = _load(config)
         with _user_errors(PREFLIGHT_STATUS):
             report = preflight(cfg, tracking_uri, output_dir=output, data_dir=data)
-        with start_services(report, cfg.tracking.experiment):
+        with start_services(report, cfg.tracking.experiment, api):
             from flows.front import front_flow
 
         t0 = time.perf_counter()
@@ -352,12 +356,12 @@ def sweep(
     from varmerge.grid import grid_size
     from varmerge.preflight import preflight
 
-    with prefect_api():
+    with prefect_api() as api:
         cfg = _load(config)
         with _user_errors(PREFLIGHT_STATUS):
             n = grid_size(len(cfg.data.tasks), spacing)
             report = preflight(cfg, tracking_uri, output_dir=output)
-        with start_services(report, cfg.tracking.experiment):
+        with start_services(report, cfg.tracking.experiment, api):
             from flows.sweep import ground_truth_flow
 
         t0 = time.perf_counter()

@@ -32,8 +32,9 @@ def step(label: str) -> Iterator[Report]:
     task run, and to the process's display if one is shown."""
     from prefect.context import TaskRunContext
 
+    artifact = ArtifactProgress(label) if TaskRunContext.get() else None
     with contextlib.ExitStack() as stack:
-        reports: list = [ArtifactProgress(label)] if TaskRunContext.get() else []
+        reports = [r for r in (artifact,) if r is not None]
         if _DISPLAYS:
             reports.append(stack.enter_context(_DISPLAYS[-1].step(label)))
 
@@ -42,8 +43,8 @@ def step(label: str) -> Iterator[Report]:
                 r(done, total, note)
 
         yield report
-        if reports and isinstance(reports[0], ArtifactProgress):
-            reports[0].finish()
+        if artifact is not None:
+            artifact.finish()
 
 
 class ArtifactProgress:

@@ -129,8 +129,6 @@ def start_child(uri: str, parent_id: str, name: str, tags: dict | None = None) -
 
 
 def finish(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """End a run, after the metrics still queued by asynchronous logging (Lightning's) are written."""
-    mlflow.flush_async_logging()
     client(uri).set_terminated(run_id, status=status)
 
 
@@ -183,7 +181,6 @@ def lightning_logger(uri: str | None, run_id: str | None):
         return None
     from lightning.pytorch.loggers import MLFlowLogger
 
-    # asynchronous: the per-step metrics are written by MLflow's logging thread, not between steps
     return MLFlowLogger(tracking_uri=uri, run_id=run_id, log_model=False)
 
 

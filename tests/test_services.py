@@ -175,13 +175,12 @@ def test_the_commands_own_prefect_api_answers_and_is_stopped(monkeypatch, tmp_pa
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     monkeypatch.setattr(cli, "_prefect_api_in_settings", lambda: False)  # no test harness here
     with pytest.raises(RuntimeError, match="the block failed"):
-        with cli.prefect_api():
-            url = os.environ["PREFECT_API_URL"]
-            proc = cli._API["proc"]
-            cli._wait_for_api(90)
-            assert urlparse(url).hostname == LOOPBACK
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+        with cli.prefect_api() as api:
+            assert os.environ["PREFECT_API_URL"] == api.url
+            api.wait(90)
+            assert urlparse(api.url).hostname == LOOPBACK
+            with urllib.request.urlopen(api.url + "/health", timeout=5) as r:
                 assert r.status == 200
             raise RuntimeError("the block failed")
-    assert proc.poll() is not None, "the server outlived the command"
-    assert "PREFECT_API_URL" not in os.environ and not cli._API
+    assert api.proc.poll() is not None, "the server outlived the command"
+    assert "PREFECT_API_URL" not in os.environ
