@@ -3,8 +3,9 @@ multitask finetune at the top-k α, with everything logged to MLflow.
 
 The sequence is :func:`varmerge.sequence.estimate_front`, the same one ``varmerge demo`` and
 ``benchmarks.table1`` run; here its steps are Prefect tasks over the run store
-(:class:`tasks.runner.PrefectRunner`). Run it with ``varmerge run CONFIG`` (Prefect's ephemeral
-API, MLflow in a local SQLite store) or as the ``front`` deployment of ``prefect.yaml``.
+(:class:`tasks.runner.PrefectRunner`). Run it with ``varmerge run CONFIG`` (a local Prefect API
+server the command starts, MLflow in a local SQLite store) or as the ``front`` deployment of
+``prefect.yaml``.
 """
 
 from __future__ import annotations

@@ -133,10 +133,10 @@ def test_ui_stops_its_server_and_workers_on_a_signal(tmp_path, sig):
 
 
 @pytest.mark.slow
-def test_run_on_the_ephemeral_api_is_quiet_and_leaves_no_process(tmp_path):
-    """``varmerge run`` as a user runs it (no PREFECT_API_URL: Prefect's ephemeral API server, which
-    the CLI starts while the flow imports): it succeeds, prints no warning or library chatter, and
-    nothing of its process group (the API server included) outlives it."""
+def test_run_on_its_own_prefect_api_is_quiet_and_leaves_no_process(tmp_path):
+    """``varmerge run`` as a user runs it (no PREFECT_API_URL: the command starts a Prefect API
+    server of its own): it succeeds, prints no warning or library chatter, and nothing of its
+    process group (that server included) outlives it."""
     import os
     import re
 
@@ -159,7 +159,7 @@ def test_run_on_the_ephemeral_api_is_quiet_and_leaves_no_process(tmp_path):
         ln for ln in output.splitlines() if re.search(r"warn|^[WE]\d{4}|successfully registered|traceback", ln, re.I)
     ]
     assert not noise, output
-    with pytest.raises(ProcessLookupError):  # the group is empty: the ephemeral API server stopped too
+    with pytest.raises(ProcessLookupError):  # the group is empty: the API server stopped too
         os.killpg(proc.pid, 0)
 
 
