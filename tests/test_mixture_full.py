@@ -337,3 +337,21 @@ def test_mixture_em_by_cg_equals_refactorising_every_step():
     want = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=8)
     got = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=8, solver="pcg", pcg_tol=1e-12)
     torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
+
+
+def test_each_alpha_stops_on_its_own_so_blocks_do_not_change_the_early_stopped_result():
+    """With ``tol`` every α row stops after its own last move above ``tol``: batched, in blocks of
+    one or one at a time, the result is the same, and rows that settle early stop changing."""
+    means, precs, weights = problem(seed=5, spread=0.3)  # overlapping components: slow, smooth EM
+    kw = {"weights": weights, "iterations": 60, "tol": 1e-6}
+    seen = []
+    batch = merge.mixture_weighted_full(means, precs, ALPHA, callback=lambda i, x: seen.append(x.clone()), **kw)
+    small = merge.mixture_weighted_full(means, precs, ALPHA, max_batch_bytes=5 * 5 * 8, **kw)
+    torch.testing.assert_close(small, batch, atol=1e-12, rtol=0)  # batched BLAS: ulps apart
+    for g, a in enumerate(ALPHA):
+        torch.testing.assert_close(merge.mixture_weighted_full(means, precs, a, **kw), batch[g], atol=1e-12, rtol=0)
+    steps = [max([0] + [i for i in range(1, len(seen)) if not torch.equal(seen[i][g], seen[i - 1][g])])
+             for g in range(len(ALPHA))]  # fmt: skip
+    assert min(steps) < max(steps), steps  # some α stop earlier than others
+    full = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=60)
+    torch.testing.assert_close(batch, full, atol=1e-4, rtol=0)

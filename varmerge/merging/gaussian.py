@@ -92,7 +92,7 @@ class HessianFullOptions(FullOptions):
 
 class MixtureFullOptions(FullOptions):
     iterations: int = 10  # EM steps after the start at the π-weighted Hessian merge
-    tol: float | None = None  # stop once no responsibility moves more than this
+    tol: float | None = None  # an α stops once none of its responsibilities moves more than this
     solver: Literal["cholesky", "pcg"] = "cholesky"  # pcg: factor once, then CG from the last iterate
     pcg_tol: float = 1e-7
     anchor_spacing: float | None = None  # EM on this coarse grid first; each α starts at its nearest anchor
@@ -560,19 +560,20 @@ class _FullMixture:
             q[:, c] = ((d @ self.H[c]) * d).sum(-1).to(torch.float64)
         return self.log_pi + self.half_logdet - 0.5 * q
 
-    def factor(self, w: torch.Tensor, alpha: torch.Tensor, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g, P) θ̂ = (Σ_c w_c H_c)⁻¹ Σ_c w_c H_c θ_c for (g, C) weights w, and the Cholesky factors."""
+    def factor(self, w: torch.Tensor, alpha: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, P) θ̂ = (Σ_c w_c H_c)⁻¹ Σ_c w_c H_c θ_c for (g, C) weights w, and the Cholesky factors;
+        ``rows``: the (g,) rows of the (G, T) grid ``alpha`` these systems belong to (for errors)."""
         wd = w.to(self.H.dtype)
         A = torch.einsum("gc,cij->gij", wd, self.H)
         b = (wd @ self.Htheta).unsqueeze(-1)
         L, info = torch.linalg.cholesky_ex(A)
         if (info != 0).any():
-            g = int(torch.nonzero(info)[0]) + first_row
+            g = int(rows[int(torch.nonzero(info)[0])])
             raise ValueError(f"combined precision Σ r α H is not positive definite at α row {g}: {alpha[g].tolist()}")
         return torch.cholesky_solve(b, L).squeeze(-1), L
 
-    def solve(self, w: torch.Tensor, alpha: torch.Tensor, first_row: int) -> torch.Tensor:
-        return self.factor(w, alpha, first_row)[0]
+    def solve(self, w: torch.Tensor, alpha: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.factor(w, alpha, rows)[0]
 
     def solve_pcg(self, w: torch.Tensor, L: torch.Tensor, x0: torch.Tensor, tol: float) -> torch.Tensor:
         """The same system by CG from ``x0``, preconditioned by earlier factors ``L`` (g, P, P)."""
@@ -654,7 +655,9 @@ def mixture_weighted_full(
 
 
 class _MixtureEM:
-    """The EM iteration of :func:`mixture_weighted_full` over blocks of α rows."""
+    """The EM iteration of :func:`mixture_weighted_full` over blocks of α rows; with ``tol`` each
+    row stops after the step in which none of its responsibilities moved by more than ``tol``, so
+    a row's result does not depend on the rows it is batched with."""
 
     def __init__(self, mix: _FullMixture, iterations: int, tol, solver: str, pcg_tol: float, max_batch_bytes: int):
         self.mix, self.iterations, self.tol, self.solver, self.pcg_tol = mix, iterations, tol, solver, pcg_tol
@@ -669,30 +672,35 @@ class _MixtureEM:
 
         def keep(i: int, theta: torch.Tensor) -> None:
             if callback is not None:
-                iterates[i].append(theta)
+                iterates[i].append(theta.clone())  # theta is updated in place
 
         outs = []
         for lo in range(0, a.shape[0], self.per):
             ac = alpha_c[lo : lo + self.per]
+            rows = torch.arange(lo, lo + ac.shape[0])
             if start is None:
                 resp = _responsibilities(mix.log_pi.expand(ac.shape[0], -1).clone(), mix.task_of, mix.T)
             else:
                 resp = _responsibilities(mix.log_joint(start[lo : lo + self.per]), mix.task_of, mix.T)
-            theta, L = mix.factor(ac * resp, a, lo)
+            theta, L = mix.factor(ac * resp, a, rows)
             keep(0, theta)
+            active = torch.arange(ac.shape[0])  # the rows still iterating: each stops on its own
             for i in range(1, iterations + 1):
-                new = _responsibilities(mix.log_joint(theta), mix.task_of, mix.T)
-                moved = float((new - resp).abs().max())
-                resp = new
-                if self.solver == "pcg":
-                    theta = mix.solve_pcg(ac * resp, L, theta, self.pcg_tol)
-                else:
-                    theta = mix.solve(ac * resp, a, lo)
-                keep(i, theta)
-                if self.tol is not None and moved <= self.tol:
-                    for rest in range(i + 1, iterations + 1):
+                if len(active) == 0:
+                    for rest in range(i, iterations + 1):
                         keep(rest, theta)
                     break
+                new = _responsibilities(mix.log_joint(theta[active]), mix.task_of, mix.T)
+                moved = (new - resp[active]).abs().amax(1)
+                resp[active] = new
+                w = ac[active] * new
+                if self.solver == "pcg":
+                    theta[active] = mix.solve_pcg(w, L[active], theta[active], self.pcg_tol)
+                else:
+                    theta[active] = mix.solve(w, a, rows[active])
+                keep(i, theta)
+                if self.tol is not None:
+                    active = active[moved > self.tol]
             outs.append(theta)
         if callback is not None:
             for i, parts in enumerate(iterates):
