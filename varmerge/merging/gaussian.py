@@ -690,14 +690,15 @@ class _MixtureEM:
                     for rest in range(i, iterations + 1):
                         keep(rest, theta)
                     break
-                new = _responsibilities(mix.log_joint(theta[active]), mix.task_of, mix.T)
-                moved = (new - resp[active]).abs().amax(1)
-                resp[active] = new
-                w = ac[active] * new
+                sel = slice(None) if len(active) == ac.shape[0] else active  # no copies while all iterate
+                new = _responsibilities(mix.log_joint(theta[sel]), mix.task_of, mix.T)
+                moved = (new - resp[sel]).abs().amax(1)
+                resp[sel] = new
+                w = ac[sel] * new
                 if self.solver == "pcg":
-                    theta[active] = mix.solve_pcg(w, L[active], theta[active], self.pcg_tol)
+                    theta[sel] = mix.solve_pcg(w, L[sel], theta[sel], self.pcg_tol)
                 else:
-                    theta[active] = mix.solve(w, a, rows[active])
+                    theta[sel] = mix.solve(w, a, rows[sel])
                 keep(i, theta)
                 if self.tol is not None:
                     active = active[moved > self.tol]
