@@ -79,6 +79,24 @@ def _fail(exc: BaseException) -> None:
 
 PREFLIGHT_STATUS = "checking the config, data, model and tracking store"
 QUIET = typer.Option(False, "--quiet", "-q", help="no progress bars (there are none either when not on a terminal)")
+RUNNER = typer.Option(None, "--runner", help="where the tasks run: thread | dask (default: the config's runner.kind)")
+ADDRESS = typer.Option(None, "--address", help="a running Dask scheduler, tcp://HOST:PORT (implies --runner dask)")
+WORKERS = typer.Option(None, "--workers", help="worker processes of a local Dask cluster (implies --runner dask)")
+
+
+def _runner_section(cfg, kind: str | None, address: str | None, workers: int | None):
+    """``(cfg, section)``: the config with the command line's runner options, and the ``runner``
+    section for the flow (None when no option was given: the flow reads the config's)."""
+    from varmerge.config import with_runner
+
+    if kind is None and address is None and workers is None:
+        return cfg, None
+    section = {"kind": kind or ("dask" if address or workers else cfg.runner.kind)}
+    section |= {k: v for k, v in (("address", address), ("workers", workers)) if v is not None}
+    try:
+        return with_runner(cfg, section, "command line"), section
+    except ValueError as exc:
+        _fail(exc)
 
 
 @contextmanager
@@ -310,17 +328,20 @@ def run_flow(
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: sqlite in the output folder)"),
     output: Path = typer.Option(None, help="output folder (default: the config's output_dir)"),
     data: Path = typer.Option(None, help="a prepared dataset folder (e.g. DVC's data/dvc) instead of the source"),
+    runner: str = RUNNER,
+    address: str = ADDRESS,
+    workers: int = WORKERS,
     quiet: bool = QUIET,
 ) -> None:
     """The main job as a Prefect flow: finetunes, posteriors, α sweeps, front, multitask finetune.
 
-    Config, accelerator, output folder, tracking store, data and model are checked first: a run
-    that would fail stops there and writes nothing.
+    Config, accelerator, output folder, tracking store, data, model and the Dask scheduler (with
+    --address) are checked first: a run that would fail stops there and writes nothing.
     """
     from varmerge.preflight import preflight
 
     with prefect_api() as api:
-        cfg = _load(config)
+        cfg, section = _runner_section(_load(config), runner, address, workers)
         with _user_errors(PREFLIGHT_STATUS):
             report = preflight(cfg, tracking_uri, output_dir=output, data_dir=data)
         with start_services(report, cfg.tracking.experiment, api):
@@ -334,6 +355,7 @@ def run_flow(
                 output_dir=str(output) if output else None,
                 data_dir=str(data) if data else None,
                 check_inputs=False,
+                runner=section,
             )
     print_front(summary, cfg.merge.spacing)
     console.print(
@@ -350,6 +372,9 @@ def sweep(
     spacing: float = typer.Option(0.1, help="α grid spacing of the ground truth (coarser than the merges)"),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI"),
     output: Path = typer.Option(None, help="output folder (default: the config's output_dir)"),
+    runner: str = RUNNER,
+    address: str = ADDRESS,
+    workers: int = WORKERS,
     quiet: bool = QUIET,
 ) -> None:
     """Ground truth: real multitask finetunes over an α grid; front quality of every merge method."""
@@ -357,7 +382,7 @@ def sweep(
     from varmerge.preflight import preflight
 
     with prefect_api() as api:
-        cfg = _load(config)
+        cfg, section = _runner_section(_load(config), runner, address, workers)
         with _user_errors(PREFLIGHT_STATUS):
             n = grid_size(len(cfg.data.tasks), spacing)
             report = preflight(cfg, tracking_uri, output_dir=output)
@@ -367,7 +392,11 @@ def sweep(
         t0 = time.perf_counter()
         with _user_errors(), _progress(quiet):
             out = ground_truth_flow(
-                str(config), spacing=spacing, tracking_uri=tracking_uri, output_dir=str(output) if output else None
+                str(config),
+                spacing=spacing,
+                tracking_uri=tracking_uri,
+                output_dir=str(output) if output else None,
+                runner=section,
             )
     table = Table(title=f"ground truth: {n} multitask finetunes, max mean acc {100 * out['max_mean_accuracy']:.1f}")
     for col in ("method", "max mean acc", "hypervolume", "IGD+"):

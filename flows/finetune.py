@@ -7,14 +7,17 @@ from pathlib import Path
 from prefect import flow
 
 from flows.front import resolve_config
-from tasks.runner import PrefectRunner
+from tasks.runner import Pool, PrefectRunner
 
 
 def _runner(config) -> PrefectRunner:
+    """A runner in this flow's thread: these flows run one task (a deployment per task scales out)."""
+    from prefect.context import get_run_context
+
     cfg = resolve_config(config)
     run_dir = Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    return PrefectRunner(cfg, str(run_dir))
+    return PrefectRunner(cfg, str(run_dir), Pool(get_run_context().task_runner))
 
 
 @flow(name="varmerge-finetune-task")

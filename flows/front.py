@@ -21,20 +21,21 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import steps, tracking
-from tasks.runner import PrefectRunner
+from tasks.runner import Pool, PrefectRunner, task_pool
 from varmerge import io, pareto, plots
-from varmerge.config import ExperimentConfig, load_config, parse_config
+from varmerge.config import ExperimentConfig, load_config, parse_config, with_runner
 from varmerge.sequence import estimate_front
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def resolve_config(config: str | dict | ExperimentConfig) -> ExperimentConfig:
-    if isinstance(config, ExperimentConfig):
-        return config
+def resolve_config(config: str | dict | ExperimentConfig, runner: dict | None = None) -> ExperimentConfig:
+    """The config a flow runs; ``runner`` (a ``runner:`` section) replaces the config's own."""
     if isinstance(config, dict):
-        return parse_config(config, "<flow parameter>")
-    return load_config(config)
+        config = parse_config(config, "<flow parameter>")
+    elif not isinstance(config, ExperimentConfig):
+        config = load_config(config)
+    return config if runner is None else with_runner(config, runner, "<runner parameter>")
 
 
 @flow(name="varmerge-front", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -44,23 +45,31 @@ def front_flow(
     output_dir: str | None = None,
     data_dir: str | None = None,
     check_inputs: bool = True,
+    runner: dict | None = None,
 ) -> dict:
     """Estimate the Pareto front of ``config`` and finetune at the chosen α; returns the summary.
 
     ``check_inputs`` runs :func:`varmerge.preflight.preflight` first, so a run that would fail
     (bad data, model, tracking store, ...) writes nothing; ``varmerge run`` has already done it.
+    ``runner`` replaces the config's ``runner`` section (where the tasks run: thread or Dask).
     """
-    cfg = resolve_config(config)
-    logger = get_run_logger()
+    cfg = resolve_config(config, runner)
     if check_inputs:
         from varmerge.preflight import preflight
 
         preflight(cfg, tracking_uri, output_dir=output_dir, data_dir=data_dir)
+    with task_pool(cfg.runner) as pool:
+        get_run_logger().info("tasks run on %s", pool.description)
+        return _front(cfg, pool, tracking_uri, output_dir, data_dir)
+
+
+def _front(cfg: ExperimentConfig, pool: Pool, tracking_uri, output_dir, data_dir) -> dict:
+    logger = get_run_logger()
     run_dir = Path(output_dir or cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or cfg.tracking.uri or tracking.default_uri(run_dir)
     names = [t.name for t in cfg.data.tasks]
-    runner = PrefectRunner(cfg, str(run_dir), data_dir=data_dir)
+    runner = PrefectRunner(cfg, str(run_dir), pool, data_dir=data_dir)
 
     data_ref = runner.data()
     exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, tracking.artifact_root(run_dir))

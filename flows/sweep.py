@@ -12,7 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.front import resolve_config
 from tasks import steps, tracking
-from tasks.runner import PrefectRunner
+from tasks.runner import Pool, PrefectRunner, task_pool
 from varmerge import io, pareto, plots
 from varmerge.grid import simplex_grid
 
@@ -24,21 +24,27 @@ def ground_truth_flow(
     tracking_uri: str | None = None,
     output_dir: str | None = None,
     reference_point: float = 0.0,
+    runner: dict | None = None,
 ) -> dict:
     """Multitask finetunes at every α of a ``spacing`` grid; compares the merged fronts with it.
 
     Finetunes already done (by this flow or as the main flow's top-k) are reused. Where the main
     flow's sweeps exist for the same inputs (found by their content keys), each method gets
     hypervolume (reference point ``reference_point`` in every task) and IGD+ against the
-    ground-truth front.
+    ground-truth front. ``runner`` replaces the config's ``runner`` section.
     """
-    cfg = resolve_config(config)
+    cfg = resolve_config(config, runner)
+    with task_pool(cfg.runner) as pool:
+        return _ground_truth(cfg, pool, spacing, tracking_uri, output_dir, reference_point)
+
+
+def _ground_truth(cfg, pool: Pool, spacing: float, tracking_uri, output_dir, reference_point: float) -> dict:
     logger = get_run_logger()
     run_dir = Path(output_dir or cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     names = [t.name for t in cfg.data.tasks]
     alpha = simplex_grid(len(names), spacing)
-    runner = PrefectRunner(cfg, str(run_dir))
+    runner = PrefectRunner(cfg, str(run_dir), pool)
     data_ref = runner.data()
     base_ref = runner.base(data_ref)
     logger.info("ground truth: %d multitask finetunes (spacing %s)", len(alpha), spacing)

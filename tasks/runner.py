@@ -1,28 +1,85 @@
 """The steps of :func:`varmerge.sequence.estimate_front` as Prefect tasks over the run store.
 
-Handles are file references; the per-task finetunes and the per-method sweeps fan out over the
-flow's task runner; sweeps and multitask results come back as the small tensors the sequence
-selects from. The runner keeps the references it produced (``data_ref``, ``base_ref``,
-``multitask_refs``): the flow registers the first multitask model.
+Handles are file references; the per-task finetunes, the per-method sweeps (split into blocks of
+α when the pool has several workers) and the multitask finetunes fan out over a Prefect task
+runner, the *pool* (:func:`task_pool`: the flow's own thread, or a Dask cluster); sweeps and
+multitask results come back as the small tensors the sequence selects from. Only references cross
+to the workers, which share the run folder. The runner keeps the references it produced
+(``data_ref``, ``base_ref``, ``multitask_refs``): the flow registers the first multitask model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from prefect import unmapped
+from prefect.context import get_run_context
+from prefect.task_runners import TaskRunner
 
 from tasks import steps
 from tasks.tracking import Parent
-from varmerge.config import ExperimentConfig
+from varmerge import merge
+from varmerge.config import ExperimentConfig, RunnerConfig
+from varmerge.grid import grid_size
+from varmerge.pipeline import SWEEP_BLOCK
+
+DASK_CONNECT_TIMEOUT_S = 10
+
+
+@dataclass
+class Pool:
+    """A started Prefect task runner and how many workers it has (sweeps split into that many
+    blocks of α)."""
+
+    task_runner: TaskRunner
+    workers: int = 1
+    description: str = "the flow's thread"
+
+
+@contextlib.contextmanager
+def task_pool(rc: RunnerConfig) -> Iterator[Pool]:
+    """The pool of ``rc`` for the current flow run: ``thread`` is the flow's own task runner;
+    ``dask`` starts a local cluster of worker processes (stopped on the way out) or connects to
+    the scheduler at ``rc.address``. Errors reaching the cluster are one-line ``ValueError``s."""
+    if rc.kind == "thread":
+        yield Pool(get_run_context().task_runner)
+        return
+    from prefect_dask import DaskTaskRunner
+
+    if rc.address is not None:
+        dask = DaskTaskRunner(address=rc.address, client_kwargs={"timeout": DASK_CONNECT_TIMEOUT_S})
+        where = f"the Dask cluster at {rc.address}"
+    else:  # one torch thread per worker process (distributed sets OMP_NUM_THREADS=1 in each)
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # its scheduler runs here: no INFO chatter
+        kwargs = {"n_workers": rc.local_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+        dask = DaskTaskRunner(cluster_kwargs=kwargs)
+        where = f"a local Dask cluster of {rc.local_workers} worker processes"
+    with dask:
+        try:
+            workers = len(dask.client.scheduler_info(n_workers=-1)["workers"])
+        except OSError as exc:
+            raise ValueError(f"runner: cannot reach {where}: {exc}") from None
+        if workers == 0:
+            raise ValueError(f"runner: {where} has no workers: start some (dask worker {rc.address})")
+        yield Pool(dask, workers, where)
 
 
 class PrefectRunner:
     def __init__(
-        self, cfg: ExperimentConfig, run_dir: str, *, data_dir: str | None = None, parent: Parent | None = None
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str,
+        pool: Pool,
+        *,
+        data_dir: str | None = None,
+        parent: Parent | None = None,
     ):
-        self.cfg, self.run_dir, self.data_dir = cfg, str(run_dir), data_dir
+        self.cfg, self.run_dir, self.data_dir, self.pool = cfg, str(run_dir), data_dir, pool
         self.cfg_json = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
         self.parent = parent  # the MLflow run the tasks log under (None: no logging)
         self.data_ref: dict | None = None
@@ -38,30 +95,44 @@ class PrefectRunner:
         self.base_ref = steps.base_model(self.cfg_json, self.run_dir, data, parent=self.parent)
         return self.base_ref
 
+    def _common(self, data: dict, base: dict) -> dict:
+        return {"cfg_json": self.cfg_json, "run_dir": self.run_dir, "data_ref": data, "base_ref": base}
+
     def finetunes(self, data: dict, base: dict) -> list[dict]:
-        return steps.finetune.map(
-            unmapped(self.cfg_json),
-            unmapped(self.run_dir),
-            unmapped(data),
-            unmapped(base),
-            list(range(len(self.cfg.data.tasks))),
-            parent=unmapped(self.parent),
+        fixed = {k: unmapped(v) for k, v in self._common(data, base).items()}
+        tasks_ = list(range(len(self.cfg.data.tasks)))
+        return self.pool.task_runner.map(
+            steps.finetune, {**fixed, "task_index": tasks_, "parent": unmapped(self.parent)}
         ).result()
 
+    def sweep_blocks(self, method: str) -> list[list[int]]:
+        """``[lo, hi)`` rows of the α grid per block of ``method``'s sweep, one per worker: whole
+        batches of :data:`~varmerge.pipeline.SWEEP_BLOCK` α, so the joined blocks equal the whole
+        sweep bit for bit. None for a grid of one batch, one worker, or an estimator (MAP needs
+        the whole grid)."""
+        n = grid_size(len(self.cfg.data.tasks), self.cfg.merge.spacing)
+        batches = -(-n // SWEEP_BLOCK)
+        k = min(self.pool.workers, batches)
+        if k <= 1 or merge.get_method(method).kind == "estimator":
+            return []
+        edges = [min(n, round(i * batches / k) * SWEEP_BLOCK) for i in range(k + 1)]
+        return [[lo, hi] for lo, hi in zip(edges[:-1], edges[1:])]
+
     def sweeps(self, data: dict, base: dict, posteriors: list[dict], methods) -> dict[str, dict]:
-        futures = {
-            m: steps.sweep.submit(self.cfg_json, self.run_dir, m, data, base, posteriors, parent=self.parent)
-            for m in methods
-        }
+        common = {**self._common(data, base), "posterior_refs": posteriors, "parent": self.parent}
+        submit = self.pool.task_runner.submit
+        futures = {}
+        for m in methods:
+            args = {**common, "method": m}
+            done = steps.find_sweep(self.cfg_json, self.run_dir, m, data, base, posteriors)
+            blocks = [] if done else self.sweep_blocks(m)
+            parts = [submit(steps.sweep_block, {**args, "rows": rows}) for rows in blocks]
+            futures[m] = submit(steps.sweep, {**args, "blocks": parts or None})
         return {m: steps.load_sweep(self.run_dir, f.result()) for m, f in futures.items()}
 
     def multitasks(self, data: dict, base: dict, alphas: torch.Tensor) -> list[torch.Tensor]:
-        self.multitask_refs = steps.multitask.map(
-            unmapped(self.cfg_json),
-            unmapped(self.run_dir),
-            unmapped(data),
-            unmapped(base),
-            [a.tolist() for a in alphas],
-            parent=unmapped(self.parent),
+        fixed = {k: unmapped(v) for k, v in self._common(data, base).items()}
+        self.multitask_refs = self.pool.task_runner.map(
+            steps.multitask, {**fixed, "alpha": [a.tolist() for a in alphas], "parent": unmapped(self.parent)}
         ).result()
         return [torch.tensor(r["accuracy"], dtype=torch.float64) for r in self.multitask_refs]

@@ -18,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -27,6 +28,7 @@ from tasks.tracking import Parent
 from varmerge import data as vdata
 from varmerge import io, models, pipeline, sequence
 from varmerge.config import ExperimentConfig, parse_config
+from varmerge.grid import simplex_grid
 from varmerge.posterior import posterior_from_tensors
 from varmerge.store import RunStore, folder_hash
 
@@ -54,9 +56,14 @@ def _say(msg: str, *args) -> None:
 
 # ----------------------------------------------------------------------------------------- data
 def _data_key(store: RunStore, cfg: ExperimentConfig, data_dir: str | None) -> str:
-    source = folder_hash(data_dir) if data_dir is not None else None
+    """The prepared data's key: the data section, the model (its tokenizer), and the content of
+    a prepared folder or of the user's own files (an edited CSV is new data)."""
+    if data_dir is not None:
+        source = folder_hash(data_dir)
+    else:
+        source = [folder_hash(f) for f in vdata.source_files(cfg.data.source, cfg.data.options) if f.is_file()]
     return store.key(
-        "data", cfg.data.model_dump(mode="json"), cfg.model.name, cfg.model.options.get("model_path"), source
+        "data", cfg.data.model_dump(mode="json"), cfg.model.name, cfg.model.options.get("model_path"), source or None
     )
 
 
@@ -303,31 +310,83 @@ def sweep(
     base_ref: dict,
     posterior_refs: list,
     parent: Parent | None = None,
+    blocks: list[dict] | None = None,
 ) -> dict:
-    """Merge with one method over the whole α grid and score every merged model on every task."""
+    """Merge with one method over the whole α grid and score every merged model on every task;
+    or, given ``blocks`` (the :func:`sweep_block` results covering the grid in order), join them
+    into the same file a whole sweep writes."""
     cfg, store = _cfg(cfg_json), store_for(run_dir)
     key = sweep_key(cfg_json, run_dir, method, data_ref, base_ref, posterior_refs)
 
     def make(path: Path) -> str:
         tasks_, _ = load_tasks(run_dir, data_ref)
-        base = load_base(cfg, run_dir, base_ref)
-        posts = load_posteriors(cfg, run_dir, base_ref, posterior_refs)
-        t0 = time.perf_counter()
-        with progress.step(sequence.sweep_label(method)) as report:
-            res = pipeline.sweep_and_score(cfg, method, posts, base, tasks_, report=report)
-        seconds = time.perf_counter() - t0
         names = [t.name for t in tasks_]
-        sha = io.save_tensors(
-            path,
-            {"alpha": res["alpha"], "accuracy": res["accuracy"], "loss": res["loss"]},
-            {"kind": "sweep", "method": method, "tasks": names, "seconds": seconds},
-        )
+        if blocks:
+            parts = [load_sweep(run_dir, b) for b in blocks]
+            res = {k: torch.cat([p[k] for p in parts]) for k in ("alpha", "accuracy", "loss")}
+            seconds = sum(p["seconds"] for p in parts)
+            if not torch.equal(res["alpha"], grid(cfg, len(tasks_))):
+                raise ValueError(f"sweep {method}: its blocks do not cover the α grid in order")
+        else:
+            base = load_base(cfg, run_dir, base_ref)
+            posts = load_posteriors(cfg, run_dir, base_ref, posterior_refs)
+            t0 = time.perf_counter()
+            with progress.step(sequence.sweep_label(method)) as report:
+                res = pipeline.sweep_and_score(cfg, method, posts, base, tasks_, report=report)
+            seconds = time.perf_counter() - t0
+        sha = _save_sweep(path, method, names, res, seconds)
         _say("swept %s over %d α in %.1f s", method, len(res["alpha"]), seconds)
         if parent:
             _log_sweep(cfg, parent, method, names, res, seconds, path)
         return sha
 
-    return store.compute("sweep", key, make, name=method)[0]
+    ref = store.compute("sweep", key, make, name=method)[0]
+    for b in blocks or []:  # joined (now or by an earlier run): the blocks are not needed again
+        store.resolve(b).unlink(missing_ok=True)
+    return ref
+
+
+@task(name="merge-sweep-block", task_run_name="sweep-{method}-{rows}", cache_policy=NO_CACHE)
+def sweep_block(
+    cfg_json: str,
+    run_dir: str,
+    method: str,
+    data_ref: dict,
+    base_ref: dict,
+    posterior_refs: list,
+    rows: list[int],
+    parent: Parent | None = None,
+) -> dict:
+    """Rows ``[lo, hi)`` of one merge rule's sweep over the α grid (one worker's share); ``parent``
+    is unused (the joined sweep is what gets logged) and taken so that blocks and sweeps share
+    their arguments."""
+    cfg, store = _cfg(cfg_json), store_for(run_dir)
+    lo, hi = rows
+    key = store.key("sweep-block", sweep_key(cfg_json, run_dir, method, data_ref, base_ref, posterior_refs), lo, hi)
+
+    def make(path: Path) -> str:
+        tasks_, _ = load_tasks(run_dir, data_ref)
+        base = load_base(cfg, run_dir, base_ref)
+        posts = load_posteriors(cfg, run_dir, base_ref, posterior_refs)
+        alpha = grid(cfg, len(tasks_))[lo:hi]
+        t0 = time.perf_counter()
+        with progress.step(f"{sequence.sweep_label(method)} α {lo}–{hi}") as report:
+            res = pipeline.sweep_and_score(cfg, method, posts, base, tasks_, alpha, report=report)
+        return _save_sweep(path, method, [t.name for t in tasks_], res, time.perf_counter() - t0)
+
+    return store.compute("sweep", key, make, name=f"{method}-{lo}-{hi}")[0]
+
+
+def grid(cfg: ExperimentConfig, num_tasks: int) -> torch.Tensor:
+    return simplex_grid(num_tasks, cfg.merge.spacing)
+
+
+def _save_sweep(path: Path, method: str, names: list[str], res: dict, seconds: float) -> str:
+    return io.save_tensors(
+        path,
+        {"alpha": res["alpha"], "accuracy": res["accuracy"], "loss": res["loss"]},
+        {"kind": "sweep", "method": method, "tasks": names, "seconds": seconds},
+    )
 
 
 def _log_sweep(cfg, parent: Parent, method, names, res, seconds, path: Path) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -120,8 +121,19 @@ def find_model_version(uri: str, name: str, sha256: str):
 
 
 def start_child(uri: str, parent_id: str, name: str, tags: dict | None = None) -> str:
+    """A nested run ``name`` under ``parent_id``. A RUNNING one of the same name there is an
+    earlier attempt of this step whose process died (a Dask worker lost mid-task, the task then
+    rescheduled): it is marked KILLED, so no run is left RUNNING by a finished flow."""
     c = client(uri)
     parent = c.get_run(parent_id)
+    if "'" not in name:
+        earlier = c.search_runs(
+            [parent.info.experiment_id],
+            f"tags.mlflow.parentRunId = '{parent_id}' and attributes.run_name = '{name}' "
+            "and attributes.status = 'RUNNING'",
+        )
+        for r in earlier:
+            c.set_terminated(r.info.run_id, status="KILLED")
     t = {"mlflow.parentRunId": parent_id, "mlflow.runName": name, **(tags or {})}
     t.update({k: v for k, v in parent.data.tags.items() if k.startswith("varmerge.")})
     run = c.create_run(parent.info.experiment_id, tags=t, run_name=name)
@@ -175,13 +187,22 @@ def read_json_artifact(uri: str, run_id: str, artifact: str) -> dict:
         return json.loads(Path(local).read_text())
 
 
+class StepLogger(MLFlowLogger):
+    """Lightning's MLflow logger for a run a step owns: a successful ``fit`` leaves the run open
+    (Lightning's would mark it FINISHED after the first of a MultiIVON finetune's K fits, while
+    the next fits still log to it); the step finishes it (:func:`finish`). A failed fit marks it
+    FAILED, as Lightning's does."""
+
+    def finalize(self, status: str = "success") -> None:
+        if status == "failed":
+            super().finalize(status)
+
+
 def lightning_logger(uri: str | None, run_id: str | None):
     """Lightning's MLflow logger bound to an existing run (one logging path, no extra runs)."""
     if not uri or not run_id:
         return None
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    return MLFlowLogger(tracking_uri=uri, run_id=run_id, log_model=False)
+    return StepLogger(tracking_uri=uri, run_id=run_id, log_model=False)
 
 
 __all__ = [

@@ -139,6 +139,8 @@ CLI_CASES = [
         None,
     ),
     ("tracking-server-unreachable", tiny(), "MLflow tracking server http://127.0.0.1:9 is not reachable", None),
+    ("dask-scheduler-unreachable", tiny(), "runner.address tcp://127.0.0.1:9: no Dask scheduler answers", None),
+    ("runner-option-without-dask", tiny(), "runner.workers needs runner.kind dask", None),
     ("tracking-folder-store", tiny(), "is a plain folder store, which MLflow 3 refuses", None),
     (
         "gpu-where-none-exists",
@@ -172,6 +174,8 @@ CLI_CASES = [
 EXTRA = {
     "tracking-server-unreachable": ["--tracking-uri", "http://127.0.0.1:9"],
     "tracking-folder-store": ["--tracking-uri", "file://{tmp}/mlruns"],
+    "dask-scheduler-unreachable": ["--address", "tcp://127.0.0.1:9"],
+    "runner-option-without-dask": ["--runner", "thread", "--workers", "2"],
 }
 SKIP = {
     "gpu-where-none-exists": None if GPU_MISSING else "this machine has a GPU",

@@ -42,6 +42,11 @@ def with_(path, value):
         (with_("posterior.method", "ivon"), "mixture posterior"),
         (with_("selection.constraints", [{"task": "zzz", "value": 0.9}]), "names task 'zzz'"),
         (with_("posterior.components", 1), "multi_ivon needs components >= 2"),
+        (with_("runner", {"workers": 2}), "runner.workers needs runner.kind dask"),
+        (with_("runner", {"kind": "dask", "address": "tcp://h:1", "workers": 2}), "with runner.address the"),
+        (with_("runner", {"kind": "dask", "address": "127.0.0.1:8786"}), "is not a Dask scheduler address"),
+        (with_("runner", {"kind": "ray"}), "runner.kind"),
+        (with_("runner", {"kind": "dask", "workers": 0}), "runner.workers"),
     ],
 )
 def test_bad_configs(data, match):

