@@ -426,6 +426,42 @@ def render(results: dict, paper: dict, experiments: dict) -> str:
             )
         add("")
 
+    cl = results.get("closed_loop")
+    if cl:
+        add("## Closed-loop α search: regret against the ground truth")
+        add("")
+        add(
+            f"`python -m benchmarks.closed_loop` at `{cl['generated']['commit']}`: on each column's ground-truth grid, "
+            "a strategy spends B real multitask finetunes (replayed from the recorded ground truth); regret = the "
+            "grid's best multitask mean accuracy − the best realised, in points. `closed_loop`: the search of "
+            "`selection.strategy: closed_loop` with the selection method's front as its prior; `(3 priors)`: simple, "
+            f"hessian and mixture averaged; `random`: the mean over {cl['seeds']} seeds. Goal: ≤ 0.2 points within 5 "
+            "finetunes."
+        )
+        add("")
+        budget = cl["budget"]
+        add("| column | strategy | " + " | ".join(f"B={b}" for b in range(1, budget + 1)) + " |")
+        add("|---|---|" + "---|" * budget)
+        for name, c in cl["columns"].items():
+            for k, v in c["regret_points"].items():
+                add(f"| {name} | {k} | " + " | ".join(f"{x:.2f}" for x in v) + " |")
+        add("")
+        add(
+            "Constrained: the first task's accuracy ≥ its 75th percentile over the grid; finetunes until a realised "
+            "α meets it within 0.3 points of the best such α (– : not within the budget)."
+        )
+        add("")
+        names = list(next(iter(cl["columns"].values()))["constrained"]["finetunes"])
+        add("| column | threshold | " + " | ".join(names) + " |")
+        add("|---|---|" + "---|" * len(names))
+        for name, c in cl["columns"].items():
+            f = c["constrained"]["finetunes"]
+            cells = " | ".join("–" if f[k] is None else f"{f[k]:g}" for k in names)
+            add(f"| {name} | {100 * c['constrained']['threshold']:.1f} | {cells} |")
+        add("")
+        add(f"![closed-loop regret]({cl['figure']})")
+        add("")
+
     # ---------------------------------------------------------------- figures
     add("## Figures")
     for n, r in exps.items():

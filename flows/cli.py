@@ -99,6 +99,13 @@ def _runner_section(cfg, kind: str | None, address: str | None, workers: int | N
         _fail(exc)
 
 
+def _say_where(cfg, quiet: bool) -> None:
+    """On Dask the tasks run in the workers' processes: their progress is not drawn here."""
+    if cfg.runner.kind == "dask" and not quiet:
+        where = cfg.runner.address or f"a local cluster of {cfg.runner.local_workers} worker processes"
+        console.print(f"tasks run on Dask ({where}); their progress is in each task run's artifacts in the Prefect UI")
+
+
 @contextmanager
 def _progress(quiet: bool):
     """The flow's steps report to progress bars in this terminal (and to Prefect artifacts)."""
@@ -348,6 +355,7 @@ def run_flow(
             from flows.front import front_flow
 
         t0 = time.perf_counter()
+        _say_where(cfg, quiet)
         with _user_errors(), _progress(quiet):
             summary = front_flow(
                 str(config),
@@ -390,6 +398,7 @@ def sweep(
             from flows.sweep import ground_truth_flow
 
         t0 = time.perf_counter()
+        _say_where(cfg, quiet)
         with _user_errors(), _progress(quiet):
             out = ground_truth_flow(
                 str(config),
@@ -526,7 +535,11 @@ def print_front(summary: dict, spacing: float) -> None:
             f"{r['seconds']:.1f}",
         )
     console.print(table)
+    if summary.get("search"):
+        print_search(summary["search"])
     ch = summary["chosen"]
+    if summary.get("search"):  # the incumbent only: the other finetunes are in the search table
+        ch = {**ch, **{k: ch[k][:1] for k in ("alpha", "predicted", "realised")}}
     for a, pred, real in zip(ch["alpha"], ch["predicted"], ch["realised"], strict=True):
         cmp = Table(title=f"α {[round(v, 2) for v in a]} chosen by '{ch['method']}': predicted vs realised")
         for col in ("task", "predicted (merged)", "realised (multitask finetune)"):
@@ -535,6 +548,20 @@ def print_front(summary: dict, spacing: float) -> None:
             cmp.add_row(n, f"{100 * p:.1f}", f"{100 * r:.1f}")
         cmp.add_row("mean", f"{100 * sum(pred) / len(pred):.1f}", f"{100 * sum(real) / len(real):.1f}")
         console.print(cmp)
+
+
+def print_search(search: list[dict]) -> None:
+    """The closed-loop search, one row per finetune: where, predicted, realised, incumbent."""
+    table = Table(title=f"closed-loop search: {sum(len(it['alpha']) for it in search)} multitask finetunes")
+    for col in ("iteration", "α", "predicted mean", "expected gain", "realised mean", "incumbent"):
+        table.add_column(col, justify="right")
+    for i, it in enumerate(search, start=1):
+        for a, p, g, r in zip(it["alpha"], it["predicted_mean"], it["expected_improvement"], it["realised"]):
+            gain = "prior's best" if g is None else f"{100 * g:.2f}"
+            inc = "-" if it["incumbent_mean"] is None else f"{100 * it['incumbent_mean']:.1f}"
+            real = f"{100 * sum(r) / len(r):.1f}"
+            table.add_row(str(i), str([round(v, 2) for v in a]), f"{100 * p:.1f}", gain, real, inc)
+    console.print(table)
 
 
 def run() -> None:  # pragma: no cover - console-script shim

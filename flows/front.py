@@ -141,6 +141,11 @@ def _front(cfg: ExperimentConfig, pool: Pool, tracking_uri, output_dir, data_dir
                 **{f"chosen/realised/{n}": float(v) for n, v in zip(names, result.realised[0], strict=True)},
             },
         )
+        for i, it in enumerate(result.search or [], start=1):  # the UI plots the search by step
+            point = {"search/best_realised_mean": max(sum(r) / len(r) for r in it["realised"])}
+            if it["incumbent_mean"] is not None:
+                point["search/incumbent_mean"] = it["incumbent_mean"]
+            tracking.log_metrics(uri, parent, point, step=i)
         chosen = {
             "alpha": [round(a, 6) for a in result.chosen_alpha[0].tolist()],
             "predicted": [round(float(v), 6) for v in predicted[0]],
@@ -227,13 +232,14 @@ def portable(summary: dict, run_dir: Path) -> dict:
 
 
 def register_model(runner: PrefectRunner, uri: str, parent: str, alpha: list) -> str:
-    """Log the runner's first multitask model in a nested run and register it with α as a tag.
+    """Log the runner's multitask model at the chosen ``alpha`` in a nested run and register it
+    with α as a tag.
 
     Idempotent: a READY version already registered for the same weights (tag ``varmerge.sha256``,
     the multitask file's content hash) is reused, so a re-run or a resumed run never registers the
     same model twice. A version is created only after its model artifact is fully logged.
     """
-    cfg, run_dir, mt_ref = runner.cfg, runner.run_dir, runner.multitask_refs[0]
+    cfg, run_dir, mt_ref = runner.cfg, runner.run_dir, runner.multitask_ref(alpha)
     with steps.store_for(run_dir).lock(f"register-{mt_ref['sha256'][:20]}"):  # one version, also when two runs race
         return _register(runner, uri, parent, alpha, f"varmerge-{cfg.name}")
 
@@ -242,7 +248,7 @@ def _register(runner: PrefectRunner, uri: str, parent: str, alpha: list, name: s
     import mlflow
     import mlflow.pytorch
 
-    cfg, run_dir, mt_ref = runner.cfg, runner.run_dir, runner.multitask_refs[0]
+    cfg, run_dir, mt_ref = runner.cfg, runner.run_dir, runner.multitask_ref(alpha)
     existing = tracking.find_model_version(uri, name, mt_ref["sha256"])
     if existing is not None:
         return f"{name}/{existing.version}"

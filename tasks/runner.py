@@ -5,7 +5,8 @@ Handles are file references; the per-task finetunes, the per-method sweeps (spli
 runner, the *pool* (:func:`task_pool`: the flow's own thread, or a Dask cluster); sweeps and
 multitask results come back as the small tensors the sequence selects from. Only references cross
 to the workers, which share the run folder. The runner keeps the references it produced
-(``data_ref``, ``base_ref``, ``multitask_refs``): the flow registers the first multitask model.
+(``data_ref``, ``base_ref``, ``multitask_refs`` in the order they ran): the flow registers the
+model of the chosen α.
 """
 
 from __future__ import annotations
@@ -132,7 +133,15 @@ class PrefectRunner:
 
     def multitasks(self, data: dict, base: dict, alphas: torch.Tensor) -> list[torch.Tensor]:
         fixed = {k: unmapped(v) for k, v in self._common(data, base).items()}
-        self.multitask_refs = self.pool.task_runner.map(
+        refs = self.pool.task_runner.map(
             steps.multitask, {**fixed, "alpha": [a.tolist() for a in alphas], "parent": unmapped(self.parent)}
         ).result()
-        return [torch.tensor(r["accuracy"], dtype=torch.float64) for r in self.multitask_refs]
+        self.multitask_refs += refs
+        return [torch.tensor(r["accuracy"], dtype=torch.float64) for r in refs]
+
+    def multitask_ref(self, alpha) -> dict:
+        """The reference of the multitask finetune this runner ran at ``alpha``."""
+        for r in self.multitask_refs:
+            if max(abs(a - b) for a, b in zip(r["alpha"], alpha, strict=True)) < 1e-9:
+                return r
+        raise KeyError(f"no multitask finetune at α {alpha} in this run")

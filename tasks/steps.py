@@ -281,10 +281,17 @@ def find_posterior(cfg_json: str, run_dir: str, data_ref: dict, base_ref: dict, 
     return store.find("posterior", key, cfg.data.tasks[task_index].name)
 
 
-def load_posteriors(cfg: ExperimentConfig, run_dir: str, base_ref: dict, posterior_refs: list) -> list:
+def load_posteriors(cfg: ExperimentConfig, run_dir: str, base_ref: dict, posterior_refs: list, device=None) -> list:
+    """The posteriors of ``posterior_refs``, checked against θ0's parameters, on ``device``."""
     store = store_for(run_dir)
     expected = models.trainable_state_dict(load_base(cfg, run_dir, base_ref))
-    return [posterior_from_tensors(*store.load(r), expected, r["path"]) for r in posterior_refs]
+    return [posterior_from_tensors(*store.load(r), expected, r["path"], device) for r in posterior_refs]
+
+
+def sweep_inputs(cfg: ExperimentConfig, run_dir: str, base_ref: dict, posterior_refs: list):
+    """θ0 and the posteriors of a sweep, on the sweep's device (:func:`pipeline.sweep_device`)."""
+    device = pipeline.sweep_device(cfg)
+    return load_base(cfg, run_dir, base_ref).to(device), load_posteriors(cfg, run_dir, base_ref, posterior_refs, device)
 
 
 # ----------------------------------------------------------------------------------- α sweeps
@@ -328,8 +335,7 @@ def sweep(
             if not torch.equal(res["alpha"], grid(cfg, len(tasks_))):
                 raise ValueError(f"sweep {method}: its blocks do not cover the α grid in order")
         else:
-            base = load_base(cfg, run_dir, base_ref)
-            posts = load_posteriors(cfg, run_dir, base_ref, posterior_refs)
+            base, posts = sweep_inputs(cfg, run_dir, base_ref, posterior_refs)
             t0 = time.perf_counter()
             with progress.step(sequence.sweep_label(method)) as report:
                 res = pipeline.sweep_and_score(cfg, method, posts, base, tasks_, report=report)
@@ -366,8 +372,7 @@ def sweep_block(
 
     def make(path: Path) -> str:
         tasks_, _ = load_tasks(run_dir, data_ref)
-        base = load_base(cfg, run_dir, base_ref)
-        posts = load_posteriors(cfg, run_dir, base_ref, posterior_refs)
+        base, posts = sweep_inputs(cfg, run_dir, base_ref, posterior_refs)
         alpha = grid(cfg, len(tasks_))[lo:hi]
         t0 = time.perf_counter()
         with progress.step(f"{sequence.sweep_label(method)} α {lo}–{hi}") as report:

@@ -9,7 +9,7 @@ tasks call. Stages (and names):
 
 * ``finetune`` (task name) — a task's finetune, before any training;
 * ``sweep`` (merge method) — a merge method's α sweep, before merging;
-* ``multitask`` — a multitask finetune, before training;
+* ``multitask[:N]`` — the N-th multitask finetune of the process (default the first), before training;
 * ``register`` — the final model, after it is logged to MLflow and before it is registered.
 
 These stages are too short, or show no file when they start, to be killed from outside at a
@@ -52,8 +52,14 @@ def install(fault: str) -> None:
         _kill_before(pipeline, "finetune_task", lambda a, k: not want or a[2].name == want)
     elif stage == "sweep":  # sweep_and_score(cfg, method, ...)
         _kill_before(pipeline, "sweep_and_score", lambda a, k: not want or a[1] == want)
-    elif stage == "multitask":
-        _kill_before(pipeline, "multitask_finetune", lambda a, k: True)
+    elif stage == "multitask":  # multitask:N: before the N-th multitask finetune (default the first)
+        calls = []
+
+        def nth(a, k) -> bool:
+            calls.append(1)
+            return len(calls) == int(want or 1)
+
+        _kill_before(pipeline, "multitask_finetune", nth)
     elif stage == "register":
         _kill_before(mlflow, "register_model", lambda a, k: True)
     else:

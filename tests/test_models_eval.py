@@ -325,3 +325,14 @@ def test_build_lora_text_takes_num_classes(lora):
     assert any(p.shape[0] == 4 for p in head)
     with pytest.raises(ValueError, match="disagree"):
         build_model("lora_text", num_labels=3, num_classes=4)
+
+
+def test_the_sweep_runs_on_the_cpu_where_no_gpu_is_visible_or_asked_for():
+    from helpers import TINY
+
+    from varmerge import pipeline
+    from varmerge.config import parse_config
+
+    assert pipeline.sweep_device(parse_config({**TINY, "accelerator": "cpu"})).type == "cpu"
+    if not torch.cuda.is_available():
+        assert pipeline.sweep_device(parse_config(TINY)).type == "cpu"

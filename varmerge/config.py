@@ -316,8 +316,32 @@ class Constraint(_Strict):
 class SelectionConfig(_Strict):
     rule: Literal["max_mean"] = "max_mean"
     constraints: list[Constraint] = Field(default_factory=list)
+    strategy: Literal["top_k", "closed_loop"] = Field(
+        "top_k",
+        description="top_k: finetune at the top-k α of the merged front; closed_loop: a budget of finetunes, "
+        "each placed by a GP of realised − predicted (varmerge/search.py)",
+    )
     top_k: int = Field(1, ge=1, description="multitask finetunes at the top-k α")
     method: str | None = Field(None, description="merge method whose front picks α (default: last)")
+    budget: int | None = Field(None, ge=1, description="closed_loop: real multitask finetunes in all")
+    batch: int = Field(1, ge=1, description="closed_loop: finetunes per iteration (run at once)")
+    epsilon: float = Field(1e-3, ge=0, description="closed_loop: stop when no α is expected to gain more")
+    prior_methods: list[str] | None = Field(
+        None, description="closed_loop: merge methods whose predictions form the prior (default: [method])"
+    )
+
+    @model_validator(mode="after")
+    def _strategy(self):
+        if self.strategy == "closed_loop":
+            if self.budget is None:
+                raise ValueError("selection.strategy closed_loop needs selection.budget (real multitask finetunes)")
+            if self.batch > self.budget:
+                raise ValueError(f"selection.batch {self.batch} is larger than selection.budget {self.budget}")
+        else:
+            given = [k for k in ("budget", "prior_methods") if getattr(self, k) is not None]
+            if given or self.batch != 1:
+                raise ValueError(f"selection.{(given or ['batch'])[0]} needs selection.strategy closed_loop")
+        return self
 
 
 class TrackingConfig(_Strict):
@@ -375,6 +399,9 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"selection.method {self.selection.method!r} is not among merge.methods {self.merge.methods}"
             )
+        unknown = [m for m in self.selection.prior_methods or [] if m not in self.merge.methods]
+        if unknown:
+            raise ValueError(f"selection.prior_methods {unknown} are not among merge.methods {self.merge.methods}")
         from varmerge.posterior import EXACT_VIEWS
 
         have = POSTERIOR_KINDS[self.posterior.method]

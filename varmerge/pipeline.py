@@ -360,6 +360,14 @@ def base_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     return build_model(cfg, num_classes)
 
 
+def sweep_device(cfg: ExperimentConfig) -> torch.device:
+    """Where the α sweeps merge and score: the GPU when training may use one (``accelerator``
+    auto or gpu) and one is visible, else the CPU."""
+    if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def check_accelerator(accelerator: str) -> None:
     """Fail fast when a GPU is requested where none exists (``auto`` falls back to the CPU)."""
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -627,6 +635,7 @@ def sweep_and_score(
 
         return map_sweep(cfg, alpha, score_task_arithmetic)
     base = models.trainable_state_dict(model)
+    device = next(iter(base.values())).device  # the model's: the posteriors are there too
     block = block or sweep_block(sum(v.numel() for v in base.values()))
     options = spec.parse_options(cfg.merge.options.get(method, {}))
     t0 = time.perf_counter()
@@ -640,12 +649,12 @@ def sweep_and_score(
         report(0, len(alpha))
     for lo in range(0, len(alpha), block):
         t0 = time.perf_counter()
-        merged = merge_sweep(method, posteriors, base, alpha[lo : lo + block], options=options, grams=grams)
+        merged = merge_sweep(method, posteriors, base, alpha[lo : lo + block].to(device), options=options, grams=grams)
         t1 = time.perf_counter()
         s = score_sweep(model, merged, tasks)
         merge_s, eval_s = merge_s + t1 - t0, eval_s + time.perf_counter() - t1
-        acc.append(s["accuracy"])
-        loss.append(s["loss"])
+        acc.append(s["accuracy"].cpu())
+        loss.append(s["loss"].cpu())
         if report is not None:
             report(min(lo + block, len(alpha)), len(alpha))
     return {

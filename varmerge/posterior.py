@@ -475,8 +475,13 @@ def _check_kind(header: Mapping, kind: str, where: str) -> None:
         raise ValueError(f"{where}: holds a {header.get('kind')!r} posterior, not {kind!r}")
 
 
-def posterior_from_tensors(tensors, header, expected: Mapping | None = None, where: str = "posterior"):
-    """Whichever posterior kind ``header`` names, from tensors already read (and hash-checked)."""
+def posterior_from_tensors(
+    tensors, header, expected: Mapping | None = None, where: str = "posterior", device: torch.device | str | None = None
+):
+    """Whichever posterior kind ``header`` names, from tensors already read (and hash-checked),
+    on ``device`` (default: where the tensors are)."""
+    if device is not None:
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     kind = header.get("kind")
     cls = {
         "diagonal": DiagonalGaussian,
@@ -489,9 +494,9 @@ def posterior_from_tensors(tensors, header, expected: Mapping | None = None, whe
     return cls.from_tensors(tensors, header, expected, where)
 
 
-def load_posterior(path, expected: Mapping | None = None):
-    """Load whichever posterior kind the file holds (read and hash-checked once)."""
-    return posterior_from_tensors(*io.load_tensors(path), expected, str(path))
+def load_posterior(path, expected: Mapping | None = None, device: torch.device | str | None = None):
+    """Load whichever posterior kind the file holds (read and hash-checked once), on ``device``."""
+    return posterior_from_tensors(*io.load_tensors(path), expected, str(path), device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class FrontResult:
     realised: torch.Tensor | None = None  # (k, T) accuracies of the multitask finetunes
     error: str | None = None  # why no α was chosen (constraints nobody meets)
     seconds: dict[str, float] = field(default_factory=dict)
+    search: list[dict] | None = None  # closed_loop: one entry per iteration (see closed_loop)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -101,6 +102,8 @@ class FrontResult:
             "chosen": chosen,
             "seconds": dict(self.seconds),
         }
+        if self.search is not None:
+            out["search"] = self.search
         if self.error is not None:
             out["error"] = self.error
         return out
@@ -126,6 +129,10 @@ def estimate_front(cfg: ExperimentConfig, runner: Runner) -> FrontResult:
         sweeps = runner.sweeps(data, base, posteriors, cfg.merge.methods)
     method = selection_method(cfg)
     result = FrontResult([t.name for t in cfg.data.tasks], sweeps, method, seconds=seconds)
+    if cfg.selection.strategy == "closed_loop":
+        with timed("multitask"):
+            closed_loop(cfg, runner, data, base, result)
+        return result
     try:
         result.chosen_index, result.chosen_alpha = pipeline.select(cfg, result.alpha, sweeps[method]["accuracy"])
     except ValueError as exc:
@@ -134,6 +141,49 @@ def estimate_front(cfg: ExperimentConfig, runner: Runner) -> FrontResult:
     with timed("multitask"):
         result.realised = torch.stack(runner.multitasks(data, base, result.chosen_alpha))
     return result
+
+
+def closed_loop(cfg: ExperimentConfig, runner: Runner, data: Any, base: Any, result: FrontResult) -> None:
+    """``selection.strategy: closed_loop``: real multitask finetunes placed one batch at a time by
+    :class:`varmerge.search.ClosedLoop` over the selection method's α grid, with the merged
+    predictions of ``selection.prior_methods`` as its prior. Sets ``result``'s chosen α and
+    realised accuracies (the incumbent first, then the other finetunes in the order they ran),
+    and ``result.search``: per iteration its α, the model's predicted mean accuracy and expected
+    improvement there, the realised accuracies, and the incumbent after it."""
+    from varmerge.search import ClosedLoop, SearchSettings
+
+    sel, names = cfg.selection, result.tasks
+    cons = [(names.index(c.task), c.op, c.value) for c in sel.constraints]
+    settings = SearchSettings(sel.budget, sel.batch, sel.epsilon, seed=cfg.posterior.seed)
+    methods = sel.prior_methods or [result.method]
+    alpha = result.alpha
+    search = ClosedLoop(alpha, {m: result.sweeps[m]["accuracy"] for m in methods}, settings, cons)
+    result.search = []
+    realised: dict[int, torch.Tensor] = {}
+    while (step := search.propose()) is not None:
+        for r, acc in zip(step.rows, runner.multitasks(data, base, alpha[step.rows]), strict=True):
+            search.observe(alpha[r], acc)
+            realised[r] = acc
+        inc = search.incumbent()
+        result.search.append(
+            {
+                "alpha": alpha[step.rows].tolist(),
+                "predicted_mean": step.predicted_mean,
+                "expected_improvement": step.expected_improvement,
+                "realised": [realised[r].tolist() for r in step.rows],
+                "method_weights": step.method_weights,
+                "incumbent_alpha": alpha[inc[0]].tolist() if inc else None,
+                "incumbent_mean": inc[1] if inc else None,
+            }
+        )
+    inc = search.incumbent()
+    if inc is None:
+        result.error = f"closed-loop search: none of the {len(realised)} realised α meets the selection constraints"
+        return
+    order = [inc[0]] + [r for r in search.rows if r != inc[0]]
+    result.chosen_index = torch.tensor(order)
+    result.chosen_alpha = alpha[result.chosen_index]
+    result.realised = torch.stack([realised[r] for r in order])
 
 
 class LocalRunner:

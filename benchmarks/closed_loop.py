@@ -1,0 +1,203 @@
+"""Regret of α-selection strategies against the multitask ground truth (the closed-loop search).
+
+    python -m benchmarks.closed_loop [--experiments mnist_imbalanced ...] [--budget 8] [--seeds 10]
+
+For each logistic-regression column of Table 1: every task's finetune (the column's config,
+through :class:`varmerge.sequence.LocalRunner`), the merged predictions of ``simple``,
+``hessian`` and ``mixture`` at the α of the ground-truth grid, and the ground truth itself, the
+real multitask finetune at each of those α that ``python -m benchmarks.table1`` recorded in
+``results/table1.json`` (run that first). A strategy picks α of that grid one finetune at a
+time; a "finetune" is the recorded result at its α (the same numbers a rerun gives: the finetunes
+are seeded), so budgets of 1 … 8 cost nothing to replay. Regret after B finetunes = the grid's
+best multitask mean accuracy − the best mean accuracy among the B realised, in points.
+
+Strategies: ``closed_loop`` (:class:`varmerge.search.ClosedLoop`, its prior the config's
+selection method), ``closed_loop (3 priors)`` (simple, hessian and mixture averaged by how well
+each predicts), ``top_k`` (the B best α of the selection method's front), ``random`` (B α drawn
+without replacement; the mean over ``--seeds`` seeds) and ``grid`` (B α spread over the simplex:
+the centre first, then the α farthest from those taken).
+
+The constrained case: the first task's accuracy ≥ its 75th percentile over the grid (a quarter of
+the α meet it); reported is the number of finetunes until one realised α meets it within 0.3
+points of the best such α's mean accuracy (None: not within the budget).
+
+The table goes into ``results/table1.json`` (``closed_loop``) and ``docs/RESULTS.md`` is rewritten;
+the plot is ``docs/figures/closed_loop_regret.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.mixture_k import ground_truth
+from benchmarks.table1 import (
+    DEFAULT_OUTPUT,
+    EXPERIMENTS,
+    REPORT,
+    ROOT,
+    _git_commit,
+    load_results,
+    machine,
+    save_results,
+    write_report,
+)
+from varmerge.config import load_config
+from varmerge.search import ClosedLoop, SearchSettings
+from varmerge.sequence import LocalRunner, selection_method
+
+COLUMNS = ["mnist_imbalanced", "mnist_balanced", "fashion_imbalanced", "fashion_balanced"]
+PRIORS = ["simple", "hessian", "mixture"]
+FIGURE = ROOT / "docs" / "figures" / "closed_loop_regret.png"
+
+
+def predictions(name: str, alpha: torch.Tensor) -> tuple[dict[str, np.ndarray], str]:
+    """Each prior method's (G, T) merged accuracies at ``alpha``, and the selection method."""
+    cfg = load_config(ROOT / EXPERIMENTS[name].config)
+    runner = LocalRunner(cfg)
+    data = runner.data()
+    base = runner.base(data)
+    posts = runner.finetunes(data, base)
+    out = {m: runner.sweep(m, data, base, posts, alpha)["accuracy"].numpy() for m in PRIORS}
+    return out, selection_method(cfg)
+
+
+def replay(search: ClosedLoop, truth: np.ndarray) -> list[int]:
+    while (step := search.propose()) is not None:
+        for r in step.rows:
+            search.observe(search.alpha[r], truth[r])
+    return search.rows
+
+
+def spread(alpha: np.ndarray, budget: int) -> list[int]:
+    rows = [int(np.abs(alpha - 1 / alpha.shape[1]).max(1).argmin())]
+    while len(rows) < budget:
+        d = np.min(np.linalg.norm(alpha[:, None] - alpha[rows][None], axis=-1), axis=1)
+        rows.append(int(d.argmax()))
+    return rows
+
+
+def curve(rows: list[int], mean: np.ndarray, budget: int) -> list[float]:
+    """Regret in points after each of the first ``budget`` finetunes of ``rows``."""
+    best = mean.max()
+    return [round(float(100 * (best - mean[rows[: b + 1]].max())), 3) for b in range(budget)]
+
+
+def until_within(rows: list[int], truth: np.ndarray, feasible: np.ndarray, tol: float) -> int | None:
+    best = truth.mean(1)[feasible].max()
+    for b, r in enumerate(rows, start=1):
+        if feasible[r] and truth[r].mean() >= best - tol:
+            return b
+    return None
+
+
+def column(name: str, results: dict, budget: int, seeds: int) -> dict:
+    gt_alpha, gt_acc = ground_truth(results, name)
+    alpha, truth = gt_alpha.numpy(), gt_acc.numpy()
+    preds, method = predictions(name, gt_alpha)
+    mean = truth.mean(1)
+    settings = SearchSettings(budget=budget, epsilon=0.0)
+    runs = {
+        "closed_loop": replay(ClosedLoop(alpha, {method: preds[method]}, settings), truth),
+        "closed_loop (3 priors)": replay(ClosedLoop(alpha, preds, settings), truth),
+        "top_k": [int(i) for i in np.argsort(-preds[method].mean(1), kind="stable")[:budget]],
+        "grid": spread(alpha, budget),
+    }
+    regret = {k: curve(v, mean, budget) for k, v in runs.items()}
+    draws = [np.random.default_rng(s).permutation(len(alpha))[:budget].tolist() for s in range(seeds)]
+    regret["random"] = [round(float(np.mean([curve(d, mean, budget)[b] for d in draws])), 3) for b in range(budget)]
+
+    threshold = float(np.quantile(truth[:, 0], 0.75))
+    feasible = truth[:, 0] >= threshold
+    cons = [(0, ">=", threshold)]
+    tol = 0.003
+    constrained = {
+        "closed_loop": until_within(
+            replay(ClosedLoop(alpha, {method: preds[method]}, settings, cons), truth), truth, feasible, tol
+        ),
+        "top_k": until_within(top_feasible(preds[method], threshold, budget), truth, feasible, tol),
+        "random (median over seeds)": _median_or_none([until_within(d, truth, feasible, tol) for d in draws]),
+        "grid": until_within(spread(alpha, budget), truth, feasible, tol),
+    }
+    print(f"{name}: selection method {method}; regret (points) after 1..{budget} finetunes:", flush=True)
+    for k, v in regret.items():
+        print(f"  {k:24s} " + " ".join(f"{x:5.2f}" for x in v), flush=True)
+    print(f"  constrained ({threshold:.3f} on task 0): finetunes until within 0.3 points: {constrained}", flush=True)
+    return {
+        "selection_method": method,
+        "grid_size": len(alpha),
+        "best_multitask_mean_accuracy": round(float(mean.max()), 6),
+        "regret_points": regret,
+        "picked_alpha": {k: alpha[v].round(6).tolist() for k, v in runs.items()},
+        "constrained": {"task": 0, "threshold": round(threshold, 6), "tolerance_points": 0.3, "finetunes": constrained},
+        "goal_within_5_met": regret["closed_loop"][4] <= 0.2,
+    }
+
+
+def top_feasible(pred: np.ndarray, threshold: float, budget: int) -> list[int]:
+    """The ``budget`` best predicted α whose predicted first-task accuracy meets ``threshold``
+    (then the others, best first)."""
+    score = np.where(pred[:, 0] >= threshold, pred.mean(1), pred.mean(1) - 10)
+    return [int(i) for i in np.argsort(-score, kind="stable")[:budget]]
+
+
+def _median_or_none(values: list[int | None]) -> float | None:
+    xs = [v for v in values if v is not None]
+    return float(np.median(xs)) if len(xs) > len(values) / 2 else None
+
+
+def plot(table: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(table), figsize=(4 * len(table), 3.4), sharey=True)
+    for ax, (name, r) in zip(np.atleast_1d(axes), table.items()):
+        for k, v in r["regret_points"].items():
+            ax.plot(range(1, len(v) + 1), v, marker="o", ms=3, label=k)
+        ax.axhline(0.2, color="grey", lw=0.8, ls=":")
+        ax.set_title(name)
+        ax.set_xlabel("real multitask finetunes")
+    np.atleast_1d(axes)[0].set_ylabel("regret (points of mean accuracy)")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiments", nargs="+", default=COLUMNS, choices=COLUMNS)
+    ap.add_argument("--budget", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=10, help="seeds of the random strategy")
+    ap.add_argument("--results", default=str(DEFAULT_OUTPUT))
+    args = ap.parse_args(argv)
+    path = Path(args.results)
+    results = load_results(path)
+    table = {n: column(n, results, args.budget, args.seeds) for n in args.experiments}
+    figure = plot(table, FIGURE if path.resolve() == DEFAULT_OUTPUT.resolve() else path.with_suffix(".png"))
+    results["closed_loop"] = {
+        "budget": args.budget,
+        "seeds": args.seeds,
+        "columns": table,
+        "figure": str(figure.relative_to(ROOT / "docs")) if figure.is_relative_to(ROOT / "docs") else str(figure),
+        "generated": {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": _git_commit(),
+            "machine": machine(),
+        },
+    }
+    save_results(results, path)
+    report = REPORT if path.resolve() == DEFAULT_OUTPUT.resolve() else path.with_suffix(".md")
+    print(f"wrote {path}, {figure} and {write_report(results, report)}")
+
+
+if __name__ == "__main__":
+    main()

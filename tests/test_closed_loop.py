@@ -1,0 +1,88 @@
+"""``selection.strategy: closed_loop`` through the flow: the search's finetunes are tasks and
+nested MLflow runs, the parent run gets the incumbent per iteration (with ``step``), front.json
+records the path, the registered model is the incumbent's, and a killed search resumes: finished
+finetunes are reused and the next α is the one the uninterrupted search chose."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import TINY
+
+from varmerge import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOSED = copy.deepcopy(TINY)
+CLOSED["name"] = "closed"
+CLOSED["selection"] = {"method": "mixture", "strategy": "closed_loop", "budget": 3, "epsilon": 0.0}
+
+
+def _flow(config: Path, out: Path) -> dict:
+    from flows.front import front_flow
+
+    return front_flow(str(config), tracking_uri=f"sqlite:///{out / 'mlflow.db'}", output_dir=str(out))
+
+
+@pytest.mark.slow
+def test_a_closed_loop_search_runs_logs_and_resumes_after_a_kill(prefect_harness, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    config = tmp_path / "closed.yaml"
+    config.write_text(yaml.safe_dump(CLOSED))
+    whole = _flow(config, tmp_path / "whole")
+    path = whole["search"]
+    assert [len(it["alpha"]) for it in path] == [1, 1, 1]
+    assert path[0]["expected_improvement"] == [None]  # the merged front's best, no model yet
+    assert path[0]["alpha"][0] == whole["methods"]["mixture"]["best_alpha"]
+    alphas = [it["alpha"][0] for it in path]
+    assert len({tuple(a) for a in alphas}) == 3
+    means = [sum(it["realised"][0]) / 3 for it in path]
+    assert whole["chosen"]["alpha"][0] == alphas[means.index(max(means))]  # the incumbent comes first
+    assert path[-1]["incumbent_mean"] == pytest.approx(max(means))
+    saved = json.loads((tmp_path / "whole" / "closed" / "front.json").read_text())
+    assert saved["search"] == path
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'whole' / 'mlflow.db'}")
+    history = client.get_metric_history(whole["mlflow_run_id"], "search/incumbent_mean")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.value for m in history] == pytest.approx([max(means[: i + 1]) for i in range(3)])
+    version = client.search_model_versions("name='varmerge-closed'")[0]
+    assert json.loads(version.tags["alpha"]) == whole["chosen"]["alpha"][0]
+
+    # killed before its third finetune, then resumed: two reused, one run, the same path
+    out = tmp_path / "killed"
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PREFECT_HOME": str(tmp_path / "prefect-sub")}
+    args = [sys.executable, str(ROOT / "tests" / "fault_launcher.py"), "multitask:3", "run", str(config)]
+    args += ["--output", str(out), "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}", "-q"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stdout + proc.stderr
+    assert len(list((out / "closed" / "multitask").glob("*.safetensors"))) == 2
+
+    calls = []
+    real = pipeline.multitask_finetune
+    monkeypatch.setattr(pipeline, "multitask_finetune", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    resumed = _flow(config, out)
+    assert [list(map(float, a)) for a in calls] == [alphas[2]]
+    assert [it["alpha"] for it in resumed["search"]] == [it["alpha"] for it in path]
+    assert resumed["chosen"] == whole["chosen"]
+
+
+def test_closed_loop_settings_are_checked_with_one_line():
+    from varmerge.config import ConfigError, parse_config
+
+    for selection, words in [
+        ({"strategy": "closed_loop"}, "needs selection.budget"),
+        ({"strategy": "closed_loop", "budget": 2, "batch": 3}, "selection.batch 3 is larger than selection.budget 2"),
+        ({"strategy": "closed_loop", "budget": 0}, "selection.budget"),
+        ({"budget": 4}, "selection.budget needs selection.strategy closed_loop"),
+        ({"strategy": "closed_loop", "budget": 2, "prior_methods": ["ties"]}, "are not among merge.methods"),
+    ]:
+        with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+            parse_config({**TINY, "selection": selection})

@@ -1,0 +1,210 @@
+"""Closed-loop α search: a budget of real multitask finetunes, spent where the merged fronts say
+they matter most.
+
+The merged sweeps predict every task's accuracy at every α of the grid. The real multitask
+finetune at α realises other accuracies; the model here is, per task t,
+
+    realised_t(α) = prior_t(α) + r_t(α),    r_t ~ GP(0, k)  (scikit-learn's GaussianProcessRegressor)
+
+where ``prior_t`` is a merge method's prediction, or with several methods (a multi-fidelity
+prior) their average weighted by how well each has predicted the finetunes so far (Bayesian
+model averaging: weight ∝ exp(−SSE / 2s²)). The residual GPs (constant × RBF + white noise
+kernels over α, hyperparameters fitted by maximum likelihood with a fixed seed) give each task a
+mean and a standard deviation at every α of the grid; the mean accuracy's are their average (its
+variance Σσ_t²/T², the tasks taken as independent).
+
+The first batch goes where the prior predicts the best mean accuracy among α the constraints
+admit (where it predicts none, the α it predicts to miss them by least). Each next α maximises
+the expected improvement of mean accuracy over the incumbent (the best realised α meeting the
+constraints) times the probability that the constraints hold (constraint-weighted EI); before
+any realised α meets them, the probability alone. A batch of b > 1 is chosen greedily with the
+"kriging believer": each pick is added as if it realised its predicted mean, then the next is
+chosen. The search stops at its budget, or when no α of the grid
+is expected to improve on the incumbent by more than ``epsilon``. Everything is deterministic: the
+same observations give the same next α (a resumed search continues as the killed one would).
+
+Pure library code (numpy, scipy, scikit-learn): no prefect, mlflow or files.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.stats import norm
+
+Constraint = tuple[int, str, float]  # (task index, ">=" | ">" | "<=" | "<", value)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    budget: int  # real multitask finetunes in all
+    batch: int = 1  # finetunes per iteration (run at once)
+    epsilon: float = 1e-3  # stop when no α's expected improvement of mean accuracy exceeds this
+    prior_scale: float = 0.02  # s of the model averaging: how far (accuracy) a method may miss
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"closed-loop budget must be a positive integer, got {self.budget!r}")
+        if not isinstance(self.batch, int) or not 1 <= self.batch <= self.budget:
+            raise ValueError(f"closed-loop batch must be between 1 and the budget ({self.budget}), got {self.batch!r}")
+        if not self.epsilon >= 0:
+            raise ValueError(f"closed-loop epsilon must be >= 0, got {self.epsilon!r}")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One proposal: the grid rows it chose, and what the model said about them then."""
+
+    rows: list[int]
+    predicted_mean: list[float]  # the model's mean accuracy at each row (prior + residual)
+    expected_improvement: list[float | None]  # None: placed by the prior alone (no finetune yet)
+    incumbent: float | None  # best realised feasible mean accuracy before this step
+    method_weights: dict[str, float] = field(default_factory=dict)
+
+
+def _feasible(acc: np.ndarray, constraints: Sequence[Constraint]) -> np.ndarray:
+    ok = np.ones(acc.shape[:-1], dtype=bool)
+    for t, op, v in constraints:
+        x = acc[..., t]
+        ok &= {">=": x >= v, ">": x > v, "<=": x <= v, "<": x < v}[op]
+    return ok
+
+
+class ClosedLoop:
+    """The search over the rows of ``alpha`` (the merge grid, (G, T)) with the merged per-task
+    accuracies ``predicted`` ({method: (G, T)}); see the module docstring."""
+
+    def __init__(
+        self, alpha, predicted: dict[str, object], settings: SearchSettings, constraints: Sequence[Constraint] = ()
+    ):
+        self.alpha = np.asarray(alpha, dtype=np.float64)
+        if self.alpha.ndim != 2 or len(self.alpha) == 0:
+            raise ValueError(f"alpha must be a (G, T) grid, got shape {self.alpha.shape}")
+        if not predicted:
+            raise ValueError("closed-loop search needs at least one merge method's predictions")
+        self.predicted = {m: np.asarray(p, dtype=np.float64) for m, p in predicted.items()}
+        for m, p in self.predicted.items():
+            if p.shape != self.alpha.shape:
+                raise ValueError(f"predictions of {m!r} have shape {p.shape}, the α grid {self.alpha.shape}")
+        self.settings, self.constraints = settings, list(constraints)
+        self.rows: list[int] = []  # realised rows, in order
+        self.realised: list[np.ndarray] = []  # (T,) each
+
+    # ------------------------------------------------------------------------------ model
+    def row_of(self, alpha) -> int:
+        """The grid row of a realised α (exact up to 1e-6)."""
+        d = np.abs(self.alpha - np.asarray(alpha, dtype=np.float64)).max(1)
+        i = int(d.argmin())
+        if d[i] > 1e-6:
+            raise ValueError(f"α {list(alpha)} is not a point of the search's grid")
+        return i
+
+    def observe(self, alpha, accuracy) -> None:
+        """A realised multitask finetune: its α (a grid point) and (T,) test accuracies."""
+        acc = np.asarray(accuracy, dtype=np.float64)
+        if acc.shape != (self.alpha.shape[1],):
+            raise ValueError(f"realised accuracies must be {self.alpha.shape[1]} numbers, got {acc.shape}")
+        self.rows.append(self.row_of(alpha))
+        self.realised.append(acc)
+
+    def method_weights(self, rows: Sequence[int], realised: Sequence[np.ndarray]) -> dict[str, float]:
+        s2 = 2 * self.settings.prior_scale**2
+        pairs = list(zip(rows, realised))
+        sse = {m: sum(float(((p[r] - y) ** 2).sum()) for r, y in pairs) for m, p in self.predicted.items()}
+        best = min(sse.values())
+        w = {m: math.exp(-(e - best) / s2) for m, e in sse.items()}
+        z = sum(w.values())
+        return {m: v / z for m, v in w.items()}
+
+    def _posterior(self, rows: Sequence[int], realised: Sequence[np.ndarray]):
+        """(G, T) means and standard deviations of the per-task accuracies, and the weights."""
+        weights = self.method_weights(rows, realised)
+        prior = sum(w * self.predicted[m] for m, w in weights.items())
+        if not rows:
+            return prior, np.zeros_like(prior), weights
+        from sklearn.gaussian_process import GaussianProcessRegressor
+        from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+        x = self.alpha[list(rows)]
+        resid = np.stack(realised) - prior[list(rows)]
+        mean, std = np.empty_like(prior), np.empty_like(prior)
+        for t in range(prior.shape[1]):
+            kernel = ConstantKernel(1e-3, (1e-6, 1.0)) * RBF(0.3, (0.03, 3.0)) + WhiteKernel(1e-5, (1e-8, 1e-2))
+            gp = GaussianProcessRegressor(kernel, normalize_y=False, random_state=self.settings.seed)
+            with warnings.catch_warnings():  # bounds reached with few points: expected, not news
+                warnings.simplefilter("ignore")
+                gp.fit(x, resid[:, t])
+            m, s = gp.predict(self.alpha, return_std=True)
+            mean[:, t], std[:, t] = prior[:, t] + m, s
+        return mean, std, weights
+
+    # -------------------------------------------------------------------------- proposals
+    def incumbent(self) -> tuple[int, float] | None:
+        """(row, mean accuracy) of the best realised α meeting the constraints, or None."""
+        best = None
+        for r, y in zip(self.rows, self.realised):
+            if _feasible(y, self.constraints) and (best is None or y.mean() > best[1]):
+                best = (r, float(y.mean()))
+        return best
+
+    def _shortfall(self, acc: np.ndarray) -> np.ndarray:
+        """Per row, how far (accuracy, summed over the constraints) ``acc`` misses them."""
+        miss = np.zeros(len(acc))
+        for t, op, v in self.constraints:
+            miss += np.maximum(v - acc[:, t], 0) if op in (">=", ">") else np.maximum(acc[:, t] - v, 0)
+        return miss
+
+    def _acquisition(self, mean: np.ndarray, std: np.ndarray, incumbent: float | None) -> np.ndarray:
+        T = mean.shape[1]
+        mu, sigma = mean.mean(1), np.sqrt((std**2).sum(1)) / T
+        p_ok = np.ones(len(mean))
+        for t, op, v in self.constraints:
+            s = np.maximum(std[:, t], 1e-9)
+            z = (mean[:, t] - v) / s
+            p_ok *= norm.cdf(z) if op in (">=", ">") else norm.cdf(-z)
+        if incumbent is None:
+            return p_ok
+        s = np.maximum(sigma, 1e-12)
+        z = (mu - incumbent) / s
+        ei = np.where(sigma > 1e-12, (mu - incumbent) * norm.cdf(z) + s * norm.pdf(z), np.maximum(mu - incumbent, 0))
+        return ei * p_ok
+
+    def propose(self) -> Step | None:
+        """The next batch of grid rows to finetune, or None when the budget is spent or no α is
+        expected to improve on the incumbent by more than ``epsilon``."""
+        left = self.settings.budget - len(self.rows)
+        if left <= 0:
+            return None
+        rows, realised = list(self.rows), list(self.realised)
+        found = self.incumbent()
+        chosen, predicted, gains, weights = [], [], [], {}
+        for _ in range(min(self.settings.batch, left)):
+            mean, std, w = self._posterior(rows, realised)
+            weights = weights or w
+            modelled = bool(rows)  # else: no finetune yet, the merged prediction's best is taken
+            if modelled:
+                incumbent = max([float(y.mean()) for y in realised if _feasible(y, self.constraints)], default=None)
+                score = self._acquisition(mean, std, incumbent)
+            else:  # no α predicted to meet the constraints: the smallest predicted shortfall
+                ok = _feasible(mean, self.constraints)
+                score = np.where(ok, mean.mean(1), -np.inf) if ok.any() else -self._shortfall(mean)
+            score = np.where(np.isin(np.arange(len(score)), rows + chosen), -np.inf, score)
+            i = int(np.argmax(score))
+            if not np.isfinite(score[i]):
+                break  # every grid point is taken
+            gain = float(score[i]) if modelled else None
+            if gain is not None and found is not None and gain <= self.settings.epsilon and not chosen:
+                return None
+            chosen.append(i)
+            predicted.append(float(mean[i].mean()))
+            gains.append(gain)
+            rows.append(i)  # kriging believer: as if it realised its predicted accuracies
+            realised.append(mean[i].copy())
+        if not chosen:
+            return None
+        return Step(chosen, predicted, gains, found[1] if found else None, weights)
