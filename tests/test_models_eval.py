@@ -74,9 +74,9 @@ def test_linear_matches_nn_linear():
 
 
 def test_build_model_registry():
-    assert set(MODEL_BUILDERS) == {"logreg", "mlp", "resnet20", "lora_text"}
+    assert set(MODEL_BUILDERS) == {"logreg", "mlp", "resnet20", "lora_text", "hf_text"}
     assert isinstance(build_model("logreg", num_classes=4, in_features=12).linear, nn.Linear)
-    with pytest.raises(ValueError, match="known models: logreg, lora_text, mlp, resnet20"):
+    with pytest.raises(ValueError, match="known models: hf_text, logreg, lora_text, mlp, resnet20"):
         build_model("vgg")
     with pytest.raises(ValueError, match="hidden"):
         build_model("mlp", hidden=(0,))
