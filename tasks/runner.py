@@ -109,8 +109,8 @@ class PrefectRunner:
     def sweep_blocks(self, method: str) -> list[list[int]]:
         """``[lo, hi)`` rows of the α grid per block of ``method``'s sweep, one per worker: whole
         batches of :data:`~varmerge.pipeline.SWEEP_BLOCK` α, so the joined blocks equal the whole
-        sweep bit for bit. None for a grid of one batch, one worker, or an estimator (MAP needs
-        the whole grid)."""
+        sweep bit for bit. None (an empty list) for a grid of one batch, one worker, or an
+        estimator (MAP needs the whole grid)."""
         n = grid_size(len(self.cfg.data.tasks), self.cfg.merge.spacing)
         batches = -(-n // SWEEP_BLOCK)
         k = min(self.pool.workers, batches)

@@ -81,6 +81,8 @@ def test_batches_propose_distinct_rows_and_respect_the_budget():
         for r in step.rows:
             search.observe(ALPHA[r], truth(ALPHA[r]))
     assert sizes == [2, 2, 1] and len(set(search.rows)) == 5
+    # the first batch: the prior's two best α (no finetune has said anything yet)
+    assert search.rows[:2] == [int(i) for i in np.argsort(-predicted.mean(1), kind="stable")[:2]]
 
 
 def test_it_stops_early_when_nothing_is_expected_to_improve():

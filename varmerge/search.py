@@ -13,7 +13,7 @@ kernels over α, hyperparameters fitted by maximum likelihood with a fixed seed)
 mean and a standard deviation at every α of the grid; the mean accuracy's are their average (its
 variance Σσ_t²/T², the tasks taken as independent).
 
-The first batch goes where the prior predicts the best mean accuracy among α the constraints
+The first batch goes where the prior predicts the best mean accuracies among α the constraints
 admit (where it predicts none, the α it predicts to miss them by least). Each next α maximises
 the expected improvement of mean accuracy over the incumbent (the best realised α meeting the
 constraints) times the probability that the constraints hold (constraint-weighted EI); before
@@ -186,7 +186,7 @@ class ClosedLoop:
         for _ in range(min(self.settings.batch, left)):
             mean, std, w = self._posterior(rows, realised)
             weights = weights or w
-            modelled = bool(rows)  # else: no finetune yet, the merged prediction's best is taken
+            modelled = bool(self.rows)  # else: no finetune yet, the merged prediction's best ones
             if modelled:
                 incumbent = max([float(y.mean()) for y in realised if _feasible(y, self.constraints)], default=None)
                 score = self._acquisition(mean, std, incumbent)
