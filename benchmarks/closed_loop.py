@@ -28,24 +28,13 @@ the plot is ``docs/figures/closed_loop_regret.png``.
 from __future__ import annotations
 
 import argparse
-import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.mixture_k import ground_truth
-from benchmarks.table1 import (
-    DEFAULT_OUTPUT,
-    EXPERIMENTS,
-    REPORT,
-    ROOT,
-    _git_commit,
-    load_results,
-    machine,
-    save_results,
-    write_report,
-)
+from benchmarks.table1 import DEFAULT_OUTPUT, EXPERIMENTS, ROOT, generated, load_results, save_with_report
 from varmerge.config import load_config
 from varmerge.search import ClosedLoop, SearchSettings
 from varmerge.sequence import LocalRunner, selection_method
@@ -188,15 +177,9 @@ def main(argv=None) -> None:
         "seeds": args.seeds,
         "columns": table,
         "figure": str(figure.relative_to(ROOT / "docs")) if figure.is_relative_to(ROOT / "docs") else str(figure),
-        "generated": {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "commit": _git_commit(),
-            "machine": machine(),
-        },
+        "generated": generated(),
     }
-    save_results(results, path)
-    report = REPORT if path.resolve() == DEFAULT_OUTPUT.resolve() else path.with_suffix(".md")
-    print(f"wrote {path}, {figure} and {write_report(results, report)}")
+    print(f"wrote {path}, {figure} and {save_with_report(results, path)}")
 
 
 if __name__ == "__main__":

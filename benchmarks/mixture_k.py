@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import time
 from pathlib import Path
 
@@ -28,15 +27,12 @@ from benchmarks.table1 import (
     EXPERIMENTS,
     MIXTURE_FULL,
     MIXTURE_FULL_MERGE,
-    REPORT,
     ROOT,
-    _git_commit,
     _round,
+    generated,
     load_results,
-    machine,
     mixture_full_posteriors,
-    save_results,
-    write_report,
+    save_with_report,
 )
 from varmerge import pareto, pipeline
 from varmerge.config import load_config
@@ -112,15 +108,9 @@ def main(argv=None) -> None:
         "multitask_best_mean_accuracy": _round(gt_acc.mean(1).max()),
         "settings": {"posterior": MIXTURE_FULL, "merge": MIXTURE_FULL_MERGE["options"]},
         "rows": rows,
-        "generated": {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "commit": _git_commit(),
-            "machine": machine(),
-        },
+        "generated": generated(),
     }
-    save_results(results, path)
-    report = REPORT if path.resolve() == DEFAULT_OUTPUT.resolve() else path.with_suffix(".md")
-    print(f"wrote {path} and {write_report(results, report)}")
+    print(f"wrote {path} and {save_with_report(results, path)}")
 
 
 if __name__ == "__main__":

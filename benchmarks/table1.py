@@ -704,6 +704,22 @@ def machine() -> dict:
     }
 
 
+def generated() -> dict:
+    """When, at which commit and on what machine a result was produced."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "machine": machine(),
+    }
+
+
+def save_with_report(results: dict, path: Path) -> Path:
+    """Save ``results`` to ``path`` and rewrite the report beside it (``docs/RESULTS.md`` for the
+    default results file); returns the report's path."""
+    save_results(results, path)
+    return write_report(results, REPORT if path.resolve() == DEFAULT_OUTPUT.resolve() else path.with_suffix(".md"))
+
+
 def load_results(path: Path) -> dict:
     if path.exists():
         return json.loads(path.read_text())
@@ -777,11 +793,7 @@ def main(argv=None) -> None:
             groups[r["group"]] = groups.get(r["group"], 0.0) + r["wall_seconds"]
             results["experiments"][name] = r
             results.setdefault("group_wall_seconds", {}).update({r["group"]: round(groups[r["group"]], 1)})
-            results["generated"] = {
-                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "commit": _git_commit(),
-                "machine": machine(),
-            }
+            results["generated"] = generated()
             save_results(results, out)
             t = r["targets"]
             console.print(
