@@ -149,6 +149,7 @@ def validate(
     from varmerge import preflight as pf
     from varmerge.grid import grid_size
     from varmerge.pipeline import check_accelerator
+    from varmerge.sequence import selection_method
 
     cfg = _load(config, check_device=False)
     try:
@@ -161,6 +162,7 @@ def validate(
     with _user_errors():
         pf.check_constraints(cfg)
         if not schema_only:
+            pf.check_runner(cfg)
             ds = pf.load_data(cfg)
             report = pf.check_data(cfg, ds)
             pf.check_model(cfg, report.num_classes, ds)
@@ -171,6 +173,16 @@ def validate(
     table.add_row("posterior", f"{cfg.posterior.method} ({cfg.posterior.steps} steps)")
     table.add_row("merges", ", ".join(cfg.merge.methods))
     table.add_row("α grid", f"spacing {cfg.merge.spacing}: {grid_size(len(cfg.data.tasks), cfg.merge.spacing)} points")
+    sel, method = cfg.selection, selection_method(cfg)
+    if sel.strategy == "closed_loop":
+        priors = ", ".join(sel.prior_methods or [method])
+        how = f"closed loop: up to {sel.budget} multitask finetunes, {sel.batch} at a time (prior {priors})"
+    else:
+        how = f"top {sel.top_k} α of {method}'s front"
+    table.add_row("selection", how)
+    rc = cfg.runner
+    local = f"a local Dask cluster of {rc.local_workers} workers"
+    table.add_row("runner", "the flow's thread" if rc.kind == "thread" else rc.address or local)
     if report is not None:
         table.add_row(
             "examples",

@@ -77,3 +77,18 @@ def test_gpu_requested_without_one_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["run", str(cfg), "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and "no CUDA device is visible" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_validate_says_how_alpha_is_chosen_and_where_tasks_run(tmp_path):
+    cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    cfg["selection"] = {"method": "hessian", "strategy": "closed_loop", "budget": 4, "batch": 2}
+    cfg["runner"] = {"kind": "dask", "workers": 3}
+    path = tmp_path / "closed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = CliRunner().invoke(app, ["validate", str(path), "--schema-only"]).output
+    out = " ".join(out.replace("│", " ").split())  # the table wraps its cells
+    assert "closed loop: up to 4 multitask finetunes, 2 at a time (prior hessian)" in out, out
+    assert "a local Dask cluster of 3 workers" in out, out
+    plain = CliRunner().invoke(app, ["validate", str(ROOT / "configs" / "smoke.yaml"), "--schema-only"]).output
+    plain = " ".join(plain.replace("│", " ").split())
+    assert "top 1 α of mixture's front" in plain and "the flow's thread" in plain, plain
