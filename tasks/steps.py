@@ -30,9 +30,12 @@ from varmerge import io, models, pipeline, sequence
 from varmerge.config import ExperimentConfig, parse_config
 from varmerge.grid import simplex_grid
 from varmerge.posterior import posterior_from_tensors
-from varmerge.store import RunStore, folder_hash
+from varmerge.store import RunStore, folder_hash, source_digest
 
 _STORES: dict[str, RunStore] = {}
+# The code's syntax trees are digested once, here at import (on a Dask worker: when its first task
+# arrives, before any task runs), so that no task parses source while other threads may too.
+source_digest([_tasks_package])
 
 
 def store_for(run_dir: str | Path) -> RunStore:

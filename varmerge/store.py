@@ -26,6 +26,7 @@ import ast
 import hashlib
 import json
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -63,10 +64,17 @@ def _module_files(modules: Iterable[ModuleType | str | Path]) -> list[Path]:
     return files
 
 
+# CPython 3.11's ast.parse is not safe in two threads at once ("SystemError: AST constructor
+# recursion depth mismatch", CPython gh-106905; seen in a Dask worker): one parse at a time.
+_PARSE_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=64)
 def _tree_digest(path: str, mtime_ns: int, size: int) -> str:
     """SHA-256 of a module's syntax tree (comments and layout do not count)."""
-    tree = ast.dump(ast.parse(Path(path).read_text(encoding="utf-8")), include_attributes=False)
+    text = Path(path).read_text(encoding="utf-8")
+    with _PARSE_LOCK:
+        tree = ast.dump(ast.parse(text), include_attributes=False)
     return hashlib.sha256(tree.encode()).hexdigest()
 
 
