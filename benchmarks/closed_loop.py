@@ -2,8 +2,9 @@
 
     python -m benchmarks.closed_loop [--experiments mnist_imbalanced ...] [--budget 8] [--seeds 10]
 
-For each logistic-regression column of Table 1: every task's finetune (the column's config,
-through :class:`varmerge.sequence.LocalRunner`), the merged predictions of ``simple``,
+For each column of Table 1 (the four logistic-regression columns and the neural rows, the CNN
+and LoRA ones): θ0 and every task's finetune (the column's config, through
+:class:`varmerge.sequence.LocalRunner`), the merged predictions of ``simple``,
 ``hessian`` and ``mixture`` at the α of the ground-truth grid, and the ground truth itself, the
 real multitask finetune at each of those α that ``python -m benchmarks.table1`` recorded in
 ``results/table1.json`` (run that first). A strategy picks α of that grid one finetune at a
@@ -11,9 +12,10 @@ time; a "finetune" is the recorded result at its α (the same numbers a rerun gi
 are seeded), so budgets of 1 … 8 cost nothing to replay. Regret after B finetunes = the grid's
 best multitask mean accuracy − the best mean accuracy among the B realised, in points.
 
-Strategies: ``closed_loop`` (:class:`varmerge.search.ClosedLoop`, its prior the config's
-selection method), ``closed_loop (3 priors)`` (simple, hessian and mixture averaged by how well
-each predicts), ``top_k`` (the B best α of the selection method's front), ``random`` (B α drawn
+Strategies: ``closed_loop`` (:class:`varmerge.search.ClosedLoop` with the flow's default prior,
+:func:`varmerge.sequence.prior_methods`: here the selection method mixture with simple and
+hessian, averaged by how well each predicts), ``closed_loop (selection method only)`` (its prior
+the selection method's front alone), ``top_k`` (the B best α of the selection method's front), ``random`` (B α drawn
 without replacement; the mean over ``--seeds`` seeds) and ``grid`` (B α spread over the simplex:
 the centre first, then the α farthest from those taken).
 
@@ -37,21 +39,21 @@ from benchmarks.mixture_k import ground_truth
 from benchmarks.table1 import DEFAULT_OUTPUT, EXPERIMENTS, ROOT, generated, load_results, save_with_report
 from varmerge.config import load_config
 from varmerge.search import ClosedLoop, SearchSettings
-from varmerge.sequence import LocalRunner, selection_method
+from varmerge.sequence import LocalRunner, prior_methods, selection_method
 
-COLUMNS = ["mnist_imbalanced", "mnist_balanced", "fashion_imbalanced", "fashion_balanced"]
-PRIORS = ["simple", "hessian", "mixture"]
+COLUMNS = ["mnist_imbalanced", "mnist_balanced", "fashion_imbalanced", "fashion_balanced", "cnn_fashion", "lora_tweets"]
 FIGURE = ROOT / "docs" / "figures" / "closed_loop_regret.png"
 
 
 def predictions(name: str, alpha: torch.Tensor) -> tuple[dict[str, np.ndarray], str]:
-    """Each prior method's (G, T) merged accuracies at ``alpha``, and the selection method."""
+    """The (G, T) merged accuracies at ``alpha`` of each method of the flow's default prior, and
+    the selection method."""
     cfg = load_config(ROOT / EXPERIMENTS[name].config)
     runner = LocalRunner(cfg)
     data = runner.data()
     base = runner.base(data)
     posts = runner.finetunes(data, base)
-    out = {m: runner.sweep(m, data, base, posts, alpha)["accuracy"].numpy() for m in PRIORS}
+    out = {m: runner.sweep(m, data, base, posts, alpha)["accuracy"].numpy() for m in prior_methods(cfg)}
     return out, selection_method(cfg)
 
 
@@ -91,8 +93,8 @@ def column(name: str, results: dict, budget: int, seeds: int) -> dict:
     mean = truth.mean(1)
     settings = SearchSettings(budget=budget, epsilon=0.0)
     runs = {
-        "closed_loop": replay(ClosedLoop(alpha, {method: preds[method]}, settings), truth),
-        "closed_loop (3 priors)": replay(ClosedLoop(alpha, preds, settings), truth),
+        "closed_loop": replay(ClosedLoop(alpha, preds, settings), truth),
+        "closed_loop (selection method only)": replay(ClosedLoop(alpha, {method: preds[method]}, settings), truth),
         "top_k": [int(i) for i in np.argsort(-preds[method].mean(1), kind="stable")[:budget]],
         "grid": spread(alpha, budget),
     }
@@ -106,7 +108,7 @@ def column(name: str, results: dict, budget: int, seeds: int) -> dict:
     tol = 0.003
     constrained = {
         "closed_loop": until_within(
-            replay(ClosedLoop(alpha, {method: preds[method]}, settings, cons), truth), truth, feasible, tol
+            replay(ClosedLoop(alpha, preds, settings, cons), truth), truth, feasible, tol
         ),
         "top_k": until_within(top_feasible(preds[method], threshold, budget), truth, feasible, tol),
         "random (median over seeds)": _median_or_none([until_within(d, truth, feasible, tol) for d in draws]),
@@ -118,6 +120,7 @@ def column(name: str, results: dict, budget: int, seeds: int) -> dict:
     print(f"  constrained ({threshold:.3f} on task 0): finetunes until within 0.3 points: {constrained}", flush=True)
     return {
         "selection_method": method,
+        "prior_methods": list(preds),
         "grid_size": len(alpha),
         "best_multitask_mean_accuracy": round(float(mean.max()), 6),
         "regret_points": regret,

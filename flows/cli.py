@@ -149,7 +149,7 @@ def validate(
     from varmerge import preflight as pf
     from varmerge.grid import grid_size
     from varmerge.pipeline import check_accelerator
-    from varmerge.sequence import selection_method
+    from varmerge.sequence import prior_methods, selection_method
 
     cfg = _load(config, check_device=False)
     try:
@@ -175,7 +175,7 @@ def validate(
     table.add_row("α grid", f"spacing {cfg.merge.spacing}: {grid_size(len(cfg.data.tasks), cfg.merge.spacing)} points")
     sel, method = cfg.selection, selection_method(cfg)
     if sel.strategy == "closed_loop":
-        priors = ", ".join(sel.prior_methods or [method])
+        priors = ", ".join(prior_methods(cfg))
         how = f"closed loop: up to {sel.budget} multitask finetunes, {sel.batch} at a time (prior {priors})"
     else:
         how = f"top {sel.top_k} α of {method}'s front"

@@ -35,6 +35,8 @@ def test_bad_settings_are_one_line_errors():
         SearchSettings(budget=0)
     with pytest.raises(ValueError, match="batch must be between 1 and the budget"):
         SearchSettings(budget=2, batch=3)
+    with pytest.raises(ValueError, match="length_scale must be > 0"):
+        SearchSettings(budget=2, length_scale=0)
     search = ClosedLoop(ALPHA, {"m": truth(ALPHA)}, SearchSettings(budget=2))
     with pytest.raises(ValueError, match="is not a point of the search's grid"):
         search.observe([0.333, 0.333, 0.334], [0.9, 0.9, 0.9])
@@ -63,11 +65,12 @@ def test_where_the_merge_predicts_no_alpha_meets_a_constraint_the_nearest_miss_g
 
 
 def test_a_shifted_prediction_is_corrected_by_the_finetunes_and_beats_top_k():
-    predicted = truth(ALPHA, peak=(0.3, 0.4, 0.3)) - 0.03  # the merge misplaces the peak and is low
+    predicted = truth(ALPHA, peak=(0.2, 0.2, 0.6)) - 0.03  # the merge misplaces the peak and is low
     rows = run(ClosedLoop(ALPHA, {"m": predicted}, SearchSettings(budget=6, epsilon=0)), truth)
     top_k = list(np.argsort(-predicted.mean(1), kind="stable")[:6])
     assert len(rows) == 6 and len(set(rows)) == 6
-    assert regret(rows) < 0.002 and regret(rows) < regret(top_k) / 3, (regret(rows), regret(top_k))
+    # top_k stays at the predicted peak (7.8 points short); the search walks to the true one
+    assert regret(rows) < 0.01 and regret(rows) < regret(top_k) / 5, (regret(rows), regret(top_k))
     again = run(ClosedLoop(ALPHA, {"m": predicted}, SearchSettings(budget=6, epsilon=0)), truth)
     assert again == rows  # deterministic: a resumed search proposes what the killed one would
 
@@ -101,7 +104,7 @@ def test_several_methods_the_one_that_predicts_the_finetunes_gets_the_weight():
 
 
 def test_a_constraint_is_met_by_the_incumbent():
-    predicted = truth(ALPHA, peak=(0.3, 0.4, 0.3)) - 0.02
+    predicted = truth(ALPHA, peak=(0.1, 0.6, 0.3)) - 0.02  # misplaced: it predicts task 2 too high
     real = truth(ALPHA)
     threshold = float(np.quantile(real[:, 2], 0.75))  # a quarter of the grid meets it
     cons = [(2, ">=", threshold)]
@@ -110,4 +113,7 @@ def test_a_constraint_is_met_by_the_incumbent():
     row, mean = search.incumbent()
     assert real[row, 2] >= threshold
     best_feasible = real.mean(1)[real[:, 2] >= threshold].max()
-    assert best_feasible - mean < 0.003
+    assert best_feasible - mean < 0.01
+    # the prior alone would not get there: none of its 6 best α predicted feasible is feasible
+    top = np.argsort(-np.where(predicted[:, 2] >= threshold, predicted.mean(1), -1), kind="stable")[:6]
+    assert not (real[top, 2] >= threshold).any()

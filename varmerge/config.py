@@ -327,7 +327,9 @@ class SelectionConfig(_Strict):
     batch: int = Field(1, ge=1, description="closed_loop: finetunes per iteration (run at once)")
     epsilon: float = Field(1e-3, ge=0, description="closed_loop: stop when no α is expected to gain more")
     prior_methods: list[str] | None = Field(
-        None, description="closed_loop: merge methods whose predictions form the prior (default: [method])"
+        None,
+        description="closed_loop: merge methods whose predictions form the prior (default: the selection method "
+        "and the variational rules among merge.methods)",
     )
 
     @model_validator(mode="after")

@@ -8,10 +8,14 @@ finetune at α realises other accuracies; the model here is, per task t,
 
 where ``prior_t`` is a merge method's prediction, or with several methods (a multi-fidelity
 prior) their average weighted by how well each has predicted the finetunes so far (Bayesian
-model averaging: weight ∝ exp(−SSE / 2s²)). The residual GPs (constant × RBF + white noise
-kernels over α, hyperparameters fitted by maximum likelihood with a fixed seed) give each task a
-mean and a standard deviation at every α of the grid; the mean accuracy's are their average (its
-variance Σσ_t²/T², the tasks taken as independent).
+model averaging: weight ∝ exp(−SSE / 2s²)). The residual GPs give each task a mean and a
+standard deviation at every α of the grid; the mean accuracy's are their average (its variance
+Σσ_t²/T², the tasks taken as independent). Their kernel is a² · RBF(ℓ) + σ_n² over α with the
+length-scale ℓ fixed (``length_scale``), the amplitude a the root-mean-square residual seen so far
+(at least ``amplitude_floor``) and σ_n = 1 point of accuracy. Hyperparameters fitted by maximum
+likelihood to the one to five finetunes of a small budget are degenerate (a length-scale at either
+bound: the residual becomes a constant shift, or nothing is learnt between the finetunes); with a
+fixed ℓ a large miss at one α makes the far ones uncertain, so the search looks elsewhere.
 
 The first batch goes where the prior predicts the best mean accuracies among α the constraints
 admit (where it predicts none, the α it predicts to miss them by least). Each next α maximises
@@ -29,7 +33,6 @@ Pure library code (numpy, scipy, scikit-learn): no prefect, mlflow or files.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +41,9 @@ from scipy.stats import norm
 
 Constraint = tuple[int, str, float]  # (task index, ">=" | ">" | "<=" | "<", value)
 
+#: The residuals' noise standard deviation: one point of accuracy (test-set and seed noise).
+NOISE = 0.01
+
 
 @dataclass(frozen=True)
 class SearchSettings:
@@ -45,7 +51,8 @@ class SearchSettings:
     batch: int = 1  # finetunes per iteration (run at once)
     epsilon: float = 1e-3  # stop when no α's expected improvement of mean accuracy exceeds this
     prior_scale: float = 0.02  # s of the model averaging: how far (accuracy) a method may miss
-    seed: int = 0
+    length_scale: float = 0.25  # ℓ of the residuals' RBF kernel, in units of α
+    amplitude_floor: float = 0.01  # the residuals' prior standard deviation is at least this
 
     def __post_init__(self):
         if not isinstance(self.budget, int) or self.budget < 1:
@@ -54,6 +61,9 @@ class SearchSettings:
             raise ValueError(f"closed-loop batch must be between 1 and the budget ({self.budget}), got {self.batch!r}")
         if not self.epsilon >= 0:
             raise ValueError(f"closed-loop epsilon must be >= 0, got {self.epsilon!r}")
+        for name in ("prior_scale", "length_scale", "amplitude_floor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"closed-loop {name} must be > 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -134,11 +144,11 @@ class ClosedLoop:
         resid = np.stack(realised) - prior[list(rows)]
         mean, std = np.empty_like(prior), np.empty_like(prior)
         for t in range(prior.shape[1]):
-            kernel = ConstantKernel(1e-3, (1e-6, 1.0)) * RBF(0.3, (0.03, 3.0)) + WhiteKernel(1e-5, (1e-8, 1e-2))
-            gp = GaussianProcessRegressor(kernel, normalize_y=False, random_state=self.settings.seed)
-            with warnings.catch_warnings():  # bounds reached with few points: expected, not news
-                warnings.simplefilter("ignore")
-                gp.fit(x, resid[:, t])
+            amp = max(float(np.sqrt((resid[:, t] ** 2).mean())), self.settings.amplitude_floor)
+            kernel = ConstantKernel(amp**2, "fixed") * RBF(self.settings.length_scale, "fixed") + WhiteKernel(
+                NOISE**2, "fixed"
+            )
+            gp = GaussianProcessRegressor(kernel, optimizer=None).fit(x, resid[:, t])
             m, s = gp.predict(self.alpha, return_std=True)
             mean[:, t], std[:, t] = prior[:, t] + m, s
         return mean, std, weights

@@ -143,10 +143,24 @@ def estimate_front(cfg: ExperimentConfig, runner: Runner) -> FrontResult:
     return result
 
 
+#: The variational merge rules, whose fronts form the closed-loop search's prior by default.
+VARIATIONAL_PRIORS = ("simple", "hessian", "hessian_full", "mixture", "mixture_full")
+
+
+def prior_methods(cfg: ExperimentConfig) -> list[str]:
+    """The merge methods whose predictions the closed-loop search averages: the config's
+    ``selection.prior_methods``, else the selection method and every variational rule among
+    ``merge.methods`` (a multi-fidelity prior: the search weighs each by how well it predicts)."""
+    if cfg.selection.prior_methods:
+        return list(cfg.selection.prior_methods)
+    chosen = selection_method(cfg)
+    return [m for m in cfg.merge.methods if m == chosen or m in VARIATIONAL_PRIORS]
+
+
 def closed_loop(cfg: ExperimentConfig, runner: Runner, data: Any, base: Any, result: FrontResult) -> None:
     """``selection.strategy: closed_loop``: real multitask finetunes placed one batch at a time by
     :class:`varmerge.search.ClosedLoop` over the selection method's α grid, with the merged
-    predictions of ``selection.prior_methods`` as its prior. Sets ``result``'s chosen α and
+    predictions of :func:`prior_methods` as its prior. Sets ``result``'s chosen α and
     realised accuracies (the incumbent first, then the other finetunes in the order they ran),
     and ``result.search``: per iteration its α, the model's predicted mean accuracy and expected
     improvement there, the realised accuracies, and the incumbent after it."""
@@ -154,8 +168,8 @@ def closed_loop(cfg: ExperimentConfig, runner: Runner, data: Any, base: Any, res
 
     sel, names = cfg.selection, result.tasks
     cons = [(names.index(c.task), c.op, c.value) for c in sel.constraints]
-    settings = SearchSettings(sel.budget, sel.batch, sel.epsilon, seed=cfg.posterior.seed)
-    methods = sel.prior_methods or [result.method]
+    settings = SearchSettings(sel.budget, sel.batch, sel.epsilon)
+    methods = prior_methods(cfg)
     alpha = result.alpha
     search = ClosedLoop(alpha, {m: result.sweeps[m]["accuracy"] for m in methods}, settings, cons)
     result.search = []
