@@ -87,7 +87,7 @@ def test_cli_validate_says_how_alpha_is_chosen_and_where_tasks_run(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     out = CliRunner().invoke(app, ["validate", str(path), "--schema-only"]).output
     out = " ".join(out.replace("│", " ").split())  # the table wraps its cells
-    assert "closed loop: up to 4 multitask finetunes, 2 at a time (prior hessian)" in out, out
+    assert "closed loop: up to 4 multitask finetunes, 2 at a time (prior simple, hessian, mixture)" in out, out
     assert "a local Dask cluster of 3 workers" in out, out
     plain = CliRunner().invoke(app, ["validate", str(ROOT / "configs" / "smoke.yaml"), "--schema-only"]).output
     plain = " ".join(plain.replace("│", " ").split())
