@@ -148,15 +148,22 @@ def plot(table: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(table), figsize=(4 * len(table), 3.4), sharey=True)
-    for ax, (name, r) in zip(np.atleast_1d(axes), table.items()):
+    cols = min(3, len(table))
+    rows = -(-len(table) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(table) :]:
+        ax.set_visible(False)
+    for ax, (name, r) in zip(axes.flat, table.items()):
         for k, v in r["regret_points"].items():
             ax.plot(range(1, len(v) + 1), v, marker="o", ms=3, label=k)
         ax.axhline(0.2, color="grey", lw=0.8, ls=":")
         ax.set_title(name)
         ax.set_xlabel("real multitask finetunes")
-    np.atleast_1d(axes)[0].set_ylabel("regret (points of mean accuracy)")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(bottom=0)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("regret (points of mean accuracy)")
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -170,9 +177,15 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=10, help="seeds of the random strategy")
     ap.add_argument("--results", default=str(DEFAULT_OUTPUT))
+    ap.add_argument("--plot-only", action="store_true", help="only redraw the figure from the JSON")
     args = ap.parse_args(argv)
     path = Path(args.results)
     results = load_results(path)
+    if args.plot_only:
+        if "closed_loop" not in results:
+            raise SystemExit(f"{path} has no closed-loop results: run `python -m benchmarks.closed_loop` first")
+        print(f"wrote {plot(results['closed_loop']['columns'], ROOT / 'docs' / results['closed_loop']['figure'])}")
+        return
     table = {n: column(n, results, args.budget, args.seeds) for n in args.experiments}
     figure = plot(table, FIGURE if path.resolve() == DEFAULT_OUTPUT.resolve() else path.with_suffix(".png"))
     results["closed_loop"] = {
