@@ -107,9 +107,7 @@ def column(name: str, results: dict, budget: int, seeds: int) -> dict:
     cons = [(0, ">=", threshold)]
     tol = 0.003
     constrained = {
-        "closed_loop": until_within(
-            replay(ClosedLoop(alpha, preds, settings, cons), truth), truth, feasible, tol
-        ),
+        "closed_loop": until_within(replay(ClosedLoop(alpha, preds, settings, cons), truth), truth, feasible, tol),
         "top_k": until_within(top_feasible(preds[method], threshold, budget), truth, feasible, tol),
         "random (median over seeds)": _median_or_none([until_within(d, truth, feasible, tol) for d in draws]),
         "grid": until_within(spread(alpha, budget), truth, feasible, tol),

@@ -434,12 +434,12 @@ def render(results: dict, paper: dict, experiments: dict) -> str:
             f"`python -m benchmarks.closed_loop` at `{cl['generated']['commit']}`: on each column's ground-truth grid, "
             "a strategy spends B real multitask finetunes (replayed from the recorded ground truth); regret = the "
             "grid's best multitask mean accuracy − the best realised, in points. `closed_loop`: the search of "
-            "`selection.strategy: closed_loop` with its default prior, the fronts of the selection method (mixture) and "
-            "the other variational rules (simple, hessian) averaged by how well each predicts; `(selection method "
-            "only)`: the mixture front alone; `top_k`: the mixture front's B best α; `grid`: the centre of the simplex, "
-            f"then the α farthest from those taken; `random`: the mean over {cl['seeds']} seeds. Goal: ≤ 0.2 points "
-            "within 5 finetunes. The GP's length-scale (0.25) was chosen among 0.15, 0.2, 0.25, 0.3 and 0.4 on these "
-            "same columns, so these regrets are optimistic for a new problem."
+            "`selection.strategy: closed_loop` with its default prior, the fronts of the selection method (mixture) "
+            "and the other variational rules (simple, hessian) averaged by how well each predicts; `(selection "
+            "method only)`: the mixture front alone; `top_k`: the mixture front's B best α; `grid`: the centre of "
+            f"the simplex, then the α farthest from those taken; `random`: the mean over {cl['seeds']} seeds. Goal: "
+            "≤ 0.2 points within 5 finetunes. The GP's length-scale (0.25) was chosen among 0.15, 0.2, 0.25, 0.3 and "
+            "0.4 on these same columns, so these regrets are optimistic for a new problem."
         )
         add("")
         budget = cl["budget"]
