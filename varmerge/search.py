@@ -13,9 +13,10 @@ standard deviation at every α of the grid; the mean accuracy's are their averag
 Σσ_t²/T², the tasks taken as independent). Their kernel is a² · RBF(ℓ) + σ_n² over α with the
 length-scale ℓ fixed (``length_scale``), the amplitude a the root-mean-square residual seen so far
 (at least ``amplitude_floor``) and σ_n = 1 point of accuracy. Hyperparameters fitted by maximum
-likelihood to the one to five finetunes of a small budget are degenerate (a length-scale at either
-bound: the residual becomes a constant shift, or nothing is learnt between the finetunes); with a
-fixed ℓ a large miss at one α makes the far ones uncertain, so the search looks elsewhere.
+likelihood to the one to five finetunes of a small budget are poorly determined (on Table 1's
+columns: ℓ stays at its start with one point, then wanders between 0.16 and 1.1, and the noise
+can reach its bound, explaining the misses as noise); with a fixed ℓ a large miss at one α makes
+the far ones uncertain, so the search looks elsewhere.
 
 The first batch goes where the prior predicts the best mean accuracies among α the constraints
 admit (where it predicts none, the α it predicts to miss them by least). Each next α maximises
