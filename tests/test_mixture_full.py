@@ -66,15 +66,15 @@ def test_anchor_starts_reach_the_same_fixed_points_in_fewer_steps():
     counted = []
     plain = merge.mixture_weighted_full(means, precs, alpha, weights=weights, iterations=60, tol=1e-10)
     fast = merge.mixture_weighted_full(
-        means, precs, alpha, weights=weights, iterations=60, tol=1e-10, anchor_spacing=0.5,
+        means, precs, alpha, weights=weights, iterations=60, tol=1e-10, start_spacing=0.5,
         callback=lambda i, x: counted.append(x.clone()),
     )  # fmt: skip
     torch.testing.assert_close(fast, plain, atol=1e-7, rtol=0)
     start = counted[0]  # the M-step from responsibilities at the nearest anchor's fixed point
     from_pi = merge.mixture_weighted_full(means, precs, alpha, weights=weights, iterations=0)
     assert float((start - plain).abs().max()) < float((from_pi - plain).abs().max())
-    with pytest.raises(ValueError, match="anchor_spacing must be in"):
-        merge.mixture_weighted_full(means, precs, alpha, weights=weights, anchor_spacing=0.0)
+    with pytest.raises(ValueError, match="start_spacing must be in"):
+        merge.mixture_weighted_full(means, precs, alpha, weights=weights, start_spacing=0.0)
 
 
 def test_mode_matches_a_brute_force_search_on_two_parameters():
@@ -326,6 +326,11 @@ def test_preconditioned_cg_equals_the_cholesky_sweep():
     assert (
         info["anchors"] <= 21 and info["iterations"] < P and "unconverged" not in info
     )  # fewer steps than plain CG's P
+    f32 = [m.float() for m in means], [h.float() for h in H]  # the registry's dtype: its own default tolerance
+    got = merge.hessian_weighted_full(*f32, alpha, solver="pcg")
+    torch.testing.assert_close(got.double(), merge.hessian_weighted_full(means, list(H), alpha), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="pcg_tol must be >= 0"):
+        merge.hessian_weighted_full(means, list(H), alpha, solver="pcg", pcg_tol=-1.0)
     with pytest.raises(ValueError, match="solver must be 'cholesky' or 'pcg'"):
         merge.hessian_weighted_full(means, list(H), alpha, solver="lu")
     with pytest.raises(ValueError, match=r"CG did not reach pcg_tol=0.0 for \d+ α rows"):  # never silently wrong
@@ -333,10 +338,49 @@ def test_preconditioned_cg_equals_the_cholesky_sweep():
 
 
 def test_mixture_em_by_cg_equals_refactorising_every_step():
+    from varmerge.grid import simplex_grid
+
     means, precs, weights = problem(seed=9, P=12)
+    cg = {"solver": "pcg", "pcg_tol": 1e-12}
     want = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=8)
-    got = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=8, solver="pcg", pcg_tol=1e-12)
+    got = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=8, **cg)
     torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
+    alpha = simplex_grid(3, 0.1)  # many α on few anchors, each row stopping on its own, every iterate
+    kw = {"weights": weights, "iterations": 20, "tol": 1e-6}
+    seen = {"cholesky": [], "pcg": []}
+    want = merge.mixture_weighted_full(means, precs, alpha, callback=lambda i, x: seen["cholesky"].append(x), **kw)
+    got = merge.mixture_weighted_full(
+        means, precs, alpha, callback=lambda i, x: seen["pcg"].append(x), anchor_spacing=0.5, **cg, **kw
+    )
+    torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
+    assert len(seen["pcg"]) == len(seen["cholesky"]) == 21
+    for x, y in zip(seen["pcg"], seen["cholesky"], strict=True):
+        torch.testing.assert_close(x, y, atol=1e-8, rtol=1e-8)
+    want = merge.mixture_weighted_full(means, precs, alpha, start_spacing=0.5, **kw)
+    got = merge.mixture_weighted_full(means, precs, alpha, start_spacing=0.5, **cg, **kw)
+    torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
+    with pytest.raises(ValueError, match=r"mixture_full: CG did not reach pcg_tol=0.0 for \d+ α rows"):
+        merge.mixture_weighted_full(means, precs, alpha, weights=weights, solver="pcg", pcg_tol=0.0)
+    with pytest.raises(ValueError, match="anchor_spacing must be in"):
+        merge.mixture_weighted_full(means, precs, alpha, weights=weights, solver="pcg", anchor_spacing=1.5)
+
+
+def test_cg_computes_only_the_rows_still_iterating():
+    from varmerge.merging.kernels import pcg
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.stack([spd(6, g), torch.eye(6, dtype=f64)])  # row 1 converges in one step
+    b = torch.randn(2, 6, generator=g, dtype=f64)
+    seen = []
+
+    def matvec(V, rows):
+        seen.append(rows.tolist())
+        return torch.einsum("gij,gj->gi", A[rows], V)
+
+    x, iters, unconverged = pcg(matvec, lambda R, rows: R, b, torch.zeros_like(b), tol=1e-12, max_iter=50)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), atol=1e-9, rtol=0)
+    assert unconverged == 0 and int(iters[1]) == 1 and int(iters[0]) > 1
+    assert seen[:2] == [[0, 1], [0, 1]] and all(r == [0] for r in seen[2:])
 
 
 def test_each_alpha_stops_on_its_own_so_blocks_do_not_change_the_early_stopped_result():

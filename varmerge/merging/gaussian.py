@@ -26,11 +26,13 @@ import torch
 
 from varmerge._checks import check_alpha, check_precision_tensor, check_precisions, check_state_dicts
 from varmerge.merging.kernels import (
+    AnchorPreconditioner,
     LazyStack,
     StateDict,
     check_base,
     chunk_size,
     chunked_merge,
+    combined_matvec,
     compute_dtype,
     finish,
     flat,
@@ -86,16 +88,17 @@ class FullOptions(Options):
 
 class HessianFullOptions(FullOptions):
     solver: Literal["cholesky", "pcg"] = "cholesky"  # pcg: kernels.solve_combined_pcg
-    pcg_tol: float = 1e-7  # relative residual at which a row's CG stops
+    pcg_tol: float | None = None  # relative residual at which a row's CG stops (None: PCG_TOL of the dtype)
     anchor_spacing: float = 0.2  # the preconditioners' coarse grid
 
 
 class MixtureFullOptions(FullOptions):
     iterations: int = 10  # EM steps after the start at the π-weighted Hessian merge
     tol: float | None = None  # an α stops once none of its responsibilities moves more than this
-    solver: Literal["cholesky", "pcg"] = "cholesky"  # pcg: factor once, then CG from the last iterate
-    pcg_tol: float = 1e-7
-    anchor_spacing: float | None = None  # EM on this coarse grid first; each α starts at its nearest anchor
+    solver: Literal["cholesky", "pcg"] = "cholesky"  # pcg: CG from the last iterate, anchor preconditioners
+    pcg_tol: float | None = None  # None: PCG_TOL of the dtype
+    anchor_spacing: float = 0.2  # pcg: the preconditioners' coarse grid
+    start_spacing: float | None = None  # EM on this coarse grid first; each α starts at its nearest anchor
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +443,19 @@ def _check_full(means, precisions):
     return P
 
 
+#: The relative residual at which CG stops when ``pcg_tol`` is not given: near each dtype's floor
+#: (float32 CG stalls between 1e-6 and 1e-7).
+PCG_TOL = {torch.float32: 1e-5, torch.float64: 1e-7}
+
+
+def _pcg_tol(tol: float | None, dtype: torch.dtype) -> float:
+    if tol is None:
+        return PCG_TOL.get(dtype, 1e-5)
+    if not tol >= 0:
+        raise ValueError(f"pcg_tol must be >= 0, got {tol}")
+    return tol
+
+
 @register("hessian_full", posterior="full", options=HessianFullOptions, dtype=torch.float32)
 @torch.no_grad()
 def hessian_weighted_full(
@@ -451,7 +467,7 @@ def hessian_weighted_full(
     base_precision: torch.Tensor | None = None,
     max_batch_bytes: int = 1 << 28,
     solver: str = "cholesky",
-    pcg_tol: float = 1e-7,
+    pcg_tol: float | None = None,
     anchor_spacing: float = 0.2,
 ):
     """Hessian-weighted merging with full precision matrices: (Σ α_t H_t)⁻¹ Σ α_t H_t θ_t.
@@ -482,6 +498,7 @@ def hessian_weighted_full(
         rhs = torch.einsum("tij,tj->ti", H, th)
     al = a.to(dt)
     if solver == "pcg":
+        pcg_tol = _pcg_tol(pcg_tol, dt)
         x, info = solve_combined_pcg(H, al, al @ rhs, anchor_spacing=anchor_spacing, tol=pcg_tol, base=H0)
         if "unconverged" in info:
             raise ValueError(
@@ -575,26 +592,11 @@ class _FullMixture:
     def solve(self, w: torch.Tensor, alpha: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return self.factor(w, alpha, rows)[0]
 
-    def solve_pcg(self, w: torch.Tensor, L: torch.Tensor, x0: torch.Tensor, tol: float) -> torch.Tensor:
-        """The same system by CG from ``x0``, preconditioned by earlier factors ``L`` (g, P, P)."""
-        wd = w.to(self.H.dtype)
-        b = wd @ self.Htheta
-
-        def matvec(V):
-            out = torch.zeros_like(V)
-            for c in range(len(self.H)):
-                out += wd[:, c, None] * (V @ self.H[c])
-            return out
-
-        def precond(R):
-            return torch.cholesky_solve(R.unsqueeze(-1), L).squeeze(-1)
-
-        x, _, unconverged = pcg(matvec, precond, b, x0, tol=tol, max_iter=10 * self.P)
-        if unconverged:
-            raise ValueError(
-                f"mixture_full: CG did not reach pcg_tol={tol} for {unconverged} α rows; use solver: cholesky"
-            )
-        return x
+    def task_precisions(self) -> torch.Tensor:
+        """(T, P, P) Σ_k π_tk H_tk: the combined precision at responsibilities π is Σ_t α_t of these."""
+        pi = self.log_pi.exp().to(self.H.dtype)
+        parts = [torch.einsum("c,cij->ij", pi[self.task_of == t], self.H[self.task_of == t]) for t in range(self.T)]
+        return torch.stack(parts)
 
 
 @register("mixture_full", posterior="mixture_full", options=MixtureFullOptions, dtype=torch.float32)
@@ -609,8 +611,9 @@ def mixture_weighted_full(
     tol: float | None = None,
     max_batch_bytes: int = 1 << 28,
     solver: str = "cholesky",
-    pcg_tol: float = 1e-7,
-    anchor_spacing: float | None = None,
+    pcg_tol: float | None = None,
+    anchor_spacing: float = 0.2,
+    start_spacing: float | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ):
     """Algorithm 1 with full precisions: the EM fixed point of Π_t (Σ_k π_tk N(θ_tk, H_tk⁻¹))^{α_t}.
@@ -621,13 +624,20 @@ def mixture_weighted_full(
     r_tk ∝ π_tk N(θ̂ | θ_tk, H_tk⁻¹) per task, from log-densities (½ log det H_tk included), then
     θ̂ = (Σ_tk r_tk α_t H_tk)⁻¹ Σ_tk r_tk α_t H_tk θ_tk. Each step cannot decrease
     :func:`mixture_full_objective` (it maximises Jensen's lower bound at the current r). With K = 1
-    everywhere this is :func:`hessian_weighted_full`. Batched over α in blocks of at most
-    ``max_batch_bytes`` of (P, P) systems; ``callback(i, θ̂)`` sees every iterate ((G, P)).
-    ``solver="pcg"`` factors each α's system once (iteration 0) and solves the later EM steps by
-    CG started at the previous iterate and preconditioned by that factor (C matrix products per
-    step instead of a new factorisation).
+    everywhere this is :func:`hessian_weighted_full`. ``callback(i, θ̂)`` sees every iterate
+    ((G, P)). With ``tol`` each α stops after the step in which none of its responsibilities moved
+    by more than ``tol``.
 
-    ``anchor_spacing``: first run EM on the simplex grid of that spacing, then start each α's EM
+    ``solver="cholesky"`` factorises every α's system at every step, in blocks of at most
+    ``max_batch_bytes`` of (P, P) systems. ``solver="pcg"`` solves all α at once by conjugate
+    gradients, each step started at the previous iterate, with no factorisation per α: a task's
+    components have similar precisions, so Σ_tk r_tk α_t H_tk stays close to Σ_t α_t H̄_t
+    (H̄_t = Σ_k π_tk H_tk) whatever the responsibilities, and the inverse of that matrix at the
+    nearest point of a grid of spacing ``anchor_spacing`` preconditions every step
+    (:class:`~varmerge.merging.kernels.AnchorPreconditioner`, at most 21 factorisations for three
+    tasks at 0.2). A CG product costs C matrix products batched over the α rows still iterating.
+
+    ``start_spacing``: first run EM on the simplex grid of that spacing, then start each α's EM
     from the responsibilities at its nearest anchor's fixed point instead of π (neighbouring α have
     nearby fixed points, so with ``tol`` most α stop after a step or two). The objective can have
     several local maxima; a start from a neighbour's solution may end in another one than the
@@ -637,76 +647,129 @@ def mixture_weighted_full(
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
     if solver not in ("cholesky", "pcg"):
         raise ValueError(f"solver must be 'cholesky' or 'pcg', got {solver!r}")
-    if anchor_spacing is not None and not 0 < anchor_spacing <= 1:
-        raise ValueError(f"anchor_spacing must be in (0, 1], got {anchor_spacing}")
+    for name, value in (("anchor_spacing", anchor_spacing), ("start_spacing", start_spacing)):
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
     mix = _FullMixture(means, precisions, weights)
     a, batched = check_alpha(alpha, mix.T)
-    em = _MixtureEM(mix, iterations, tol, solver, pcg_tol, max_batch_bytes)
+    em = _MixtureEM(mix, iterations, tol, max_batch_bytes)
+    solve = em.run_pcg if solver == "pcg" else em.run
+    extra = {"pcg_tol": _pcg_tol(pcg_tol, mix.H.dtype), "anchor_spacing": anchor_spacing} if solver == "pcg" else {}
     start = None
-    if anchor_spacing is not None:  # EM on a coarse grid first; every α starts at its nearest anchor
+    if start_spacing is not None:  # EM on a coarse grid first; every α starts at its nearest anchor
         from varmerge.grid import simplex_grid
 
-        anchors = simplex_grid(mix.T, anchor_spacing).to(a.dtype)
-        solved = em.run(anchors)
+        anchors = simplex_grid(mix.T, start_spacing).to(a.dtype)
+        solved = solve(anchors, **extra)
         start = solved[torch.cdist(a, anchors).argmin(1)]
     each = None if callback is None else (lambda i, x: callback(i, x if batched else x[0]))
-    x = em.run(a, start, each)
+    x = solve(a, start, each, **extra)
     return x if batched else x[0]
 
 
 class _MixtureEM:
-    """The EM iteration of :func:`mixture_weighted_full` over blocks of α rows; with ``tol`` each
-    row stops after the step in which none of its responsibilities moved by more than ``tol``, so
-    a row's result does not depend on the rows it is batched with."""
+    """The EM iteration of :func:`mixture_weighted_full`; with ``tol`` each row stops after the
+    step in which none of its responsibilities moved by more than ``tol``, so a row's result does
+    not depend on the rows it is batched with."""
 
-    def __init__(self, mix: _FullMixture, iterations: int, tol, solver: str, pcg_tol: float, max_batch_bytes: int):
-        self.mix, self.iterations, self.tol, self.solver, self.pcg_tol = mix, iterations, tol, solver, pcg_tol
+    def __init__(self, mix: _FullMixture, iterations: int, tol, max_batch_bytes: int):
+        self.mix, self.iterations, self.tol = mix, iterations, tol
         self.per = max(1, int(max_batch_bytes // max(mix.P * mix.P * mix.theta.element_size(), 1)))
 
-    def run(self, a: torch.Tensor, start: torch.Tensor | None = None, callback=None) -> torch.Tensor:
-        """(G, P) fixed points for (G, T) α; ``start`` (G, P): first responsibilities at these points
-        instead of π."""
-        mix, iterations = self.mix, self.iterations
+    def _first(self, a: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+        """(G, C) responsibilities of iteration 0: π, or those at the points ``start``."""
+        mix = self.mix
+        if start is None:
+            return _responsibilities(mix.log_pi.expand(a.shape[0], -1).clone(), mix.task_of, mix.T)
+        return _responsibilities(mix.log_joint(start), mix.task_of, mix.T)
+
+    def _steps(self, a, resp, theta, solve, keep) -> None:
+        """EM steps 1..iterations on (G, C) ``resp`` and (G, P) ``theta`` in place; ``solve(rows,
+        w)`` gives θ̂ of the (g,) ``rows`` for their (g, C) weights α_t r_tk."""
+        mix = self.mix
         alpha_c = a[:, mix.task_of]  # (G, C): α_t of each component's task
-        iterates: list[list[torch.Tensor]] = [[] for _ in range(iterations + 1)]  # kept only for a callback
+        active = torch.arange(a.shape[0])  # the rows still iterating: each stops on its own
+        for i in range(1, self.iterations + 1):
+            if len(active) == 0:
+                for rest in range(i, self.iterations + 1):
+                    keep(rest, theta)
+                return
+            sel = slice(None) if len(active) == a.shape[0] else active  # no copies while all iterate
+            new = _responsibilities(mix.log_joint(theta[sel]), mix.task_of, mix.T)
+            moved = (new - resp[sel]).abs().amax(1)
+            resp[sel] = new
+            theta[sel] = solve(active, alpha_c[sel] * new)
+            keep(i, theta)
+            if self.tol is not None:
+                active = active[moved > self.tol]
+
+    @staticmethod
+    def _keeper(callback):
+        iterates: list[list[torch.Tensor]] = []  # kept only for a callback
 
         def keep(i: int, theta: torch.Tensor) -> None:
             if callback is not None:
+                while len(iterates) <= i:
+                    iterates.append([])
                 iterates[i].append(theta.clone())  # theta is updated in place
 
+        def flush() -> None:
+            if callback is not None:
+                for i, parts in enumerate(iterates):
+                    callback(i, torch.cat(parts))
+
+        return keep, flush
+
+    def run(self, a: torch.Tensor, start: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+        """(G, P) fixed points for (G, T) α, refactorising every step in blocks of α rows;
+        ``start`` (G, P): first responsibilities at these points instead of π."""
+        mix = self.mix
+        keep, flush = self._keeper(callback)
         outs = []
         for lo in range(0, a.shape[0], self.per):
-            ac = alpha_c[lo : lo + self.per]
-            rows = torch.arange(lo, lo + ac.shape[0])
-            if start is None:
-                resp = _responsibilities(mix.log_pi.expand(ac.shape[0], -1).clone(), mix.task_of, mix.T)
-            else:
-                resp = _responsibilities(mix.log_joint(start[lo : lo + self.per]), mix.task_of, mix.T)
-            theta, L = mix.factor(ac * resp, a, rows)
+            ab = a[lo : lo + self.per]
+            rows = torch.arange(lo, lo + ab.shape[0])
+            resp = self._first(ab, None if start is None else start[lo : lo + self.per])
+            theta = mix.solve(ab[:, mix.task_of] * resp, a, rows)
             keep(0, theta)
-            active = torch.arange(ac.shape[0])  # the rows still iterating: each stops on its own
-            for i in range(1, iterations + 1):
-                if len(active) == 0:
-                    for rest in range(i, iterations + 1):
-                        keep(rest, theta)
-                    break
-                sel = slice(None) if len(active) == ac.shape[0] else active  # no copies while all iterate
-                new = _responsibilities(mix.log_joint(theta[sel]), mix.task_of, mix.T)
-                moved = (new - resp[sel]).abs().amax(1)
-                resp[sel] = new
-                w = ac[sel] * new
-                if self.solver == "pcg":
-                    theta[sel] = mix.solve_pcg(w, L[sel], theta[sel], self.pcg_tol)
-                else:
-                    theta[sel] = mix.solve(w, a, rows[sel])
-                keep(i, theta)
-                if self.tol is not None:
-                    active = active[moved > self.tol]
+            self._steps(ab, resp, theta, lambda act, w, rows=rows: mix.solve(w, a, rows[act]), keep)
             outs.append(theta)
-        if callback is not None:
-            for i, parts in enumerate(iterates):
-                callback(i, torch.cat(parts))
+        flush()
         return torch.cat(outs)
+
+    def run_pcg(
+        self, a: torch.Tensor, start=None, callback=None, *, pcg_tol: float, anchor_spacing: float
+    ) -> torch.Tensor:
+        """The same fixed points, every system solved by CG (see :func:`mixture_weighted_full`)."""
+        mix = self.mix
+        dt = mix.H.dtype
+        keep, flush = self._keeper(callback)
+        Hbar = mix.task_precisions()
+        precond = AnchorPreconditioner(Hbar, a.to(dt), spacing=anchor_spacing)
+
+        def cg(matvec, pre, w, x0):
+            x, _, unconverged = pcg(matvec, pre, w @ mix.Htheta, x0, tol=pcg_tol, max_iter=10 * mix.P)
+            if unconverged:
+                raise ValueError(
+                    f"mixture_full: CG did not reach pcg_tol={pcg_tol} for {unconverged} α rows; use solver: cholesky"
+                )
+            return x
+
+        resp = self._first(a, start)
+        w = (a[:, mix.task_of] * resp).to(dt)
+        rows = torch.arange(a.shape[0])
+        # at π the system is the T-term Σ_t α_t H̄_t: T products per CG step instead of C
+        matvec = combined_matvec(Hbar, a.to(dt)) if start is None else combined_matvec(mix.H, w)
+        theta = cg(matvec, precond, w, precond(w @ mix.Htheta, rows))
+        keep(0, theta)
+
+        def solve(active, w):
+            w = w.to(dt)
+            return cg(combined_matvec(mix.H, w), lambda R, r: precond(R, active[r]), w, theta[active])
+
+        self._steps(a, resp, theta, solve, keep)
+        flush()
+        return theta
 
 
 @torch.no_grad()

@@ -7,6 +7,10 @@ tasks) and a ``kernel`` computes a (G, m) block of the merged tensor from (T, m)
 input once and writes each output once, and handles dtypes (half precision is computed in
 float32), preallocated outputs and the batched / single-α return shape (:func:`finish`).
 
+The full-precision rules also solve by preconditioned conjugate gradients over all α at once
+(:func:`pcg`, which computes only the rows still iterating; :func:`combined_matvec`; the shared
+:class:`AnchorPreconditioner`).
+
 These names are for the rule modules of this package (:mod:`varmerge.merging.gaussian`,
 :mod:`varmerge.merging.baselines`); users call the rules through :mod:`varmerge.merge`.
 """
@@ -21,12 +25,14 @@ from varmerge._checks import check_state_dicts
 
 __all__ = [
     "CHUNK_TARGET",
+    "AnchorPreconditioner",
     "StateDict",
     "LazyStack",
     "check_base",
     "check_out",
     "chunk_size",
     "chunked_merge",
+    "combined_matvec",
     "compute_dtype",
     "finish",
     "flat",
@@ -163,6 +169,61 @@ def chunked_merge(
     return finish(result, batched)
 
 
+class AnchorPreconditioner:
+    """The preconditioner of CG on ``B + Σ_t w_gt H_t``: each row g uses the inverse of the
+    combined matrix at its nearest *anchor*, a point of the simplex grid of spacing ``spacing``
+    over the normalised weights, scaled to the mean weight sum of the rows near it. One factor per
+    anchor in use, shared by all its rows, so applying it is one matrix product per anchor.
+
+    ``H`` is (T, P, P) symmetric positive definite, ``weights`` (G, T) non-negative, ``base`` an
+    optional (P, P) B. A matrix of the same combination with other, nearby weights (a mixture's
+    components of one task, weighted by their responsibilities) is preconditioned as well.
+    """
+
+    def __init__(self, H: torch.Tensor, weights: torch.Tensor, *, spacing: float, base: torch.Tensor | None = None):
+        from varmerge.grid import simplex_grid
+
+        T, P, _ = H.shape
+        dt = H.dtype
+        w = weights.to(dt)
+        scale = w.sum(1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
+        anchors = simplex_grid(T, spacing).to(dt)
+        self.nearest = torch.cdist(w / scale, anchors, p=1).argmin(1)  # (G,)
+        B = torch.zeros(P, P, dtype=dt) if base is None else base.to(dt)
+        self.inverse = {}
+        for a in torch.unique(self.nearest).tolist():
+            s = float(scale[self.nearest == a].mean())  # the anchor's matrix at the mean scale of its rows
+            L, info = torch.linalg.cholesky_ex(B + s * torch.einsum("t,tij->ij", anchors[a], H))
+            if int(info) != 0:
+                raise ValueError(f"the combined precision at anchor α {anchors[a].tolist()} is not positive definite")
+            self.inverse[a] = torch.cholesky_inverse(L)
+
+    def __call__(self, R: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """M⁻¹ r for the (g, P) residuals ``R`` of the (g,) rows ``rows``."""
+        Z = torch.empty_like(R)
+        near = self.nearest[rows]
+        for a in torch.unique(near).tolist():
+            idx = torch.nonzero(near == a).flatten()
+            Z[idx] = R[idx] @ self.inverse[a]  # symmetric
+        return Z
+
+
+def combined_matvec(H: torch.Tensor, weights: torch.Tensor, base: torch.Tensor | None = None):
+    """``(V, rows) -> V_g (B + Σ_j w_gj H_j)`` for (g, P) vectors of the (g,) ``rows`` of the
+    (G, J) ``weights``, with (J, P, P) symmetric ``H``: J matrix products batched over the rows,
+    skipping a term whose weight is zero on all of them (exact)."""
+
+    def matvec(V: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        w = weights[rows]
+        out = torch.zeros_like(V) if base is None else V @ base
+        for j in range(H.shape[0]):
+            if bool(w[:, j].any()):
+                out += w[:, j, None] * (V @ H[j])
+        return out
+
+    return matvec
+
+
 @torch.no_grad()
 def solve_combined_pcg(
     H: torch.Tensor,
@@ -179,47 +240,20 @@ def solve_combined_pcg(
     ``H`` is (T, P, P) symmetric positive definite, ``weights`` (G, T) non-negative, ``b`` (G, P),
     ``base`` an optional (P, P) B. The structure is used three ways: a matrix–vector product is T
     products with the H_t, batched over all rows (BLAS-3); the preconditioner of a row is the
-    Cholesky factor of the combined matrix at the nearest *anchor* weighting (a coarse grid of
-    spacing ``anchor_spacing`` over the normalised weights), shared by every row near it; the start
-    is that anchor's solution of the row's own right-hand side. Stops per row at relative residual
-    ``tol``. Returns ``(x (G, P), info)`` with ``info``: ``anchors``, ``iterations`` (max over rows),
-    ``mean_iterations``.
+    combined matrix at its nearest anchor (:class:`AnchorPreconditioner`), shared by every row near
+    it; the start is that preconditioner applied to the row's own right-hand side. Stops per row
+    at relative residual ``tol``. Returns ``(x (G, P), info)`` with ``info``: ``anchors``,
+    ``iterations`` (max over rows), ``mean_iterations``.
     """
-    from varmerge.grid import simplex_grid
-
-    T, P, _ = H.shape
-    dt = H.dtype
-    w = weights.to(dt)
-    scale = w.sum(1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
-    anchors = simplex_grid(T, anchor_spacing).to(dt)
-    nearest = torch.cdist(w / scale, anchors, p=1).argmin(1)  # (G,)
-    used = torch.unique(nearest)
-    B = torch.zeros(P, P, dtype=dt) if base is None else base.to(dt)
-    chol = {}
-    for a in used.tolist():
-        # the anchor's matrix at the mean scale of its rows (the factor of a positive combination)
-        s = float(scale[nearest == a].mean())
-        M = B + s * torch.einsum("t,tij->ij", anchors[a], H)
-        L, info = torch.linalg.cholesky_ex(M)
-        if int(info) != 0:
-            raise ValueError(f"the combined precision at anchor α {anchors[a].tolist()} is not positive definite")
-        chol[a] = L
-    groups = {a: torch.nonzero(nearest == a).flatten() for a in chol}
-
-    def matvec(V: torch.Tensor) -> torch.Tensor:  # (G, P) -> (G, P)
-        out = V @ B
-        for t in range(T):
-            out += w[:, t, None] * (V @ H[t])  # H_t symmetric
-        return out
-
-    def precond(R: torch.Tensor) -> torch.Tensor:
-        Z = torch.empty_like(R)
-        for a, idx in groups.items():
-            Z[idx] = torch.cholesky_solve(R[idx].T, chol[a]).T
-        return Z
-
-    x, iters, unconverged = pcg(matvec, precond, b, precond(b), tol=tol, max_iter=max_iter)
-    info = {"anchors": len(chol), "iterations": int(iters.max()), "mean_iterations": float(iters.double().mean())}
+    w = weights.to(H.dtype)
+    precond = AnchorPreconditioner(H, w, spacing=anchor_spacing, base=base)
+    rows = torch.arange(b.shape[0])
+    x, iters, unconverged = pcg(combined_matvec(H, w, base), precond, b, precond(b, rows), tol=tol, max_iter=max_iter)
+    info = {
+        "anchors": len(precond.inverse),
+        "iterations": int(iters.max()),
+        "mean_iterations": float(iters.double().mean()),
+    }
     if unconverged:
         info["unconverged"] = unconverged
     return x, info
@@ -229,30 +263,36 @@ def solve_combined_pcg(
 def pcg(matvec, precond, b: torch.Tensor, x0: torch.Tensor, *, tol: float, max_iter: int):
     """Preconditioned conjugate gradients on every row of ``b`` (G, P) at once, from ``x0``.
 
-    ``matvec`` and ``precond`` map (G, P) to (G, P), row by row; each row stops at relative
-    residual ``tol``. Returns ``(x, iterations per row, rows not converged after max_iter)``.
+    ``matvec(V, rows)`` and ``precond(R, rows)`` map the (g, P) vectors of the (g,) row indices
+    ``rows`` to (g, P); each row stops at relative residual ``tol``, and only the rows still
+    iterating are computed. Returns ``(x, iterations per row, rows not converged after max_iter)``.
     """
     dt = b.dtype
     x = x0.clone()
-    r = b - matvec(x)
+    rows = torch.arange(b.shape[0])
+    r = b - matvec(x, rows)
     bnorm = b.norm(dim=1).clamp_min(torch.finfo(dt).tiny)
-    active = r.norm(dim=1) / bnorm > tol
-    z = precond(r)
+    keep = r.norm(dim=1) / bnorm > tol
+    rows, r = rows[keep], r[keep]
+    iters = torch.zeros(b.shape[0], dtype=torch.long)
+    z = precond(r, rows)
     p = z.clone()
     rz = (r * z).sum(1)
-    iters = torch.zeros(b.shape[0], dtype=torch.long)
     for _ in range(max_iter):
-        if not bool(active.any()):
+        if len(rows) == 0:
             break
-        Ap = matvec(p)
-        step = torch.where(active, rz / (p * Ap).sum(1), torch.zeros_like(rz))
-        x += step[:, None] * p
+        Ap = matvec(p, rows)
+        step = rz / (p * Ap).sum(1)
+        x[rows] += step[:, None] * p
         r -= step[:, None] * Ap
-        iters += active.long()
-        active = active & (r.norm(dim=1) / bnorm > tol)
-        z = precond(r)
+        iters[rows] += 1
+        keep = r.norm(dim=1) / bnorm[rows] > tol
+        if not bool(keep.all()):  # converged rows leave: later products cover the rest only
+            rows, r, p, rz = rows[keep], r[keep], p[keep], rz[keep]
+            if len(rows) == 0:
+                break
+        z = precond(r, rows)
         rz_new = (r * z).sum(1)
-        beta = torch.where(active, rz_new / rz, torch.zeros_like(rz))
-        p = z + beta[:, None] * p
+        p = z + (rz_new / rz)[:, None] * p
         rz = rz_new
-    return x, iters, int(active.sum())
+    return x, iters, len(rows)
