@@ -31,6 +31,18 @@ def test_report_cells_are_the_json_numbers():
         assert re.search(rf"\*\*{name}\*\*: ", text)  # the targets line of each experiment
 
 
+def test_the_solver_table_is_the_json_numbers():
+    fs = _results()["full_solvers"]
+    text = render(_results(), table1.PAPER, table1.EXPERIMENTS)
+    for rule in ("hessian_full", "mixture_full"):
+        rows = fs[rule]["rows"]
+        ref32 = next(r["seconds"] for r in rows if r["solver"] == "cholesky float32")
+        for r in rows:
+            cells = f"| {r['solver']} | {r['seconds']:.1f} |"
+            line = next(ln for ln in text.splitlines() if ln.startswith(cells) and f"{ref32 / r['seconds']:.1f}×" in ln)
+            assert f"| {r['max_abs_dtheta']:.1e} |" in line, line
+
+
 def test_committed_report_is_up_to_date():
     res = _results()
     assert (ROOT / "docs" / "RESULTS.md").read_text() == render(res, table1.PAPER, table1.EXPERIMENTS)
