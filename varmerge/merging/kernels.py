@@ -172,7 +172,7 @@ def chunked_merge(
 class AnchorPreconditioner:
     """The preconditioner of CG on ``B + Σ_t w_gt H_t``: each row g uses the inverse of the
     combined matrix at its nearest *anchor*, a point of the simplex grid of spacing ``spacing``
-    over the normalised weights, scaled to the mean weight sum of the rows near it. One factor per
+    over the normalised weights, scaled to the mean weight sum of the rows near it. One inverse per
     anchor in use, shared by all its rows, so applying it is one matrix product per anchor.
 
     ``H`` is (T, P, P) symmetric positive definite, ``weights`` (G, T) non-negative, ``base`` an
