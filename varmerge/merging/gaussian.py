@@ -577,9 +577,9 @@ class _FullMixture:
             q[:, c] = ((d @ self.H[c]) * d).sum(-1).to(torch.float64)
         return self.log_pi + self.half_logdet - 0.5 * q
 
-    def factor(self, w: torch.Tensor, alpha: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g, P) θ̂ = (Σ_c w_c H_c)⁻¹ Σ_c w_c H_c θ_c for (g, C) weights w, and the Cholesky factors;
-        ``rows``: the (g,) rows of the (G, T) grid ``alpha`` these systems belong to (for errors)."""
+    def solve(self, w: torch.Tensor, alpha: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(g, P) θ̂ = (Σ_c w_c H_c)⁻¹ Σ_c w_c H_c θ_c for (g, C) weights w, by Cholesky; ``rows``: the
+        (g,) rows of the (G, T) grid ``alpha`` these systems belong to (for errors)."""
         wd = w.to(self.H.dtype)
         A = torch.einsum("gc,cij->gij", wd, self.H)
         b = (wd @ self.Htheta).unsqueeze(-1)
@@ -587,10 +587,7 @@ class _FullMixture:
         if (info != 0).any():
             g = int(rows[int(torch.nonzero(info)[0])])
             raise ValueError(f"combined precision Σ r α H is not positive definite at α row {g}: {alpha[g].tolist()}")
-        return torch.cholesky_solve(b, L).squeeze(-1), L
-
-    def solve(self, w: torch.Tensor, alpha: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.factor(w, alpha, rows)[0]
+        return torch.cholesky_solve(b, L).squeeze(-1)
 
     def task_precisions(self) -> torch.Tensor:
         """(T, P, P) Σ_k π_tk H_tk: the combined precision at responsibilities π is Σ_t α_t of these."""
@@ -747,8 +744,8 @@ class _MixtureEM:
         Hbar = mix.task_precisions()
         precond = AnchorPreconditioner(Hbar, a.to(dt), spacing=anchor_spacing)
 
-        def cg(matvec, pre, w, x0):
-            x, _, unconverged = pcg(matvec, pre, w @ mix.Htheta, x0, tol=pcg_tol, max_iter=10 * mix.P)
+        def cg(matvec, pre, b, x0):
+            x, _, unconverged = pcg(matvec, pre, b, x0, tol=pcg_tol, max_iter=10 * mix.P)
             if unconverged:
                 raise ValueError(
                     f"mixture_full: CG did not reach pcg_tol={pcg_tol} for {unconverged} α rows; use solver: cholesky"
@@ -760,12 +757,13 @@ class _MixtureEM:
         rows = torch.arange(a.shape[0])
         # at π the system is the T-term Σ_t α_t H̄_t: T products per CG step instead of C
         matvec = combined_matvec(Hbar, a.to(dt)) if start is None else combined_matvec(mix.H, w)
-        theta = cg(matvec, precond, w, precond(w @ mix.Htheta, rows))
+        b = w @ mix.Htheta
+        theta = cg(matvec, precond, b, precond(b, rows))
         keep(0, theta)
 
         def solve(active, w):
             w = w.to(dt)
-            return cg(combined_matvec(mix.H, w), lambda R, r: precond(R, active[r]), w, theta[active])
+            return cg(combined_matvec(mix.H, w), lambda R, r: precond(R, active[r]), w @ mix.Htheta, theta[active])
 
         self._steps(a, resp, theta, solve, keep)
         flush()
