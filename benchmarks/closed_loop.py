@@ -38,8 +38,9 @@ import torch
 from benchmarks.mixture_k import ground_truth
 from benchmarks.table1 import DEFAULT_OUTPUT, EXPERIMENTS, ROOT, generated, load_results, save_with_report
 from varmerge.config import load_config
+from varmerge.plan import make_plan
 from varmerge.search import ClosedLoop, SearchSettings
-from varmerge.sequence import LocalRunner, prior_methods, selection_method
+from varmerge.sequence import LocalRunner
 
 COLUMNS = ["mnist_imbalanced", "mnist_balanced", "fashion_imbalanced", "fashion_balanced", "cnn_fashion", "lora_tweets"]
 FIGURE = ROOT / "docs" / "figures" / "closed_loop_regret.png"
@@ -48,13 +49,13 @@ FIGURE = ROOT / "docs" / "figures" / "closed_loop_regret.png"
 def predictions(name: str, alpha: torch.Tensor) -> tuple[dict[str, np.ndarray], str]:
     """The (G, T) merged accuracies at ``alpha`` of each method of the flow's default prior, and
     the selection method."""
-    cfg = load_config(ROOT / EXPERIMENTS[name].config)
-    runner = LocalRunner(cfg)
+    plan = make_plan(load_config(ROOT / EXPERIMENTS[name].config))
+    runner = LocalRunner(plan)
     data = runner.data()
-    base = runner.base(data)
-    posts = runner.finetunes(data, base)
-    out = {m: runner.sweep(m, data, base, posts, alpha)["accuracy"].numpy() for m in prior_methods(cfg)}
-    return out, selection_method(cfg)
+    theta0 = runner.theta0(data)
+    posts = runner.finetunes(data, theta0)
+    out = {m: runner.sweep(m, data, theta0, posts, alpha)["accuracy"].numpy() for m in plan.prior_methods}
+    return out, plan.selection_method
 
 
 def replay(search: ClosedLoop, truth: np.ndarray) -> list[int]:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from varmerge import merge
-from varmerge.evaluate import evaluate_tasks
+from varmerge.evaluate import EvalSettings, evaluate_tasks
 from varmerge.grid import simplex_grid
 from varmerge.models import build_model, trainable_state_dict
 
@@ -80,8 +80,10 @@ def bench(name: str, model_kwargs: dict, G: int, tasks, args) -> bool:
     merged = merged_models(model, G, seed=args.seed)
     n = sum(len(t[1]) for t in tasks)
     fns = {
-        "batched": lambda: evaluate_tasks(model, merged, tasks, batch_size=args.batch_size, chunk_g=args.chunk_g),
-        "loop": lambda: evaluate_tasks(model, merged, tasks, batch_size=args.batch_size, method="loop"),
+        "batched": lambda: evaluate_tasks(
+            model, merged, tasks, EvalSettings(batch_size=args.batch_size, chunk_g=args.chunk_g)
+        ),
+        "loop": lambda: evaluate_tasks(model, merged, tasks, EvalSettings(batch_size=args.batch_size), method="loop"),
     }
     times, res = best_of(fns, args.repeats)
     acc_diff = (res["batched"]["accuracy"] - res["loop"]["accuracy"]).abs().max().item()

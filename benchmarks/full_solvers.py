@@ -69,7 +69,7 @@ def main() -> None:
     exp = EXPERIMENTS[args.experiment]
     cfg = load_config(ROOT / exp.config)
     tasks, n = pipeline.prepare_tasks(cfg)
-    base = pipeline.base_model(cfg, n)
+    base = pipeline.seeded_model(cfg, n)
     t0 = time.perf_counter()
     posts = full_posteriors(exp, cfg, base, tasks)  # Table 1's posteriors
     P = posts[0].mean.numel()
@@ -85,7 +85,10 @@ def main() -> None:
 
         def hessian(opts, dt):
             return merge.hessian_weighted_full(
-                [p.mean.to(dt) for p in posts], [p.precision.to(dt) for p in posts], w, **opts
+                [p.mean.to(dt) for p in posts],
+                [p.precision.to(dt) for p in posts],
+                w,
+                options=merge.HessianFullOptions(**opts),
             )
 
         out["hessian_full"] = {
@@ -109,7 +112,8 @@ def main() -> None:
             m = [[c.mean.to(dt) for c in p.components] for p in mixtures]
             h = [[c.precision.to(dt) for c in p.components] for p in mixtures]
             weights = [p.weights for p in mixtures]
-            return merge.mixture_weighted_full(m, h, w, weights=weights, iterations=args.iterations, **opts)
+            options = merge.MixtureFullOptions(iterations=args.iterations, **opts)
+            return merge.mixture_weighted_full(m, h, w, weights=weights, options=options)
 
         out["mixture_full"] = {
             "grid": {"spacing": args.mixture_spacing, "size": len(alpha)},

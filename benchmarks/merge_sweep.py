@@ -87,7 +87,8 @@ def main(argv=None) -> None:
 
     K, it = args.components, args.iterations
     mm, mp = make_models(T, P, K=K, seed=1)
-    t_mix = best_time(lambda: merge.mixture_weighted(mm, mp, alpha, iterations=it), max(1, args.repeats - 1))
+    mix_options = merge.MixtureOptions(iterations=it)
+    t_mix = best_time(lambda: merge.mixture_weighted(mm, mp, alpha, options=mix_options), max(1, args.repeats - 1))
     # minimum traffic for the mixture: inputs once + output once (the EM re-reads per iteration)
     report(f"mixture sweep (K={K}, {it} it)", t_mix, (2 * T * K * P + G * P) * elem)
     print(f"mixture / hessian time: {t_mix / t_hw:.1f}x")

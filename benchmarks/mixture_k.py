@@ -33,9 +33,11 @@ from benchmarks.table1 import (
     load_results,
     mixture_full_posteriors,
     save_with_report,
+    with_merge,
 )
 from varmerge import pareto, pipeline
 from varmerge.config import load_config
+from varmerge.plan import make_plan
 
 
 def ground_truth(results: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,18 +69,19 @@ def main(argv=None) -> None:
     gt_alpha, gt_acc = ground_truth(results, args.experiment)
     ref_front = gt_acc[pareto.pareto_mask(gt_acc)]
     cfg = load_config(ROOT / exp.config)
+    plan = make_plan(cfg)
     tasks, n = pipeline.prepare_tasks(cfg)
-    base = pipeline.base_model(cfg, n)
+    base = pipeline.seeded_model(cfg, n)
     rows = []
     for k in args.ks:
         t0 = time.perf_counter()
         with_k = dataclasses.replace(exp, mixture_full={**MIXTURE_FULL, "components": k})
         posts = mixture_full_posteriors(with_k, cfg, base, tasks)
         fit_s = time.perf_counter() - t0
-        cfg.merge.options["mixture_full"] = {**MIXTURE_FULL_MERGE["options"], "iterations": 0}
-        start = pipeline.sweep_and_score(cfg, "mixture_full", posts, base, tasks, gt_alpha)["accuracy"]
-        cfg.merge.options["mixture_full"] = MIXTURE_FULL_MERGE["options"]
-        s = pipeline.sweep_and_score(cfg, "mixture_full", posts, base, tasks, gt_alpha)
+        em_start = with_merge(plan, "mixture_full", {**MIXTURE_FULL_MERGE["options"], "iterations": 0})
+        start = pipeline.sweep_and_score(em_start, "mixture_full", posts, base, tasks, gt_alpha)["accuracy"]
+        em = with_merge(plan, "mixture_full", MIXTURE_FULL_MERGE["options"])
+        s = pipeline.sweep_and_score(em, "mixture_full", posts, base, tasks, gt_alpha)
         acc = s["accuracy"]
         front = acc[pareto.pareto_mask(acc)]
         rows.append(

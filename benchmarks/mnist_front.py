@@ -17,8 +17,9 @@ from pathlib import Path
 from rich.console import Console
 
 from flows.bars import Bars
-from flows.cli import print_front
+from flows.render import print_front
 from varmerge.config import load_config
+from varmerge.plan import make_plan
 from varmerge.sequence import LocalRunner, estimate_front
 
 PAPER = {  # Table 1, logistic regression on full MNIST: max mean accuracy (%)
@@ -38,7 +39,8 @@ def main(argv=None) -> None:
         cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"spacing": args.spacing})})
     console = Console()
     with Bars(console) as bars:
-        res = estimate_front(cfg, LocalRunner(cfg, steps=bars.step))
+        plan = make_plan(cfg)
+        res = estimate_front(plan, LocalRunner(plan, steps=bars.step))
     summary = res.summary()
     print_front(summary, cfg.merge.spacing)
     paper = PAPER.get(cfg.name, {})

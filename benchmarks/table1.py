@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -40,13 +41,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from varmerge import models, pareto, pipeline, plots, train
+from varmerge import merge, models, pareto, pipeline, plots, train
 from varmerge.config import load_config
+from varmerge.files import atomic_write
 from varmerge.grid import simplex_grid
-from varmerge.io import atomic_write
+from varmerge.plan import MergeStep, make_plan
 from varmerge.posterior import ALPHA_CONVENTION, MixtureGaussian, PosteriorMeta
 from varmerge.refine import refine_alpha
 from varmerge.sequence import LocalRunner, estimate_front
+from varmerge.train.von import MixtureVONSettings, VONSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "results" / "table1.json"
@@ -192,15 +195,15 @@ class Ledger:
 _WORKER: dict = {}
 
 
-def _init_worker(cfg, base, tasks, prior) -> None:
+def _init_worker(plan, base, tasks, prior) -> None:
     torch.set_num_threads(1)
-    _WORKER.update(cfg=cfg, base=base, tasks=tasks, prior=prior)
+    _WORKER.update(plan=plan, base=base, tasks=tasks, prior=prior)
 
 
 def _finetune_at(a: torch.Tensor) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
     w = _WORKER
-    acc = pipeline.multitask_finetune(w["cfg"], w["base"], w["tasks"], a, prior=w["prior"])[1]
+    acc = pipeline.multitask_finetune(w["plan"], w["base"], w["tasks"], a, prior=w["prior"])[1]
     return acc, time.perf_counter() - t0
 
 
@@ -212,8 +215,8 @@ class MultitaskRuns:
     cost ratios do not depend on the parallelism.
     """
 
-    def __init__(self, cfg, base, tasks, status, workers: int = 1, prior=None):
-        self.cfg, self.base, self.tasks, self.status, self.workers = cfg, base, tasks, status, workers
+    def __init__(self, plan, base, tasks, status, workers: int = 1, prior=None):
+        self.plan, self.base, self.tasks, self.status, self.workers = plan, base, tasks, status, workers
         self.prior = prior  # θ0's posterior: IVON multitask finetunes start from its Hessian
         self.acc: dict[tuple, torch.Tensor] = {}
         self.seconds: dict[tuple, float] = {}
@@ -239,7 +242,7 @@ class MultitaskRuns:
                 self.workers,
                 mp_context=mp.get_context("fork"),
                 initializer=_init_worker,
-                initargs=(self.cfg, self.base, self.tasks, self.prior),
+                initargs=(self.plan, self.base, self.tasks, self.prior),
             ) as pool:
                 futures = {pool.submit(_finetune_at, a): self.key(a) for a in todo}
                 for i, f in enumerate(cf.as_completed(futures)):
@@ -249,7 +252,9 @@ class MultitaskRuns:
         for i, a in enumerate(todo):
             self.status(f"{what}: multitask finetune {i + 1}/{len(todo)} at α={[round(float(v), 2) for v in a]}")
             t0 = time.perf_counter()
-            self.acc[self.key(a)] = pipeline.multitask_finetune(self.cfg, self.base, self.tasks, a, prior=self.prior)[1]
+            self.acc[self.key(a)] = pipeline.multitask_finetune(self.plan, self.base, self.tasks, a, prior=self.prior)[
+                1
+            ]
             self.seconds[self.key(a)] = time.perf_counter() - t0
 
     def __call__(self, alphas: torch.Tensor) -> torch.Tensor:
@@ -277,7 +282,8 @@ def full_posteriors(exp: Experiment, cfg, base, tasks):
         opts = dict(exp.full_von)
         if exp.von_batch:
             opts["batch_size"] = exp.von_batch
-        out.append(train.fit_full_von(copy.deepcopy(base), t.train[0], t.train[1], seed=cfg.posterior.seed, **opts))
+        settings = VONSettings(seed=cfg.posterior.seed, **opts)
+        out.append(train.fit_full_von(copy.deepcopy(base), t.train[0], t.train[1], settings))
     return out
 
 
@@ -288,9 +294,7 @@ def mixture_full_posteriors(exp: Experiment, cfg, base, tasks):
             copy.deepcopy(base),
             t.train[0],
             t.train[1],
-            seed=cfg.posterior.seed,
-            **exp.mixture_full,
-            batch_size=exp.von_batch,
+            MixtureVONSettings(seed=cfg.posterior.seed, **exp.mixture_full, batch_size=exp.von_batch),
             meta=PosteriorMeta(task=t.name),
         )
         for t in tasks
@@ -302,8 +306,9 @@ class Table1Runner(LocalRunner):
     full-Gaussian posteriors beside the config's, ``hessian_full`` among the sweeps, and the
     multitask finetunes through :class:`MultitaskRuns` (shared with the ground truth)."""
 
-    def __init__(self, cfg, exp: Experiment, say, ledger: Ledger):
-        super().__init__(cfg)
+    def __init__(self, plan, exp: Experiment, say, ledger: Ledger):
+        super().__init__(plan)
+        self.cfg = plan.cfg
         self.exp, self.say, self.ledger = exp, say, ledger
         self.ft_seconds: list[float] = []
         self.full = None
@@ -317,10 +322,10 @@ class Table1Runner(LocalRunner):
             self.tasks, _ = data = pipeline.prepare_tasks(self.cfg)
         return data
 
-    def base(self, data):
+    def theta0(self, data):
         if self.cfg.pretrain is not None:
             self.say(f"{self.cfg.name}: pretraining θ0 ({self.cfg.pretrain.steps} IVON steps)")
-        self.base_model = super().base(data)
+        self.base_model = super().theta0(data)
         self.pretrain = None
         if self.cfg.pretrain is not None:
             self.ledger.seconds["pretrain"] = self.pretrain_seconds
@@ -333,7 +338,7 @@ class Table1Runner(LocalRunner):
                 "theta0_accuracy": _round(pipeline.score_sweep(self.base_model, theta0, data[0])["accuracy"][0]),
             }
         self.runs = MultitaskRuns(
-            self.cfg, self.base_model, data[0], self.say, workers=self.exp.workers, prior=self.prior
+            self.plan, self.base_model, data[0], self.say, workers=self.exp.workers, prior=self.prior
         )
         return self.base_model
 
@@ -344,7 +349,7 @@ class Table1Runner(LocalRunner):
                 f"{self.cfg.name}: finetuning {t.name} ({self.cfg.posterior.method}, K={self.cfg.posterior.components})"
             )
             t0 = time.perf_counter()
-            posteriors.append(pipeline.finetune_task(self.cfg, base, t, prior=self.prior)[0])
+            posteriors.append(pipeline.finetune_task(self.plan, base, t, prior=self.prior)[0])
             self.ft_seconds.append(time.perf_counter() - t0)
         self.ledger.seconds["finetunes"] = sum(self.ft_seconds)
         self.last_posteriors = posteriors
@@ -365,13 +370,6 @@ class Table1Runner(LocalRunner):
         return super().sweep(method, data, base, self.posteriors_for(method, posteriors), alpha)
 
     def sweeps(self, data, base, posteriors, methods):
-        methods = list(methods)
-        if self.full is not None and "hessian_full" not in methods:
-            methods.insert(methods.index("hessian") + 1 if "hessian" in methods else 0, "hessian_full")
-            self.cfg.merge.options.setdefault("hessian_full", HESSIAN_FULL_MERGE["options"])
-        if self.mixture_full is not None and "mixture_full" not in methods:
-            methods.insert(methods.index("hessian_full") + 1, "mixture_full")
-            self.cfg.merge.options.setdefault("mixture_full", MIXTURE_FULL_MERGE["options"])
         out = {}
         for m in methods:
             self.say(f"{self.cfg.name}: '{m}' over the α grid")
@@ -389,8 +387,33 @@ class Table1Runner(LocalRunner):
 # --------------------------------------------------------------------------------------------
 # one experiment
 # --------------------------------------------------------------------------------------------
+def table1_plan(cfg, exp: Experiment):
+    """The config's run plan with the paper's full-Gaussian rules among its merges (swept on the
+    full posteriors Table 1 fits beside the config's): ``hessian_full`` after ``hessian``,
+    ``mixture_full`` after it, with the solver settings of :data:`HESSIAN_FULL_MERGE` and
+    :data:`MIXTURE_FULL_MERGE`."""
+    plan = make_plan(cfg)
+    merges = list(plan.merges)
+    extra = [("hessian_full", exp.full_von, HESSIAN_FULL_MERGE), ("mixture_full", exp.mixture_full, MIXTURE_FULL_MERGE)]
+    for m, wanted, settings in extra:
+        names = [s.name for s in merges]
+        if wanted and m not in names:
+            at = names.index("hessian") + 1 if m == "hessian_full" and "hessian" in names else 0
+            at = names.index("hessian_full") + 1 if m == "mixture_full" else at
+            merges.insert(at, MergeStep(m, merge.get_method(m).parse_options(settings["options"])))
+    return dataclasses.replace(plan, merges=tuple(merges))
+
+
+def with_merge(plan, name: str, options: dict):
+    """``plan`` with the merge rule ``name`` (replaced or added) at ``options``."""
+    step = MergeStep(name, merge.get_method(name).parse_options(options))
+    merges = tuple(m for m in plan.merges if m.name != name) + (step,)
+    return dataclasses.replace(plan, merges=merges)
+
+
 def run_experiment(name: str, exp: Experiment, console: Console, report_dir: Path = REPORT.parent) -> dict:
     cfg = load_config(ROOT / exp.config)
+    plan = table1_plan(cfg, exp)
     ledger = Ledger()
     status = console.status("")
     status.start()
@@ -401,8 +424,8 @@ def run_experiment(name: str, exp: Experiment, console: Console, report_dir: Pat
             console.log(msg)
 
     try:
-        runner = Table1Runner(cfg, exp, say, ledger)
-        front = estimate_front(cfg, runner)  # the pipeline's own sequence, in process
+        runner = Table1Runner(plan, exp, say, ledger)
+        front = estimate_front(plan, runner)  # the pipeline's own sequence, in process
         tasks, base, ft_seconds, sweeps = runner.tasks, runner.base_model, runner.ft_seconds, front.sweeps
         posteriors = runner.last_posteriors
         T, names = len(tasks), [t.name for t in tasks]
@@ -483,7 +506,7 @@ def run_experiment(name: str, exp: Experiment, console: Console, report_dir: Pat
         per_component = sum(ft_seconds) / K
         for m in [m for m in MAIN_METHODS if m in sweeps]:
             say(f"{name}: '{m}' on the ground-truth grid (cost ledger)")
-            s = pipeline.sweep_and_score(cfg, m, runner.posteriors_for(m, posteriors), base, tasks, gt_alpha)
+            s = pipeline.sweep_and_score(plan, m, runner.posteriors_for(m, posteriors), base, tasks, gt_alpha)
             post_s = {
                 "mixture": sum(ft_seconds),
                 "hessian_full": ledger.seconds.get("full_von_posteriors", 0.0),
@@ -508,7 +531,7 @@ def run_experiment(name: str, exp: Experiment, console: Console, report_dir: Pat
             posts = runner.posteriors_for(m, posteriors)
             t0 = time.perf_counter()
             r = refine_alpha(
-                lambda a, m=m, posts=posts: pipeline.sweep_and_score(cfg, m, posts, base, tasks, a)["accuracy"],
+                lambda a, m=m, posts=posts: pipeline.sweep_and_score(plan, m, posts, base, tasks, a)["accuracy"],
                 T,
                 coarse=exp.gt_spacing,
                 fine=cfg.merge.spacing,
@@ -534,7 +557,7 @@ def run_experiment(name: str, exp: Experiment, console: Console, report_dir: Pat
             for k in [k for k in exp.ks if k <= K]:
                 say(f"{name}: mixture with K={k}")
                 sub = [MixtureGaussian(p.components[:k]) for p in posteriors]
-                s = pipeline.sweep_and_score(cfg, "mixture", sub, base, tasks, alpha)
+                s = pipeline.sweep_and_score(plan, "mixture", sub, base, tasks, alpha)
                 mean = s["accuracy"].mean(1)
                 b = int(mean.argmax())
                 k_table.append(

@@ -2,46 +2,39 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
+from prefect.context import get_run_context
 
-from flows.front import resolve_config
+from flows.front import resolve_plan
 from tasks.runner import Pool, PrefectRunner
+from varmerge.plan import RunPlan
 
 
-def _runner(config) -> PrefectRunner:
+def _runner(config: str | dict | RunPlan) -> PrefectRunner:
     """A runner in this flow's thread: these flows run one task (a deployment per task scales out)."""
-    from prefect.context import get_run_context
-
-    cfg = resolve_config(config)
-    run_dir = Path(cfg.output_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return PrefectRunner(cfg, str(run_dir), Pool(get_run_context().task_runner))
+    return PrefectRunner(resolve_plan(config), Pool(get_run_context().task_runner))
 
 
 @flow(name="varmerge-finetune-task")
-def finetune_task_flow(config: str | dict, task: str) -> dict:
+def finetune_task_flow(config: str | dict | RunPlan, task: str) -> dict:
     """Finetune one task of ``config`` and write its posterior (reused if already there)."""
     from tasks import steps
 
     runner = _runner(config)
-    names = [t.name for t in runner.cfg.data.tasks]
+    names = runner.plan.task_names
     if task not in names:
         raise ValueError(f"unknown task {task!r}; the config's tasks are {names}")
     data_ref = runner.data()
-    return steps.finetune(runner.cfg_json, runner.run_dir, data_ref, runner.base(data_ref), names.index(task))
+    return steps.finetune(runner.plan, data_ref, runner.theta0(data_ref), names.index(task))
 
 
 @flow(name="varmerge-multitask")
-def multitask_flow(config: str | dict, alpha: list[float]) -> dict:
+def multitask_flow(config: str | dict | RunPlan, alpha: list[float]) -> dict:
     """The real multitask finetune of ``config`` at weighting ``alpha`` (on the simplex)."""
-    import torch
-
     from varmerge._checks import check_alpha
 
     runner = _runner(config)
-    check_alpha(alpha, len(runner.cfg.data.tasks))
+    weights, _ = check_alpha(alpha, len(runner.plan.tasks))
     data_ref = runner.data()
-    runner.multitasks(data_ref, runner.base(data_ref), torch.tensor([[float(a) for a in alpha]]))
-    return runner.multitask_refs[0]
+    runner.multitasks(data_ref, runner.theta0(data_ref), weights)
+    return runner.multitask_ref(weights[0])

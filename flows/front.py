@@ -11,9 +11,10 @@ server the command starts, MLflow in a local SQLite store) or as the ``front`` d
 from __future__ import annotations
 
 import contextlib
-import io as io_
+import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -21,146 +22,172 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import steps, tracking
-from tasks.runner import Pool, PrefectRunner, task_pool
-from varmerge import io, pareto, plots
-from varmerge.config import ExperimentConfig, load_config, parse_config, with_runner
-from varmerge.sequence import estimate_front
+from tasks.runner import PrefectRunner, task_pool
+from varmerge import files, pareto, plots
+from varmerge.config import load_config, parse_config, with_runner
+from varmerge.plan import RunPlan
+from varmerge.sequence import FrontResult, estimate_front
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def resolve_config(config: str | dict | ExperimentConfig, runner: dict | None = None) -> ExperimentConfig:
-    """The config a flow runs; ``runner`` (a ``runner:`` section) replaces the config's own."""
-    if isinstance(config, dict):
-        config = parse_config(config, "<flow parameter>")
-    elif not isinstance(config, ExperimentConfig):
-        config = load_config(config)
-    return config if runner is None else with_runner(config, runner, "<runner parameter>")
+def resolve_plan(
+    config: str | dict | RunPlan,
+    *,
+    tracking_uri: str | None = None,
+    output_dir: str | None = None,
+    data_dir: str | None = None,
+    runner: dict | None = None,
+) -> RunPlan:
+    """The plan a flow runs. A :class:`RunPlan` (``varmerge run`` resolved it) is used as is; a
+    config path or mapping (a deployment's parameter) is read and validated once, its ``runner``
+    section replaced by ``runner`` if given, and checked by preflight, so a run that would fail
+    (bad data, model, tracking store, ...) writes nothing."""
+    from varmerge.preflight import preflight
+
+    if isinstance(config, RunPlan):
+        given = [
+            k for k, v in (("tracking_uri", tracking_uri), ("output_dir", output_dir), ("data_dir", data_dir)) if v
+        ]
+        if given or runner is not None:
+            raise ValueError(f"{(given or ['runner'])[0]} is part of the run plan: pass a config to change it")
+        return config
+    cfg = parse_config(config, "<flow parameter>") if isinstance(config, dict) else load_config(config)
+    if runner is not None:
+        cfg = with_runner(cfg, runner, "<runner parameter>")
+    return preflight(cfg, tracking_uri, output_dir=output_dir, data_dir=data_dir)
 
 
 @flow(name="varmerge-front", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def front_flow(
-    config: str | dict,
+    config: str | dict | RunPlan,
     tracking_uri: str | None = None,
     output_dir: str | None = None,
     data_dir: str | None = None,
-    check_inputs: bool = True,
     runner: dict | None = None,
 ) -> dict:
-    """Estimate the Pareto front of ``config`` and finetune at the chosen α; returns the summary.
-
-    ``check_inputs`` runs :func:`varmerge.preflight.preflight` first, so a run that would fail
-    (bad data, model, tracking store, ...) writes nothing; ``varmerge run`` has already done it.
-    ``runner`` replaces the config's ``runner`` section (where the tasks run: thread or Dask).
-    """
-    cfg = resolve_config(config, runner)
-    if check_inputs:
-        from varmerge.preflight import preflight
-
-        preflight(cfg, tracking_uri, output_dir=output_dir, data_dir=data_dir)
-    with task_pool(cfg.runner) as pool:
+    """Estimate the Pareto front of ``config`` (a run plan, or a config to resolve one from: see
+    :func:`resolve_plan`) and finetune at the chosen α; returns the summary. ``runner`` replaces
+    the config's ``runner`` section (where the tasks run: thread or Dask)."""
+    plan = resolve_plan(config, tracking_uri=tracking_uri, output_dir=output_dir, data_dir=data_dir, runner=runner)
+    with task_pool(plan.cfg.runner) as pool:
         get_run_logger().info("tasks run on %s", pool.description)
-        return _front(cfg, pool, tracking_uri, output_dir, data_dir)
+        runner_ = PrefectRunner(plan, pool)
+        data_ref = runner_.data()
+        with parent_run(plan, data_ref) as parent:
+            runner_.parent = parent
+            result = estimate_front(plan, runner_)
+            return report(plan, runner_, result)
 
 
-def _front(cfg: ExperimentConfig, pool: Pool, tracking_uri, output_dir, data_dir) -> dict:
-    logger = get_run_logger()
-    run_dir = Path(output_dir or cfg.output_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri or cfg.tracking.uri or tracking.default_uri(run_dir)
-    names = [t.name for t in cfg.data.tasks]
-    runner = PrefectRunner(cfg, str(run_dir), pool, data_dir=data_dir)
-
-    data_ref = runner.data()
-    exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, tracking.artifact_root(run_dir))
+@contextlib.contextmanager
+def parent_run(plan: RunPlan, data_ref: dict) -> Iterator[tracking.Parent]:
+    """The flow run's MLflow parent run (runs a killed flow left RUNNING are closed first):
+    FINISHED when the block ends, FAILED when it raises."""
+    logger, uri, cfg = get_run_logger(), plan.tracking_uri, plan.cfg
+    exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, tracking.artifact_root(plan.run_dir))
     for stale, flow_run_id in tracking.close_stale_runs(uri, exp_id, cfg.name):
         logger.info("MLflow run %s was left RUNNING by a killed flow: marked KILLED", stale)
         if flow_run_id and mark_crashed(flow_run_id):
             logger.info("Prefect flow run %s of that killed flow: marked Crashed", flow_run_id)
-    parent = (
-        tracking.client(uri)
-        .create_run(
-            exp_id,
-            run_name=f"{cfg.name}",
-            tags={
-                "varmerge.flow_run_id": str(get_run_context().flow_run.id),
-                "varmerge.data_version": data_ref["version"],
-                "varmerge.config": cfg.name,
-                "varmerge.process": tracking.process_tag(),
-            },
-        )
-        .info.run_id
-    )
-    runner.parent = tracking.Parent(uri, parent)
-    tracking.log_params(uri, parent, {"config": runner.cfg_json})
+    tags = {
+        "varmerge.flow_run_id": str(get_run_context().flow_run.id),
+        "varmerge.data_version": data_ref["version"],
+        "varmerge.config": cfg.name,
+        "varmerge.process": tracking.process_tag(),
+    }
+    run_id = tracking.client(uri).create_run(exp_id, run_name=cfg.name, tags=tags).info.run_id
+    tracking.log_params(uri, run_id, {"config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True)})
     try:
-        result = estimate_front(cfg, runner)
-        summary = {
-            "config": cfg.name,
-            **result.summary(),
-            "spacing": cfg.merge.spacing,
-            "run_dir": str(run_dir),
-            "mlflow_run_id": parent,
-            "tracking_uri": uri,
-        }
-        front_json = run_dir / "front.json"
-        realised = result.realised.tolist() if result.realised is not None else []
-        files = [
-            front_json,
-            plots.front_projections(result.sweeps, names, run_dir / "front.png", title=cfg.name, multitask=realised),
-        ]
-        if len(names) == 3:
-            files.append(plots.ternary_mean_accuracy(result.sweeps, names, run_dir / "ternary.png"))
-        tracking.log_table(uri, parent, front_table(result.sweeps, names), "front/front_table.json")
-        if result.error is not None:  # the front is still saved and logged
-            io.write_text_atomic(front_json, json.dumps(portable(summary, run_dir), indent=2))
-            for p in files:
-                tracking.log_artifact(uri, parent, p, "front")
-            raise ValueError(f"{result.error} (the estimated front is in {front_json})")
-        predicted = result.predicted
-        files.append(
-            plots.predicted_vs_realised(
-                names, predicted[0].tolist(), realised[0], run_dir / "predicted_vs_realised.png"
-            )
-        )
-        # register first, then write front.json (atomically, once): it exists only for a finished run
-        summary["registered_model"] = register_model(runner, uri, parent, result.chosen_alpha[0].tolist())
-        io.write_text_atomic(front_json, json.dumps(portable(summary, run_dir), indent=2))
-        tracking.log_metrics(
-            uri,
-            parent,
-            {
-                **{
-                    f"{m}/{k}": s[k]
-                    for m, s in summary["methods"].items()
-                    for k in ("max_mean_accuracy", "hypervolume", "front_size")
-                },
-                "chosen/predicted_mean": float(predicted[0].mean()),
-                "chosen/realised_mean": float(result.realised[0].mean()),
-                **{f"chosen/predicted/{n}": float(v) for n, v in zip(names, predicted[0], strict=True)},
-                **{f"chosen/realised/{n}": float(v) for n, v in zip(names, result.realised[0], strict=True)},
-            },
-        )
-        for i, it in enumerate(result.search or [], start=1):  # the UI plots the search by step
-            point = {"search/best_realised_mean": max(sum(r) / len(r) for r in it["realised"])}
-            if it["incumbent_mean"] is not None:
-                point["search/incumbent_mean"] = it["incumbent_mean"]
-            tracking.log_metrics(uri, parent, point, step=i)
-        chosen = {
-            "alpha": [round(a, 6) for a in result.chosen_alpha[0].tolist()],
-            "predicted": [round(float(v), 6) for v in predicted[0]],
-            "realised": [round(float(v), 6) for v in result.realised[0]],
-        }
-        tags = {f"varmerge.chosen.{k}": json.dumps(v) for k, v in chosen.items()}
-        tracking.set_tags(uri, parent, {**tags, "varmerge.chosen.method": result.method})
-        for p in files:
-            tracking.log_artifact(uri, parent, p, "front")
-        tracking.finish(uri, parent)
-        logger.info("front written to %s (MLflow run %s)", front_json, parent)
-        return summary
+        yield tracking.Parent(uri, run_id)
     except BaseException:
-        tracking.finish(uri, parent, "FAILED")
+        tracking.finish(uri, run_id, "FAILED")
         raise
+    tracking.finish(uri, run_id)
+
+
+def report(plan: RunPlan, runner: PrefectRunner, result: FrontResult) -> dict:
+    """Save and log what the run found: front.json, the plots, the front table and metrics in the
+    parent run, and the registered model of the chosen α (registered before front.json is
+    written: the file exists only for a finished run). A result without a chosen α (constraints
+    nobody meets) still saves and logs the front, then raises."""
+    parent, run_dir = runner.parent, plan.run_dir
+    summary = {
+        "config": plan.cfg.name,
+        **result.summary(),
+        "spacing": plan.cfg.merge.spacing,
+        "run_dir": str(run_dir),
+        "mlflow_run_id": parent.run_id,
+        "tracking_uri": plan.tracking_uri,
+    }
+    figures = front_figures(plan, result)
+    tracking.log_table(parent.uri, parent.run_id, front_table(result.sweeps, plan.task_names), "front/front_table.json")
+    if result.error is not None:
+        _save_front(plan, summary, figures)
+        raise ValueError(f"{result.error} (the estimated front is in {run_dir / 'front.json'})")
+    figures.append(
+        plots.predicted_vs_realised(
+            plan.task_names,
+            result.predicted[0].tolist(),
+            result.realised[0].tolist(),
+            run_dir / "predicted_vs_realised.png",
+        )
+    )
+    summary["registered_model"] = register_model(plan, runner, result.chosen_alpha[0])
+    log_chosen(plan, parent, summary, result)
+    _save_front(plan, summary, figures)
+    get_run_logger().info("front written to %s (MLflow run %s)", run_dir / "front.json", parent.run_id)
+    return summary
+
+
+def front_figures(plan: RunPlan, result: FrontResult) -> list[Path]:
+    """The front's projections (real finetunes as circles) and, for three tasks, the ternary map."""
+    names, run_dir = plan.task_names, plan.run_dir
+    realised = result.realised.tolist() if result.realised is not None else []
+    figures = [
+        plots.front_projections(result.sweeps, names, run_dir / "front.png", title=plan.cfg.name, multitask=realised)
+    ]
+    if len(names) == 3:
+        figures.append(plots.ternary_mean_accuracy(result.sweeps, names, run_dir / "ternary.png"))
+    return figures
+
+
+def _save_front(plan: RunPlan, summary: dict, figures: list[Path]) -> None:
+    """front.json (atomically) and the figures, written and logged to the parent run."""
+    front_json = plan.run_dir / "front.json"
+    files.write_text_atomic(front_json, json.dumps(portable(summary, plan.run_dir), indent=2))
+    for p in [front_json, *figures]:
+        tracking.log_artifact(plan.tracking_uri, summary["mlflow_run_id"], p, "front")
+
+
+def log_chosen(plan: RunPlan, parent: tracking.Parent, summary: dict, result: FrontResult) -> None:
+    """The parent run's metrics (per method; predicted and realised at the chosen α; the search's
+    incumbent per step) and tags (the chosen method, α, predicted and realised)."""
+    names, predicted, realised = plan.task_names, result.predicted[0], result.realised[0]
+    methods = {
+        f"{m}/{k}": s[k]
+        for m, s in summary["methods"].items()
+        for k in ("max_mean_accuracy", "hypervolume", "front_size")
+    }
+    chosen = {
+        "chosen/predicted_mean": float(predicted.mean()),
+        "chosen/realised_mean": float(realised.mean()),
+        **{f"chosen/predicted/{n}": float(v) for n, v in zip(names, predicted, strict=True)},
+        **{f"chosen/realised/{n}": float(v) for n, v in zip(names, realised, strict=True)},
+    }
+    tracking.log_metrics(parent.uri, parent.run_id, {**methods, **chosen})
+    for i, it in enumerate(result.search or [], start=1):  # the UI plots the search by step
+        point = {"search/best_realised_mean": max(sum(r) / len(r) for r in it["realised"])}
+        if it["incumbent_mean"] is not None:
+            point["search/incumbent_mean"] = it["incumbent_mean"]
+        tracking.log_metrics(parent.uri, parent.run_id, point, step=i)
+    tags = {
+        "alpha": [round(a, 6) for a in result.chosen_alpha[0].tolist()],
+        "predicted": [round(float(v), 6) for v in predicted],
+        "realised": [round(float(v), 6) for v in realised],
+    }
+    tags = {f"varmerge.chosen.{k}": json.dumps(v) for k, v in tags.items()}
+    tracking.set_tags(parent.uri, parent.run_id, {**tags, "varmerge.chosen.method": result.method})
 
 
 def front_table(sweeps: dict[str, dict], names: list[str]) -> dict[str, list]:
@@ -201,24 +228,6 @@ def mark_crashed(flow_run_id: str) -> bool:
         return True
 
 
-def log_text_model(config_json: str, num_classes: int, weights: Path, example_text: str):
-    """Log a text model in the active MLflow run as the pyfunc of ``tasks/text_model.py``: its code
-    (MLflow's models-from-code, no pickle), the weights file (safetensors) and the config. Its
-    signature comes from ``predict``'s type hints (a list of texts in, one dict per text out)."""
-    import importlib.util
-
-    import mlflow
-
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=importlib.util.find_spec("tasks.text_model").origin,
-        artifacts={"weights": str(weights)},
-        model_config={"config": config_json, "num_classes": int(num_classes)},
-        input_example=[example_text],
-        pip_requirements=["torch", "transformers", "peft", "varmerge"],
-    )
-
-
 def portable(summary: dict, run_dir: Path) -> dict:
     """front.json's content: the summary without machine-specific paths. ``run_dir`` is where the
     file lies, and a SQLite tracking store is given relative to it (``sqlite:///../mlflow.db``), so
@@ -231,7 +240,7 @@ def portable(summary: dict, run_dir: Path) -> dict:
     return out
 
 
-def register_model(runner: PrefectRunner, uri: str, parent: str, alpha: list) -> str:
+def register_model(plan: RunPlan, runner: PrefectRunner, alpha) -> str:
     """Log the runner's multitask model at the chosen ``alpha`` in a nested run and register it
     with α as a tag.
 
@@ -239,46 +248,62 @@ def register_model(runner: PrefectRunner, uri: str, parent: str, alpha: list) ->
     the multitask file's content hash) is reused, so a re-run or a resumed run never registers the
     same model twice. A version is created only after its model artifact is fully logged.
     """
-    cfg, run_dir, mt_ref = runner.cfg, runner.run_dir, runner.multitask_ref(alpha)
-    with steps.store_for(run_dir).lock(f"register-{mt_ref['sha256'][:20]}"):  # one version, also when two runs race
-        return _register(runner, uri, parent, alpha, f"varmerge-{cfg.name}")
+    mt_ref = runner.multitask_ref(alpha)
+    with steps.store_for(plan.run_dir).lock(
+        f"register-{mt_ref['sha256'][:20]}"
+    ):  # one version, also when two runs race
+        return _register(plan, runner, mt_ref, f"varmerge-{plan.cfg.name}")
 
 
-def _register(runner: PrefectRunner, uri: str, parent: str, alpha: list, name: str) -> str:
+def _register(plan: RunPlan, runner: PrefectRunner, mt_ref: dict, name: str) -> str:
     import mlflow
-    import mlflow.pytorch
 
-    cfg, run_dir, mt_ref = runner.cfg, runner.run_dir, runner.multitask_ref(alpha)
+    uri, parent = plan.tracking_uri, runner.parent
     existing = tracking.find_model_version(uri, name, mt_ref["sha256"])
     if existing is not None:
         return f"{name}/{existing.version}"
-    child = tracking.start_child(
-        uri,
-        parent,
-        "multitask/final",
-        {"varmerge.stage": "multitask", "varmerge.alpha": json.dumps([round(a, 6) for a in alpha])},
-    )
-    model = steps.multitask_model(cfg, run_dir, mt_ref, runner.base_ref)
-    example = steps.example_input(run_dir, runner.data_ref)
-    tracking.log_metrics(
-        uri, child, {f"test/{t.name}/accuracy": a for t, a in zip(cfg.data.tasks, mt_ref["accuracy"], strict=True)}
-    )
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=child):
-        if example is None:  # text: a pyfunc over the model and its tokenizer, logged as code
-            tasks_, n = steps.load_tasks(run_dir, runner.data_ref)
-            text = steps.example_text(cfg, tasks_[0])
-            info = log_text_model(runner.cfg_json, n, steps.store_for(run_dir).resolve(mt_ref), text)
-        else:  # pt2 (torch.export), never pickle: also where MLflow would default to pickle (Databricks)
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                input_example=example,
-                serialization_format="pt2",
-                pip_requirements=["torch", "varmerge"],
-            )
-    tags = {"alpha": json.dumps(alpha), "varmerge.sha256": mt_ref["sha256"]}
-    with contextlib.redirect_stderr(io_.StringIO()):  # MLflow prints "Successfully registered ..."
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
-    tracking.finish(uri, child)
+    alpha = list(mt_ref["alpha"])
+    tags = {"varmerge.stage": "multitask", "varmerge.alpha": json.dumps([round(a, 6) for a in alpha])}
+    with tracking.child_run(parent, "multitask/final", tags) as child:
+        accuracy = {f"test/{n}/accuracy": a for n, a in zip(plan.task_names, mt_ref["accuracy"], strict=True)}
+        tracking.log_metrics(uri, child, accuracy)
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run(run_id=child):
+            info = log_model(plan, runner, mt_ref)
+        model_tags = {"alpha": json.dumps(alpha), "varmerge.sha256": mt_ref["sha256"]}
+        with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered ..."
+            version = mlflow.register_model(info.model_uri, name, tags=model_tags)
     return f"{name}/{version.version}"
+
+
+def log_model(plan: RunPlan, runner: PrefectRunner, mt_ref: dict):
+    """The multitask model in the active MLflow run: image models as ``pt2`` (torch.export, never
+    pickle), text models as the pyfunc of ``tasks/text_model.py`` logged as code (no pickle
+    either), with the weights as safetensors and the config as the model config."""
+    import importlib.util
+
+    import mlflow
+    import mlflow.pytorch
+
+    example = steps.example_input(plan, runner.data_ref)
+    if example is not None:
+        model = steps.multitask_model(plan, mt_ref, runner.theta0_ref)
+        return mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=example,
+            serialization_format="pt2",
+            pip_requirements=["torch", "varmerge"],
+        )
+    _, num_classes = steps.load_tasks(plan, runner.data_ref)
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=importlib.util.find_spec("tasks.text_model").origin,
+        artifacts={"weights": str(steps.store_for(plan.run_dir).resolve(mt_ref))},
+        model_config={
+            "config": json.dumps(plan.cfg.model_dump(mode="json"), sort_keys=True),
+            "num_classes": num_classes,
+        },
+        input_example=[steps.example_text(plan, runner.data_ref)],
+        pip_requirements=["torch", "transformers", "peft", "varmerge"],
+    )

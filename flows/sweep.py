@@ -10,16 +10,17 @@ import torch
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.front import resolve_config
+from flows.front import resolve_plan
 from tasks import steps, tracking
-from tasks.runner import Pool, PrefectRunner, task_pool
-from varmerge import io, pareto, plots
+from tasks.runner import PrefectRunner, task_pool
+from varmerge import files, pareto, plots
 from varmerge.grid import simplex_grid
+from varmerge.plan import RunPlan
 
 
 @flow(name="varmerge-ground-truth", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def ground_truth_flow(
-    config: str | dict,
+    config: str | dict | RunPlan,
     spacing: float = 0.1,
     tracking_uri: str | None = None,
     output_dir: str | None = None,
@@ -31,96 +32,79 @@ def ground_truth_flow(
     Finetunes already done (by this flow or as the main flow's top-k) are reused. Where the main
     flow's sweeps exist for the same inputs (found by their content keys), each method gets
     hypervolume (reference point ``reference_point`` in every task) and IGD+ against the
-    ground-truth front. ``runner`` replaces the config's ``runner`` section.
+    ground-truth front. ``config``: a run plan, or a config to resolve one from (with
+    ``tracking_uri``, ``output_dir`` and ``runner``, as :func:`flows.front.resolve_plan` does).
     """
-    cfg = resolve_config(config, runner)
-    with task_pool(cfg.runner) as pool:
-        return _ground_truth(cfg, pool, spacing, tracking_uri, output_dir, reference_point)
-
-
-def _ground_truth(cfg, pool: Pool, spacing: float, tracking_uri, output_dir, reference_point: float) -> dict:
-    logger = get_run_logger()
-    run_dir = Path(output_dir or cfg.output_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    names = [t.name for t in cfg.data.tasks]
-    alpha = simplex_grid(len(names), spacing)
-    runner = PrefectRunner(cfg, str(run_dir), pool)
-    data_ref = runner.data()
-    base_ref = runner.base(data_ref)
-    logger.info("ground truth: %d multitask finetunes (spacing %s)", len(alpha), spacing)
-    acc = torch.stack(runner.multitasks(data_ref, base_ref, alpha))
-    mask = pareto.pareto_mask(acc)
-    ref_point = [reference_point] * len(names)
-    out = {
-        "tasks": names,
-        "spacing": spacing,
-        "alpha": alpha.tolist(),
-        "accuracy": acc.tolist(),
-        "seconds": sum(r["seconds"] for r in runner.multitask_refs),
-        "reference_point": ref_point,
-        "hypervolume": pareto.hypervolume(acc, ref_point),
-        "max_mean_accuracy": float(acc.mean(1).max()),
-        "methods": {},
-    }
-    # the main flow's posteriors, if it ran: their references (finished files only, nothing trained)
-    post_refs = [
-        steps.find_posterior(runner.cfg_json, runner.run_dir, data_ref, base_ref, i) for i in range(len(names))
-    ]
-    sweeps = {}
-    for m in cfg.merge.methods if all(post_refs) else []:
-        found = steps.find_sweep(runner.cfg_json, runner.run_dir, m, data_ref, base_ref, post_refs)
-        if found is not None:
-            sweeps[m] = sw = steps.load_sweep(runner.run_dir, found)
-            out["methods"][m] = {
-                "hypervolume": pareto.hypervolume(sw["accuracy"], ref_point),
-                "igd_plus": pareto.igd_plus(sw["accuracy"], acc[mask]),
-                "max_mean_accuracy": float(sw["accuracy"].mean(1).max()),
-            }
-            try:  # at the same α: needs every ground-truth α on the merge grid
-                out["methods"][m]["alpha_map_error"] = pareto.alpha_map_error(sw["alpha"], sw["accuracy"], alpha, acc)
-            except ValueError as exc:
-                logger.info("no α-map error for %s: %s", m, exc)
-    _score_main_run(run_dir, out, acc, tracking_uri or cfg.tracking.uri or tracking.default_uri(run_dir))
-    path = run_dir / f"ground_truth_{spacing}.json"
-    io.write_text_atomic(path, json.dumps(out, indent=2))
+    plan = resolve_plan(config, tracking_uri=tracking_uri, output_dir=output_dir, runner=runner)
+    with task_pool(plan.cfg.runner) as pool:
+        runner_ = PrefectRunner(plan, pool)
+        data_ref = runner_.data()
+        theta0_ref = runner_.theta0(data_ref)
+        alpha = simplex_grid(len(plan.tasks), spacing)
+        get_run_logger().info("ground truth: %d multitask finetunes (spacing %s)", len(alpha), spacing)
+        acc = torch.stack(runner_.multitasks(data_ref, theta0_ref, alpha))
+    seconds = sum(r["seconds"] for r in runner_.multitask_refs.values())
+    out = {"tasks": plan.task_names, "spacing": spacing, "alpha": alpha.tolist(), "accuracy": acc.tolist()}
+    truth = pareto.front_summary(alpha, acc, reference=reference_point)
+    out |= {"seconds": seconds, "reference_point": [reference_point] * len(plan.tasks)}
+    out |= {"hypervolume": truth["hypervolume"], "max_mean_accuracy": truth["max_mean_accuracy"]}
+    sweeps = main_run_sweeps(plan, data_ref, theta0_ref)
+    out["methods"] = {m: compare(sw, alpha, acc, reference_point) for m, sw in sweeps.items()}
+    _score_main_run(plan, out, acc)
+    path = plan.run_dir / f"ground_truth_{spacing}.json"
+    files.write_text_atomic(path, json.dumps(out, indent=2))
     if sweeps:
+        title = f"{plan.cfg.name}: merged fronts vs multitask"
+        front = pareto.pareto_mask(acc)
         plots.front_projections(
             sweeps,
-            names,
-            run_dir / "front_vs_ground_truth.png",
-            multitask=acc[mask].tolist(),
-            title=f"{cfg.name}: merged fronts vs multitask",
+            plan.task_names,
+            plan.run_dir / "front_vs_ground_truth.png",
+            multitask=acc[front].tolist(),
+            title=title,
         )
-    uri = tracking_uri or cfg.tracking.uri or tracking.default_uri(run_dir)
-    exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, tracking.artifact_root(run_dir))
-    run = tracking.client(uri).create_run(
-        exp_id,
-        run_name=f"{cfg.name}/ground-truth",
-        tags={
-            "varmerge.config": cfg.name,
-            "varmerge.stage": "ground_truth",
-            "varmerge.data_version": data_ref["version"],
-        },
-    )
-    rid = run.info.run_id
-    tracking.log_metrics(
-        uri,
-        rid,
-        {
-            "hypervolume": out["hypervolume"],
-            "max_mean_accuracy": out["max_mean_accuracy"],
-            **{f"{m}/{k}": v for m, d in out["methods"].items() for k, v in d.items()},
-        },
-    )
-    tracking.log_artifact(uri, rid, path, "ground_truth")
-    tracking.finish(uri, rid)
+    _log_ground_truth(plan, data_ref, out, path)
     return out
 
 
-def _score_main_run(run_dir: Path, out: dict, acc: torch.Tensor, uri: str) -> None:
+def main_run_sweeps(plan: RunPlan, data_ref: dict, theta0_ref: dict) -> dict[str, dict]:
+    """The main flow's sweeps for the same inputs, if it ran (found by their keys: nothing trained)."""
+    post_refs = [steps.find_posterior(plan, data_ref, theta0_ref, i) for i in range(len(plan.tasks))]
+    if not all(post_refs):
+        return {}
+    found = {m: steps.find_sweep(plan, m, data_ref, theta0_ref, post_refs) for m in plan.method_names}
+    return {m: steps.load_sweep(plan, ref) for m, ref in found.items() if ref is not None}
+
+
+def compare(sweep: dict, alpha: torch.Tensor, acc: torch.Tensor, reference_point: float) -> dict:
+    """A merged front against the ground truth: hypervolume, IGD+, max mean accuracy and, when
+    every ground-truth α is on the merge grid, the α-map error (per-task error at the same α)."""
+    truth_front = acc[pareto.pareto_mask(acc)]
+    s = pareto.front_summary(sweep["alpha"], sweep["accuracy"], reference=reference_point, reference_front=truth_front)
+    out = {k: s[k] for k in ("hypervolume", "igd_plus", "max_mean_accuracy")}
+    try:  # at the same α: needs every ground-truth α on the merge grid
+        out["alpha_map_error"] = pareto.alpha_map_error(sweep["alpha"], sweep["accuracy"], alpha, acc)
+    except ValueError as exc:
+        get_run_logger().info("no α-map error for %s: %s", sweep["method"], exc)
+    return out
+
+
+def _log_ground_truth(plan: RunPlan, data_ref: dict, out: dict, path: Path) -> None:
+    uri, cfg = plan.tracking_uri, plan.cfg
+    exp_id = tracking.experiment_id(uri, cfg.tracking.experiment, tracking.artifact_root(plan.run_dir))
+    tags = {"varmerge.config": cfg.name, "varmerge.stage": "ground_truth", "varmerge.data_version": data_ref["version"]}
+    run_id = tracking.client(uri).create_run(exp_id, run_name=f"{cfg.name}/ground-truth", tags=tags).info.run_id
+    metrics = {"hypervolume": out["hypervolume"], "max_mean_accuracy": out["max_mean_accuracy"]}
+    metrics |= {f"{m}/{k}": v for m, d in out["methods"].items() for k, v in d.items()}
+    tracking.log_metrics(uri, run_id, metrics)
+    tracking.log_artifact(uri, run_id, path, "ground_truth")
+    tracking.finish(uri, run_id)
+
+
+def _score_main_run(plan: RunPlan, out: dict, acc: torch.Tensor) -> None:
     """The main flow's front.json (if it finished) gets the selection regret of its chosen α and
     every method's α-map error; its MLflow parent run gets them as metrics."""
-    front_json = run_dir / "front.json"
+    front_json = plan.run_dir / "front.json"
     if not front_json.exists():
         return
     front = json.loads(front_json.read_text())
@@ -133,10 +117,10 @@ def _score_main_run(run_dir: Path, out: dict, acc: torch.Tensor, uri: str) -> No
         if m in front["methods"]:
             front["methods"][m].update(sc)
     front["ground_truth"] = {"spacing": out["spacing"], "max_mean_accuracy": out["max_mean_accuracy"]}
-    io.write_text_atomic(front_json, json.dumps(front, indent=2))
+    files.write_text_atomic(front_json, json.dumps(front, indent=2))
     metrics = {f"{m}/alpha_map_error": sc["alpha_map_error"] for m, sc in scores.items() if "alpha_map_error" in sc}
     if "selection_regret" in out:
         metrics |= {f"chosen/selection_regret_{k}": v for k, v in out["selection_regret"].items() if k != "method"}
     if front.get("mlflow_run_id") and metrics:
-        tracking.log_metrics(uri, front["mlflow_run_id"], metrics)
-        tracking.log_artifact(uri, front["mlflow_run_id"], front_json, "front")
+        tracking.log_metrics(plan.tracking_uri, front["mlflow_run_id"], metrics)
+        tracking.log_artifact(plan.tracking_uri, front["mlflow_run_id"], front_json, "front")

@@ -5,14 +5,13 @@ Handles are file references; the per-task finetunes, the per-method sweeps (spli
 runner, the *pool* (:func:`task_pool`: the flow's own thread, or a Dask cluster); sweeps and
 multitask results come back as the small tensors the sequence selects from. Only references cross
 to the workers, which share the run folder. The runner keeps the references it produced
-(``data_ref``, ``base_ref``, ``multitask_refs`` in the order they ran): the flow registers the
+(``data_ref``, ``theta0_ref``, ``multitask_refs`` by their exact α): the flow registers the
 model of the chosen α.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ from prefect.task_runners import TaskRunner
 
 from tasks import steps
 from tasks.tracking import Parent
-from varmerge import merge
-from varmerge.config import ExperimentConfig, RunnerConfig
+from varmerge.config import RunnerConfig
 from varmerge.grid import grid_size
 from varmerge.pipeline import SWEEP_BLOCK
+from varmerge.plan import RunPlan
 
 DASK_CONNECT_TIMEOUT_S = 10
 
@@ -71,77 +70,64 @@ def task_pool(rc: RunnerConfig) -> Iterator[Pool]:
 
 
 class PrefectRunner:
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        run_dir: str,
-        pool: Pool,
-        *,
-        data_dir: str | None = None,
-        parent: Parent | None = None,
-    ):
-        self.cfg, self.run_dir, self.data_dir, self.pool = cfg, str(run_dir), data_dir, pool
-        self.cfg_json = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    """The sequence's steps as Prefect tasks of ``pool`` over the run store of ``plan``."""
+
+    def __init__(self, plan: RunPlan, pool: Pool, parent: Parent | None = None):
+        self.plan, self.pool = plan, pool
         self.parent = parent  # the MLflow run the tasks log under (None: no logging)
         self.data_ref: dict | None = None
-        self.base_ref: dict | None = None
-        self.multitask_refs: list[dict] = []
+        self.theta0_ref: dict | None = None
+        self.multitask_refs: dict[tuple[float, ...], dict] = {}  # by exact α, in the order they ran
 
     def data(self) -> dict:
         if self.data_ref is None:
-            self.data_ref = steps.prepare_data(self.cfg_json, self.run_dir, self.data_dir)
+            self.data_ref = steps.prepare_data(self.plan)
         return self.data_ref
 
-    def base(self, data: dict) -> dict:
-        self.base_ref = steps.base_model(self.cfg_json, self.run_dir, data, parent=self.parent)
-        return self.base_ref
+    def theta0(self, data: dict) -> dict:
+        self.theta0_ref = steps.theta0(self.plan, data, parent=self.parent)
+        return self.theta0_ref
 
-    def _common(self, data: dict, base: dict) -> dict:
-        return {"cfg_json": self.cfg_json, "run_dir": self.run_dir, "data_ref": data, "base_ref": base}
-
-    def finetunes(self, data: dict, base: dict) -> list[dict]:
-        fixed = {k: unmapped(v) for k, v in self._common(data, base).items()}
-        tasks_ = list(range(len(self.cfg.data.tasks)))
-        return self.pool.task_runner.map(
-            steps.finetune, {**fixed, "task_index": tasks_, "parent": unmapped(self.parent)}
-        ).result()
+    def finetunes(self, data: dict, theta0: dict) -> list[dict]:
+        fixed = {"plan": self.plan, "data_ref": data, "theta0_ref": theta0, "parent": self.parent}
+        args = {**{k: unmapped(v) for k, v in fixed.items()}, "task_index": list(range(len(self.plan.tasks)))}
+        return self.pool.task_runner.map(steps.finetune, args).result()
 
     def sweep_blocks(self, method: str) -> list[list[int]]:
         """``[lo, hi)`` rows of the α grid per block of ``method``'s sweep, one per worker: whole
         batches of :data:`~varmerge.pipeline.SWEEP_BLOCK` α, so the joined blocks equal the whole
         sweep bit for bit. None (an empty list) for a grid of one batch, one worker, or an
         estimator (MAP needs the whole grid)."""
-        n = grid_size(len(self.cfg.data.tasks), self.cfg.merge.spacing)
+        n = grid_size(len(self.plan.tasks), self.plan.cfg.merge.spacing)
         batches = -(-n // SWEEP_BLOCK)
         k = min(self.pool.workers, batches)
-        if k <= 1 or merge.get_method(method).kind == "estimator":
+        if k <= 1 or self.plan.merge_step(method).spec.kind == "estimator":
             return []
         edges = [min(n, round(i * batches / k) * SWEEP_BLOCK) for i in range(k + 1)]
         return [[lo, hi] for lo, hi in zip(edges[:-1], edges[1:])]
 
-    def sweeps(self, data: dict, base: dict, posteriors: list[dict], methods) -> dict[str, dict]:
-        common = {**self._common(data, base), "posterior_refs": posteriors, "parent": self.parent}
+    def sweeps(self, data: dict, theta0: dict, posteriors: list[dict], methods) -> dict[str, dict]:
+        inputs = {"data": data, "theta0": theta0, "posteriors": posteriors}
         submit = self.pool.task_runner.submit
         futures = {}
         for m in methods:
-            args = {**common, "method": m}
-            done = steps.find_sweep(self.cfg_json, self.run_dir, m, data, base, posteriors)
+            args = {"plan": self.plan, "method": m, "inputs": inputs}
+            done = steps.find_sweep(self.plan, m, data, theta0, posteriors)
             blocks = [] if done else self.sweep_blocks(m)
             parts = [submit(steps.sweep_block, {**args, "rows": rows}) for rows in blocks]
-            futures[m] = submit(steps.sweep, {**args, "blocks": parts or None})
-        return {m: steps.load_sweep(self.run_dir, f.result()) for m, f in futures.items()}
+            futures[m] = submit(steps.sweep, {**args, "parent": self.parent, "blocks": parts or None})
+        return {m: steps.load_sweep(self.plan, f.result()) for m, f in futures.items()}
 
-    def multitasks(self, data: dict, base: dict, alphas: torch.Tensor) -> list[torch.Tensor]:
-        fixed = {k: unmapped(v) for k, v in self._common(data, base).items()}
-        refs = self.pool.task_runner.map(
-            steps.multitask, {**fixed, "alpha": [a.tolist() for a in alphas], "parent": unmapped(self.parent)}
-        ).result()
-        self.multitask_refs += refs
+    def multitasks(self, data: dict, theta0: dict, alphas: torch.Tensor) -> list[torch.Tensor]:
+        fixed = {"plan": self.plan, "data_ref": data, "theta0_ref": theta0, "parent": self.parent}
+        args = {**{k: unmapped(v) for k, v in fixed.items()}, "alpha": [tuple(a.tolist()) for a in alphas]}
+        refs = self.pool.task_runner.map(steps.multitask, args).result()
+        self.multitask_refs.update({r["alpha"]: r for r in refs})
         return [torch.tensor(r["accuracy"], dtype=torch.float64) for r in refs]
 
-    def multitask_ref(self, alpha) -> dict:
-        """The reference of the multitask finetune this runner ran at ``alpha``."""
-        for r in self.multitask_refs:
-            if max(abs(a - b) for a, b in zip(r["alpha"], alpha, strict=True)) < 1e-9:
-                return r
-        raise KeyError(f"no multitask finetune at α {alpha} in this run")
+    def multitask_ref(self, alpha: torch.Tensor) -> dict:
+        """The reference of the multitask finetune this runner ran at ``alpha`` (a row of the grid)."""
+        key = tuple(alpha.tolist())
+        if key not in self.multitask_refs:
+            raise KeyError(f"no multitask finetune at α {list(key)} in this run")
+        return self.multitask_refs[key]

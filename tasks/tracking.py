@@ -7,9 +7,11 @@ the ``mlflow.parentRunId`` tag, which is thread-safe (Prefect runs tasks in thre
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +29,6 @@ class Parent:
 
     uri: str
     run_id: str
-
-
-def default_uri(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
 
 
 def artifact_root(run_dir: Path) -> Path:
@@ -144,6 +142,23 @@ def finish(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
+@contextlib.contextmanager
+def child_run(parent: Parent | None, name: str, tags: dict | None = None) -> Iterator[str | None]:
+    """A nested run ``name`` under ``parent`` for the block: FINISHED when the block ends, FAILED
+    (and the error raised on) when it fails, never left RUNNING. Yields its id, or None (and logs
+    nothing) without a parent."""
+    if parent is None:
+        yield None
+        return
+    run_id = start_child(parent.uri, parent.run_id, name, tags)
+    try:
+        yield run_id
+    except BaseException:
+        finish(parent.uri, run_id, "FAILED")
+        raise
+    finish(parent.uri, run_id)
+
+
 def log_params(uri: str, run_id: str, params: dict) -> None:
     _log_batch(uri, run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
 
@@ -209,7 +224,7 @@ __all__ = [
     "Parent",
     "lightning_logger",
     "mlflow",
-    "default_uri",
+    "child_run",
     "client",
     "experiment_id",
     "start_child",

@@ -48,9 +48,9 @@ def install(fault: str) -> None:
     from varmerge import pipeline
 
     stage, _, want = fault.partition(":")
-    if stage == "finetune":  # finetune_task(cfg, base, task, ...)
+    if stage == "finetune":  # finetune_task(plan, base, task, ...)
         _kill_before(pipeline, "finetune_task", lambda a, k: not want or a[2].name == want)
-    elif stage == "sweep":  # sweep_and_score(cfg, method, ...)
+    elif stage == "sweep":  # sweep_and_score(plan, method, ...)
         _kill_before(pipeline, "sweep_and_score", lambda a, k: not want or a[1] == want)
     elif stage == "multitask":  # multitask:N: before the N-th multitask finetune (default the first)
         calls = []

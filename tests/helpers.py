@@ -31,3 +31,11 @@ def random_models(T, seed=0, dtype=torch.float64, shapes=None):
     means = [{k: torch.randn(s, generator=g, dtype=dtype) for k, s in shapes.items()} for _ in range(T)]
     precs = [{k: torch.rand(s, generator=g, dtype=dtype) * 3 + 0.05 for k, s in shapes.items()} for _ in range(T)]
     return means, precs
+
+
+def plan_of(raw: dict, output_dir, **where):
+    """The run plan of a raw config under ``output_dir`` (the run folder is ``output_dir/<name>``)."""
+    from varmerge.config import parse_config
+    from varmerge.plan import make_plan
+
+    return make_plan(parse_config(raw), output_dir=output_dir, **where)

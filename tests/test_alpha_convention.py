@@ -15,6 +15,7 @@ import torch
 
 from varmerge import merge, train
 from varmerge.posterior import ALPHA_CONVENTION, DiagonalGaussian, FullGaussian, MixtureGaussian, PosteriorMeta
+from varmerge.train.von import VONSettings
 
 N = (100, 400, 1600)
 ALPHAS = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7], [0.5, 0.5, 0.0]], dtype=torch.float64)
@@ -127,7 +128,7 @@ def test_full_gaussian_logistic_regression_merge_matches_the_multitask_optimum()
     posts = []
     for (x, y), n in zip(tasks, N, strict=True):
         # Laplace posterior of N_t·L̄_t + N_t·λ/2 ‖θ‖² (VON without sampling is Newton's method)
-        m, S = train.full_von(x, y, C, lr=1.0, mc_samples=0, num_iters=30, prior_precision=n * LAM)
+        m, S = train.full_von(x, y, C, VONSettings(lr=1.0, mc_samples=0, num_iters=30, prior_precision=n * LAM))
         posts.append(FullGaussian(m, S, {"w": (P,)}, PosteriorMeta(task=f"t{n}", ess=float(n))))
     merged = merge.apply("hessian_full", posts, None, ALPHAS)["w"].double()
     old = merge.hessian_weighted_full([p.mean for p in posts], [p.precision for p in posts], ALPHAS)

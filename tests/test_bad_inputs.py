@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY
+from helpers import TINY, plan_of
 from typer.testing import CliRunner
 
 from flows.cli import app
 from varmerge import data as vdata
-from varmerge import io, merge
+from varmerge import files, merge
 from varmerge.posterior import DiagonalGaussian, MixtureGaussian, load_posterior
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,7 +271,7 @@ def _diag(shapes=SHAPES, seed=0, **precision_override) -> DiagonalGaussian:
 def _write_raw_diagonal(path, mean, prec):
     """A posterior file written around the container's checks (as a buggy or foreign writer might)."""
     tensors = {**{f"mean/{k}": v for k, v in mean.items()}, **{f"precision/{k}": v for k, v in prec.items()}}
-    io.save_tensors(path, tensors, {"kind": "diagonal", "meta": {}, "names": list(mean)})
+    files.save_tensors(path, tensors, {"kind": "diagonal", "meta": {}, "names": list(mean)})
 
 
 def _flip_byte(path: Path, offset_from_end: int = 5) -> None:
@@ -299,7 +299,9 @@ def case_other_model_shapes(tmp):
 
 
 def case_other_model_check_matches_model(tmp):
-    io.check_matches_model(_diag({"linear.weight": (10, 100), "linear.bias": (10,)}).mean, _expected_logreg(), "w.st")
+    files.check_matches_model(
+        _diag({"linear.weight": (10, 100), "linear.bias": (10,)}).mean, _expected_logreg(), "w.st"
+    )
 
 
 def case_truncated(tmp):
@@ -374,9 +376,9 @@ def case_mixture_k_differs_across_parameters_file(tmp):
     """A mixture file where 'linear.bias' has one component and 'linear.weight' two."""
     p = tmp / "mix.safetensors"
     MixtureGaussian([_diag(seed=1), _diag(seed=2)]).save(p)
-    tensors, header = io.load_tensors(p)
+    tensors, header = files.load_tensors(p)
     tensors = {k: v for k, v in tensors.items() if not k.startswith("c1/") or "linear.bias" not in k}
-    io.save_tensors(p, tensors, {k: v for k, v in header.items() if k not in ("format", "sha256")})
+    files.save_tensors(p, tensors, {k: v for k, v in header.items() if k not in ("format", "sha256")})
     load_posterior(p)
 
 
@@ -430,28 +432,27 @@ def prepared(tmp_path):
     """Data and θ0 of TINY prepared by the flow's own tasks (their plain functions, no Prefect)."""
     from tasks import steps
 
-    cfg_json = json.dumps(TINY)
-    run_dir = str(tmp_path / "run")
-    data_ref = steps.prepare_data.fn(cfg_json, run_dir)
-    base_ref = steps.base_model.fn(cfg_json, run_dir, data_ref)
-    return steps, cfg_json, run_dir, data_ref, base_ref
+    plan = plan_of(TINY, tmp_path / "out")
+    data_ref = steps.prepare_data.fn(plan)
+    theta0_ref = steps.theta0.fn(plan, data_ref)
+    return steps, plan, data_ref, theta0_ref
 
 
 def test_sweep_task_rejects_a_posterior_of_another_model(prepared, tmp_path):
-    steps, cfg_json, run_dir, data_ref, base_ref = prepared
+    steps, plan, data_ref, theta0_ref = prepared
     path = tmp_path / "other.safetensors"
     sha = _diag({"net.0.weight": (32, 784), "net.0.bias": (32,)}).save(path)
     refs = [{"path": str(path), "sha256": sha}] * 3
     with pytest.raises(ValueError, match="does not belong to this model"):
-        steps.sweep.fn(cfg_json, run_dir, "simple", data_ref, base_ref, refs)
-    assert not (Path(run_dir) / "sweeps").exists()
+        steps.sweep.fn(plan, "simple", {"data": data_ref, "theta0": theta0_ref, "posteriors": refs})
+    assert not (plan.run_dir / "sweeps").exists()
 
 
 def test_tampered_posterior_is_rejected_by_the_tasks(prepared, tmp_path):
     """One byte flipped in the tensor data: the finetune task refuses to reuse (or silently
     overwrite) it, and a sweep refuses to read it."""
-    steps, cfg_json, run_dir, data_ref, base_ref = prepared
-    cfg, store = steps._cfg(cfg_json), steps.store_for(run_dir)
+    steps, plan, data_ref, theta0_ref = prepared
+    store = steps.store_for(plan.run_dir)
     from varmerge.models import build_model, trainable_state_dict
 
     expected = trainable_state_dict(build_model("logreg", num_classes=10))
@@ -463,16 +464,16 @@ def test_tampered_posterior_is_rejected_by_the_tasks(prepared, tmp_path):
     ]
     refs = []
     for i, post in enumerate(posts):
-        path = store.path("posterior", steps._posterior_key(store, cfg, data_ref, base_ref, i), cfg.data.tasks[i].name)
+        path = store.path("posterior", steps.posterior_key(plan, data_ref, theta0_ref, i), plan.tasks[i].name)
         refs.append(store.ref(path, MixtureGaussian([post, post]).save(path)))
     _flip_byte(store.resolve(refs[1]))
     with pytest.raises(ValueError, match=r"content hash mismatch .* modified or corrupted; delete it to recompute"):
-        steps.finetune.fn(cfg_json, run_dir, data_ref, base_ref, 1)
+        steps.finetune.fn(plan, data_ref, theta0_ref, 1)
     with pytest.raises(ValueError, match="content hash mismatch"):
-        steps.sweep.fn(cfg_json, run_dir, "simple", data_ref, base_ref, refs)
-    _flip_byte(store.resolve(base_ref))
+        steps.sweep.fn(plan, "simple", {"data": data_ref, "theta0": theta0_ref, "posteriors": refs})
+    _flip_byte(store.resolve(theta0_ref))
     with pytest.raises(ValueError, match="content hash mismatch"):
-        steps.store_for(tmp_path / "fresh-process").load({**base_ref, "path": str(store.resolve(base_ref))})
+        steps.store_for(tmp_path / "fresh-process").load({**theta0_ref, "path": str(store.resolve(theta0_ref))})
 
 
 # ------------------------------------------------------------------------------- runtime case

@@ -623,6 +623,7 @@ def test_config_rejects_bad_options(methods, options, match):
 def test_every_new_method_runs_through_sweep_and_score():
     """The pipeline path on a tiny logistic regression: every rule, MAP included, gives (G, T)."""
     from varmerge import models, pipeline
+    from varmerge.plan import make_plan
     from varmerge.posterior import DiagonalGaussian
 
     g = torch.Generator().manual_seed(100)
@@ -642,7 +643,7 @@ def test_every_new_method_runs_through_sweep_and_score():
     )
     alpha = simplex_grid(3, 0.25)
     for m in cfg.merge.methods:
-        res = pipeline.sweep_and_score(cfg, m, posts, model, tasks, alpha, block=4)
+        res = pipeline.sweep_and_score(make_plan(cfg), m, posts, model, tasks, alpha, block=4)
         assert res["accuracy"].shape == (len(alpha), 3) and res["accuracy"].dtype == F64, m
         assert torch.isfinite(res["loss"]).all() and (res["accuracy"] >= 0).all() and (res["accuracy"] <= 1).all()
         if m == "map":

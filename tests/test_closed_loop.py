@@ -90,13 +90,14 @@ def test_closed_loop_settings_are_checked_with_one_line():
 
 def test_the_default_prior_is_the_selection_method_and_the_variational_rules():
     from varmerge.config import parse_config
-    from varmerge.sequence import prior_methods
+    from varmerge.plan import make_plan
+
+    def prior_methods(raw: dict) -> list[str]:
+        return list(make_plan(parse_config(raw)).prior_methods)
 
     methods = ["simple", "task_arithmetic", "hessian", "ties", "mixture"]
     base = {**TINY, "merge": {**TINY["merge"], "methods": methods}}
     sel = {"strategy": "closed_loop", "budget": 2}
-    assert prior_methods(parse_config({**base, "selection": sel})) == ["simple", "hessian", "mixture"]
-    ties = parse_config({**base, "selection": {**sel, "method": "ties"}})
-    assert prior_methods(ties) == ["simple", "hessian", "ties", "mixture"]
-    given = parse_config({**base, "selection": {**sel, "prior_methods": ["task_arithmetic"]}})
-    assert prior_methods(given) == ["task_arithmetic"]
+    assert prior_methods({**base, "selection": sel}) == ["simple", "hessian", "mixture"]
+    assert prior_methods({**base, "selection": {**sel, "method": "ties"}}) == ["simple", "hessian", "ties", "mixture"]
+    assert prior_methods({**base, "selection": {**sel, "prior_methods": ["task_arithmetic"]}}) == ["task_arithmetic"]

@@ -10,7 +10,7 @@ import torch
 import yaml
 from helpers import RESUME
 
-from varmerge import io
+from varmerge import files
 from varmerge.posterior import load_posterior
 
 
@@ -50,7 +50,7 @@ def test_two_fresh_runs_agree(reference_run, tmp_path):
     a_sw, b_sw = _by_prefix(a_dir / "sweeps", "*.safetensors"), _by_prefix(b_dir / "sweeps", "*.safetensors")
     assert a_sw.keys() == b_sw.keys() == {"simple", "hessian", "mixture"}
     for m in a_sw:
-        sa, sb = (io.load_tensors(f)[0] for f in (a_sw[m], b_sw[m]))
+        sa, sb = (files.load_tensors(f)[0] for f in (a_sw[m], b_sw[m]))
         assert torch.equal(sa["alpha"], sb["alpha"]), m
         assert torch.equal(sa["accuracy"], sb["accuracy"]), m
         assert torch.equal(sa["loss"], sb["loss"]), m
@@ -66,6 +66,6 @@ def test_two_fresh_runs_agree(reference_run, tmp_path):
         assert fa["methods"][m]["front"] == fb["methods"][m]["front"], m
     # the multitask weights: equal within tolerance
     [ma], [mb] = (sorted((d / "multitask").glob("*.safetensors")) for d in (a_dir, b_dir))
-    ta, tb = io.load_tensors(ma)[0], io.load_tensors(mb)[0]
+    ta, tb = files.load_tensors(ma)[0], files.load_tensors(mb)[0]
     for k in ta:
         torch.testing.assert_close(tb[k], ta[k], rtol=1e-5, atol=1e-6)

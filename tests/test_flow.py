@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("prefect")
 
-from helpers import TINY  # noqa: E402
+from helpers import TINY, plan_of  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 
@@ -73,11 +73,11 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     assert len(versions) == 1 and json.loads(versions[0].tags["alpha"]) == summary["chosen"]["alpha"][0]
     # the registered model loads from its registry URI and predicts a batch of any size: its
     # accuracy on every task's whole test set is the multitask finetune's logged accuracy
-    from varmerge import io
+    from varmerge import files
 
     loaded = mlflow.pyfunc.load_model(f"models:/varmerge-tiny/{versions[0].version}")
     tasks_, n_classes = pipeline.tasks_from_tensors(
-        *io.load_tensors(next((run_dir / "data").glob("tasks-*.safetensors")))
+        *files.load_tensors(next((run_dir / "data").glob("tasks-*.safetensors")))
     )
     final = next(r for r in children if r.info.run_name == "multitask/final")
     for t in tasks_:
@@ -137,14 +137,14 @@ def test_prepare_data_from_a_prepared_folder(tmp_path):
 
     ds = vdata.mnist5k(seed=0)
     vdata.save_dataset(ds, tmp_path / "data")
-    cfg_json = json.dumps(TINY)
-    r = steps.prepare_data.fn(cfg_json, str(tmp_path / "run"), str(tmp_path / "data"))
+    plan = plan_of(TINY, tmp_path / "out", data_dir=tmp_path / "data")
+    r = steps.prepare_data.fn(plan)
     assert r["path"].startswith("data/tasks-")  # the per-task tensors, prepared once
     assert r["version"] == r["sha256"][:16]  # not DVC-tracked: the content hash
-    tasks, _ = steps.load_tasks(str(tmp_path / "run"), r)
+    tasks, _ = steps.load_tasks(plan, r)
     assert [t.name for t in tasks] == ["a", "b", "c"] and len(tasks[0].train[1]) == 300
     with pytest.raises((FileNotFoundError, ValueError)):
-        steps.prepare_data.fn(cfg_json, str(tmp_path / "run"), str(tmp_path / "nope"))
+        steps.prepare_data.fn(plan_of(TINY, tmp_path / "out", data_dir=tmp_path / "nope"))
 
 
 @pytest.mark.slow

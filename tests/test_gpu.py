@@ -18,6 +18,7 @@ from helpers import TINY
 
 from varmerge import pipeline
 from varmerge.config import parse_config
+from varmerge.plan import make_plan
 from varmerge.posterior import load_posterior
 
 pytestmark = pytest.mark.gpu
@@ -35,8 +36,8 @@ def _cfg(**changes) -> object:
 
 def _finetune(cfg, task_index: int = 0):
     tasks, n = pipeline.prepare_tasks(cfg)
-    base = pipeline.base_model(cfg, n)
-    post, weights = pipeline.finetune_task(cfg, base, tasks[task_index])
+    base = pipeline.seeded_model(cfg, n)
+    post, weights = pipeline.finetune_task(make_plan(cfg), base, tasks[task_index])
     acc = pipeline.score_sweep(base, {k: v.unsqueeze(0).cpu() for k, v in weights.items()}, tasks)["accuracy"][0]
     return post, acc, tasks, base
 
@@ -61,15 +62,15 @@ def test_bf16_mixed_training_on_cuda_gives_a_usable_posterior():
 def test_the_sweep_on_cuda_matches_the_cpu_sweep(tmp_path):
     cfg = _cfg(accelerator="cpu")
     tasks, n = pipeline.prepare_tasks(cfg)
-    base = pipeline.base_model(cfg, n)
+    base = pipeline.seeded_model(cfg, n)
     paths = [tmp_path / f"{t.name}.safetensors" for t in tasks]
     for t, path in zip(tasks, paths):
-        pipeline.finetune_task(cfg, base, t)[0].save(path)
+        pipeline.finetune_task(make_plan(cfg), base, t)[0].save(path)
     for method in cfg.merge.methods:
-        cpu = pipeline.sweep_and_score(cfg, method, [load_posterior(p) for p in paths], base, tasks)
+        cpu = pipeline.sweep_and_score(make_plan(cfg), method, [load_posterior(p) for p in paths], base, tasks)
         gpu_base = copy.deepcopy(base).to("cuda")
         posts = [load_posterior(p, device="cuda") for p in paths]
-        gpu = pipeline.sweep_and_score(cfg, method, posts, gpu_base, tasks)
+        gpu = pipeline.sweep_and_score(make_plan(cfg), method, posts, gpu_base, tasks)
         assert gpu["accuracy"].device.type == "cpu"  # results come back as the store saves them
         n_test = min(len(t.test[1]) for t in tasks)
         assert (gpu["accuracy"] - cpu["accuracy"]).abs().max() <= 2 / n_test, method

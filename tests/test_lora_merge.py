@@ -80,6 +80,7 @@ def test_text_front_estimation_end_to_end():
     import yaml
 
     from varmerge.config import parse_config
+    from varmerge.plan import make_plan
     from varmerge.sequence import LocalRunner, estimate_front
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "lora_tweets.yaml").read_text())
@@ -89,7 +90,8 @@ def test_text_front_estimation_end_to_end():
     raw["merge"]["spacing"] = 0.5
     raw["multitask_steps"] = 3
     cfg = parse_config(raw)
-    res = estimate_front(cfg, LocalRunner(cfg))
+    plan = make_plan(cfg)
+    res = estimate_front(plan, LocalRunner(plan))
     assert res.alpha.shape == (6, 3)
     for m in ("simple", "hessian", "mixture"):
         acc = res.sweeps[m]["accuracy"]

@@ -75,7 +75,7 @@ def test_front_is_non_dominated_on_the_simplex_and_covers_the_grid_front(algorit
 def test_front_of_minimised_metric():
     f = quadratic_metric(3, seed=12)
     grid = simplex_grid(3, 0.05)
-    res = mf.map_front(lambda a: {"loss": f(a)}, grid, metric="loss", maximize=False, seed=1, n_gen=40)
+    res = mf.map_front(lambda a: {"loss": f(a)}, grid, objective=mf.Objective("loss", maximize=False), seed=1, n_gen=40)
     assert pareto.pareto_mask(-res.front_values).all()
 
 

@@ -82,7 +82,10 @@ def test_full_with_diagonal_matrices_equals_diagonal_merge():
     torch.testing.assert_close(full, diag, rtol=1e-12, atol=1e-12)
     # chunked solve gives the same answer
     small = merge.hessian_weighted_full(
-        [m["w"] for m in means], [torch.diag(p["w"]) for p in precs], grid, max_batch_bytes=1
+        [m["w"] for m in means],
+        [torch.diag(p["w"]) for p in precs],
+        grid,
+        options=merge.HessianFullOptions(max_batch_bytes=1),
     )
     torch.testing.assert_close(small, full)
 
@@ -104,7 +107,9 @@ def test_batched_alpha_equals_row_by_row(method):
             return merge.hessian_weighted(means, precs, alpha, chunk_elems=chunk)
         if method == "hessian_prior":
             return merge.hessian_weighted(means, precs, alpha, base=base, base_precision=precs[0], chunk_elems=chunk)
-        return merge.mixture_weighted(mix_m, mix_p, alpha, iterations=4, chunk_elems=chunk)
+        return merge.mixture_weighted(
+            mix_m, mix_p, alpha, options=merge.MixtureOptions(iterations=4, chunk_elems=chunk)
+        )
 
     batched = run(grid)
     tiny_chunks = run(grid, chunk=3)
@@ -133,7 +138,9 @@ def test_simple_and_task_arithmetic_formulas():
 def test_k1_mixture_equals_hessian_weighted():
     means, precs = random_models(3, seed=9)
     grid = simplex_grid(3, 0.1)
-    mix = merge.mixture_weighted([[m] for m in means], [[p] for p in precs], grid, iterations=5)
+    mix = merge.mixture_weighted(
+        [[m] for m in means], [[p] for p in precs], grid, options=merge.MixtureOptions(iterations=5)
+    )
     hw = merge.hessian_weighted(means, precs, grid)
     for k in hw:
         torch.testing.assert_close(mix[k], hw[k], rtol=1e-12, atol=1e-12)
@@ -157,7 +164,11 @@ def test_mixture_em_objective_never_decreases_and_reaches_fixed_point():
     grid = simplex_grid(3, 0.2)
     history = []
     merge.mixture_weighted(
-        means, precs, grid, iterations=60, callback=lambda i, th: history.append({k: v.clone() for k, v in th.items()})
+        means,
+        precs,
+        grid,
+        options=merge.MixtureOptions(iterations=60),
+        callback=lambda i, th: history.append({k: v.clone() for k, v in th.items()}),
     )
     objs = torch.stack([merge.mixture_objective(th, means, precs, grid) for th in history])
     diffs = objs[1:] - objs[:-1]
@@ -167,7 +178,11 @@ def test_mixture_em_objective_never_decreases_and_reaches_fixed_point():
     last = history[-1]
     again = []
     merge.mixture_weighted(
-        means, precs, grid, iterations=61, callback=lambda i, th: again.append(th) if i >= 60 else None
+        means,
+        precs,
+        grid,
+        options=merge.MixtureOptions(iterations=61),
+        callback=lambda i, th: again.append(th) if i >= 60 else None,
     )
     for k in last:
         torch.testing.assert_close(again[-1][k], last[k], rtol=1e-7, atol=1e-7)
@@ -177,7 +192,7 @@ def test_mixture_stationary_point_has_zero_gradient():
     """At the EM fixed point ∇ Σ_t α_t log Σ_k π_k N(θ|θ_tk, H_tk⁻¹) = 0 (autograd oracle)."""
     means, precs = _mixture_problem(seed=11, T=2, K=2)
     alpha = torch.tensor([0.4, 0.6], dtype=F64)
-    theta = merge.mixture_weighted(means, precs, alpha, iterations=300)
+    theta = merge.mixture_weighted(means, precs, alpha, options=merge.MixtureOptions(iterations=300))
     keys = list(theta)
     x = flat(theta, keys).clone().requires_grad_(True)
     obj = 0
@@ -197,14 +212,16 @@ def test_mixture_responsibilities_stable_for_huge_models():
     n = 200_000
     means = [[{"w": torch.randn(n, generator=g) * s} for s in (1.0, 3.0)] for _ in range(2)]
     precs = [[{"w": torch.full((n,), 50.0)} for _ in range(2)] for _ in range(2)]
-    out = merge.mixture_weighted(means, precs, simplex_grid(2, 0.25), iterations=5)
+    out = merge.mixture_weighted(means, precs, simplex_grid(2, 0.25), options=merge.MixtureOptions(iterations=5))
     assert torch.isfinite(out["w"]).all()
 
 
 def test_mixture_with_unequal_component_counts():
     means, precs = _mixture_problem(seed=13, T=2, K=3)
     means[1], precs[1] = means[1][:1], precs[1][:1]
-    out = merge.mixture_weighted(means, precs, torch.tensor([0.0, 1.0], dtype=F64), iterations=3)
+    out = merge.mixture_weighted(
+        means, precs, torch.tensor([0.0, 1.0], dtype=F64), options=merge.MixtureOptions(iterations=3)
+    )
     for k in out:  # all weight on a 1-component task returns that component
         torch.testing.assert_close(out[k], means[1][0][k])
 
@@ -256,7 +273,10 @@ def test_task_permutation_changes_nothing(alpha, seed, perm):
         lambda m, p, a: merge.hessian_weighted(m, p, a),
         lambda m, p, a: merge.simple_average(m, a),
         lambda m, p, a: merge.mixture_weighted(
-            [[x, {k: v + 1 for k, v in x.items()}] for x in m], [[y, y] for y in p], a, iterations=3
+            [[x, {k: v + 1 for k, v in x.items()}] for x in m],
+            [[y, y] for y in p],
+            a,
+            options=merge.MixtureOptions(iterations=3),
         ),
     ):
         a_out, b_out = f(means, precs, alpha), f(pm, pp, pa)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from varmerge import merge
+from varmerge.merge import HessianFullOptions, MixtureFullOptions
 from varmerge.posterior import FullGaussian, MixtureFullGaussian, load_posterior
 
 f64 = torch.float64
@@ -38,7 +39,7 @@ ALPHA = torch.tensor([[0.2, 0.3, 0.5], [1 / 3, 1 / 3, 1 / 3], [0.7, 0.1, 0.2], [
 
 def test_one_component_is_the_full_hessian_merge():
     means, precs, _ = problem(K=1)
-    got = merge.mixture_weighted_full(means, precs, ALPHA, iterations=5)
+    got = merge.mixture_weighted_full(means, precs, ALPHA, options=MixtureFullOptions(iterations=5))
     want = merge.hessian_weighted_full([m[0] for m in means], [h[0] for h in precs], ALPHA)
     torch.testing.assert_close(got, want)
 
@@ -47,14 +48,19 @@ def test_em_objective_never_decreases_and_ends_at_a_fixed_point():
     means, precs, weights = problem(seed=1)
     iterates = []
     merge.mixture_weighted_full(
-        means, precs, ALPHA, weights=weights, iterations=40, callback=lambda i, x: iterates.append(x.clone())
+        means,
+        precs,
+        ALPHA,
+        weights=weights,
+        options=MixtureFullOptions(iterations=40),
+        callback=lambda i, x: iterates.append(x.clone()),
     )
     objs = torch.stack([merge.mixture_full_objective(x, means, precs, ALPHA, weights=weights) for x in iterates])
     steps = objs[1:] - objs[:-1]
     assert (steps >= -1e-9).all(), steps.min()
     assert float(steps.sum()) > 1e-3  # EM moved away from the start
     last = iterates[-1]
-    again = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=41)
+    again = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, options=MixtureFullOptions(iterations=41))
     torch.testing.assert_close(again, last, atol=1e-8, rtol=0)  # one more step does not move it
 
 
@@ -64,23 +70,28 @@ def test_anchor_starts_reach_the_same_fixed_points_in_fewer_steps():
     means, precs, weights = problem(seed=5, spread=0.3)  # overlapping components: one maximum per α
     alpha = simplex_grid(3, 0.1)
     counted = []
-    plain = merge.mixture_weighted_full(means, precs, alpha, weights=weights, iterations=60, tol=1e-10)
+    em = {"iterations": 60, "tol": 1e-10}
+    plain = merge.mixture_weighted_full(means, precs, alpha, weights=weights, options=MixtureFullOptions(**em))
     fast = merge.mixture_weighted_full(
-        means, precs, alpha, weights=weights, iterations=60, tol=1e-10, start_spacing=0.5,
+        means, precs, alpha, weights=weights, options=MixtureFullOptions(**em, start_spacing=0.5),
         callback=lambda i, x: counted.append(x.clone()),
     )  # fmt: skip
     torch.testing.assert_close(fast, plain, atol=1e-7, rtol=0)
     start = counted[0]  # the M-step from responsibilities at the nearest anchor's fixed point
-    from_pi = merge.mixture_weighted_full(means, precs, alpha, weights=weights, iterations=0)
+    from_pi = merge.mixture_weighted_full(
+        means, precs, alpha, weights=weights, options=MixtureFullOptions(iterations=0)
+    )
     assert float((start - plain).abs().max()) < float((from_pi - plain).abs().max())
     with pytest.raises(ValueError, match="start_spacing must be in"):
-        merge.mixture_weighted_full(means, precs, alpha, weights=weights, start_spacing=0.0)
+        merge.mixture_weighted_full(means, precs, alpha, weights=weights, options=MixtureFullOptions(start_spacing=0.0))
 
 
 def test_mode_matches_a_brute_force_search_on_two_parameters():
     means, precs, weights = problem(T=3, K=2, P=2, seed=3, spread=1.0)
     a = torch.tensor([0.5, 0.3, 0.2], dtype=f64)
-    got = merge.mixture_weighted_full(means, precs, a, weights=weights, iterations=200, tol=1e-12)
+    got = merge.mixture_weighted_full(
+        means, precs, a, weights=weights, options=MixtureFullOptions(iterations=200, tol=1e-12)
+    )
     ticks = torch.linspace(-4, 4, 801, dtype=f64)
     grid = torch.cartesian_prod(ticks, ticks)
     obj = merge.mixture_full_objective(grid, means, precs, a.expand(len(grid), -1), weights=weights)
@@ -91,13 +102,13 @@ def test_mode_matches_a_brute_force_search_on_two_parameters():
 
 def test_batched_equals_one_at_a_time_and_blocks_do_not_change_the_result():
     means, precs, weights = problem(seed=4)
-    batch = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=6)
-    small = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=6, max_batch_bytes=5 * 5 * 8)
+    six = MixtureFullOptions(iterations=6)
+    batch = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, options=six)
+    small_blocks = MixtureFullOptions(iterations=6, max_batch_bytes=5 * 5 * 8)
+    small = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, options=small_blocks)
     torch.testing.assert_close(small, batch)
     for g, a in enumerate(ALPHA):
-        torch.testing.assert_close(
-            merge.mixture_weighted_full(means, precs, a, weights=weights, iterations=6), batch[g]
-        )
+        torch.testing.assert_close(merge.mixture_weighted_full(means, precs, a, weights=weights, options=six), batch[g])
 
 
 def test_bad_inputs_name_the_value():
@@ -140,7 +151,9 @@ def test_posterior_file_round_trip_views_and_the_registry(tmp_path):
     torch.testing.assert_close(back.components[1].precision, precs[0][1])
     assert back.mixture().K == 2 and back.diagonal().mean["w"].shape == (2, 2)
     merged = merge.apply("mixture_full", posts, None, ALPHA[0], {"iterations": 4})
-    flat = merge.mixture_weighted_full(means, precs, ALPHA[0], weights=weights, iterations=4)
+    flat = merge.mixture_weighted_full(
+        means, precs, ALPHA[0], weights=weights, options=MixtureFullOptions(iterations=4)
+    )
     got = torch.cat([merged["w"].reshape(-1), merged["b"]])  # the registry solves in float32
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), flat, atol=1e-4, rtol=1e-4)
@@ -154,7 +167,7 @@ def test_posterior_file_round_trip_views_and_the_registry(tmp_path):
 
 
 def test_a_damaged_file_is_refused(tmp_path):
-    from varmerge import io
+    from varmerge import files
 
     means, precs, weights = problem(T=1, K=2, P=6, seed=7)
     post = _posterior(means[0], precs[0], weights[0], {"w": (2, 2), "b": (2,)})
@@ -172,10 +185,10 @@ def test_a_damaged_file_is_refused(tmp_path):
         "component_meta": [c.meta.to_dict() for c in post.components],
         "shapes": {"w": [2, 2], "b": [2]},
     }
-    io.save_tensors(tmp_path / "bad.safetensors", tensors, header)
+    files.save_tensors(tmp_path / "bad.safetensors", tensors, header)
     with pytest.raises(ValueError, match="bad.safetensors: mixture component 0: precision is not positive definite"):
         load_posterior(tmp_path / "bad.safetensors")
-    io.save_tensors(tmp_path / "short.safetensors", {k: v for k, v in tensors.items() if k.startswith("c0")}, header)
+    files.save_tensors(tmp_path / "short.safetensors", {k: v for k, v in tensors.items() if k.startswith("c0")}, header)
     with pytest.raises(ValueError, match="inconsistent components"):
         load_posterior(tmp_path / "short.safetensors")
 
@@ -190,11 +203,12 @@ def _data(n=120, d=4, c=3, seed=0):
 
 
 def test_one_component_at_the_mean_is_full_von_step_for_step():
-    from varmerge.train.von import _class_major, full_von, mixture_full_von
+    from varmerge.train.von import MixtureVONSettings, VONSettings, _class_major, full_von, mixture_full_von
 
     x, y = _data()
-    m_ref, S_ref = full_von(x, y, 3, lr=0.3, mc_samples=0, num_iters=6, prior_precision=2.0, reduce_inactive=False)
-    fit = mixture_full_von(x, y, 3, 1, lr=0.3, mc_samples=0, num_iters=6, prior_precision=2.0)
+    shared = {"lr": 0.3, "mc_samples": 0, "num_iters": 6, "prior_precision": 2.0}
+    m_ref, S_ref = full_von(x, y, 3, VONSettings(**shared, reduce_inactive=False))
+    fit = mixture_full_von(x, y, 3, MixtureVONSettings(components=1, **shared))
     mu, S, w, fallbacks = fit.means, fit.precisions, fit.weights, fit.fallbacks
     idx = _class_major(3, 4)
     torch.testing.assert_close(mu[0], m_ref[idx])
@@ -204,11 +218,12 @@ def test_one_component_at_the_mean_is_full_von_step_for_step():
 
 def test_fitted_mixture_is_a_valid_posterior_that_predicts(tmp_path):
     from varmerge import models
-    from varmerge.train.von import fit_mixture_full_von
+    from varmerge.train.von import MixtureVONSettings, fit_mixture_full_von
 
     x, y = _data(n=200, seed=1)
     model = models.build_model("logreg", num_classes=3, in_features=4).double()
-    post = fit_mixture_full_von(model, x, y, components=3, lr=0.2, lr_weights=0.01, num_iters=30, prior_precision=1.0)
+    settings = MixtureVONSettings(components=3, lr=0.2, lr_weights=0.01, num_iters=30, prior_precision=1.0)
+    post = fit_mixture_full_von(model, x, y, settings)
     assert post.K == 3 and sum(post.weights) == pytest.approx(1.0) and all(w > 0 for w in post.weights)
     assert post.meta.optimizer == "mixture_full_von" and post.meta.ess == 200.0
     for c in post.components:  # every component classifies the training data well
@@ -223,44 +238,46 @@ def test_fitted_mixture_is_a_valid_posterior_that_predicts(tmp_path):
 
 def test_warm_start_begins_at_the_full_von_gaussian_and_fits_better_in_the_same_iterations():
     from varmerge import models
-    from varmerge.train.von import fit_full_von, fit_mixture_full_von
+    from varmerge.train.von import MixtureVONSettings, VONSettings, fit_full_von, fit_mixture_full_von
 
     x, y = _data(n=200, seed=2)
     base = models.build_model("logreg", num_classes=3, in_features=4).double()
-    von = fit_full_von(copy.deepcopy(base), x, y, lr=0.2, mc_samples=3, num_iters=20, prior_precision=1.0)
+    von = fit_full_von(copy.deepcopy(base), x, y, VONSettings(lr=0.2, mc_samples=3, num_iters=20, prior_precision=1.0))
     settings = {"components": 3, "lr": 0.2, "mc_samples": 3, "prior_precision": 1.0, "init_spread": 0.1}
-    start = fit_mixture_full_von(copy.deepcopy(base), x, y, num_iters=0, warm_start=20, **settings)
+    start = fit_mixture_full_von(copy.deepcopy(base), x, y, MixtureVONSettings(num_iters=0, warm_start=20, **settings))
     torch.testing.assert_close(start.components[0].mean, von.mean)  # same seed, same VON iterations
     for c in start.components:
         torch.testing.assert_close(c.precision, von.precision)
     assert 0 < float((start.components[1].mean - von.mean).norm()) < 1.0  # a small offset
-    warm = fit_mixture_full_von(copy.deepcopy(base), x, y, num_iters=4, warm_start=20, **settings)
-    cold = fit_mixture_full_von(copy.deepcopy(base), x, y, num_iters=4, **settings)
+    warm = fit_mixture_full_von(copy.deepcopy(base), x, y, MixtureVONSettings(num_iters=4, warm_start=20, **settings))
+    cold = fit_mixture_full_von(copy.deepcopy(base), x, y, MixtureVONSettings(num_iters=4, **settings))
     assert warm.meta.extra["warm_start"] == 20 and warm.meta.extra["init_spread"] == 0.1
     assert warm.meta.extra["elbo"] > cold.meta.extra["elbo"] + 1.0  # the ELBO estimate, recorded in meta
     with pytest.raises(ValueError, match="warm_start must be >= 0"):
-        fit_mixture_full_von(copy.deepcopy(base), x, y, num_iters=1, warm_start=-1, **settings)
+        fit_mixture_full_von(copy.deepcopy(base), x, y, MixtureVONSettings(num_iters=1, warm_start=-1, **settings))
 
 
 def test_mixture_vi_checks_its_start_and_records_the_elbo_per_iteration():
-    from varmerge.train.von import mixture_full_von
+    from varmerge.train.von import MixtureVONSettings, mixture_full_von
 
     x, y = _data()
-    fit = mixture_full_von(x, y, 3, 2, lr=0.2, num_iters=5, prior_precision=1.0)
+    fit = mixture_full_von(x, y, 3, MixtureVONSettings(components=2, lr=0.2, num_iters=5, prior_precision=1.0))
     assert len(fit.elbo) == 5 and all(math.isfinite(e) for e in fit.elbo)
     # minibatches scaled by N/B estimate the same precision as the full batch
-    full = mixture_full_von(x, y, 3, 1, lr=0.3, num_iters=30, prior_precision=1.0)
-    mini = mixture_full_von(x, y, 3, 1, lr=0.3, num_iters=30, prior_precision=1.0, batch_size=60)
+    one = {"components": 1, "lr": 0.3, "num_iters": 30, "prior_precision": 1.0}
+    full = mixture_full_von(x, y, 3, MixtureVONSettings(**one))
+    mini = mixture_full_von(x, y, 3, MixtureVONSettings(**one, batch_size=60))
     ratio = torch.trace(mini.precisions[0]) / torch.trace(full.precisions[0])
     assert 0.8 < float(ratio) < 1.25
     with pytest.raises(ValueError, match=r"init_precision must be \(15, 15\)"):
-        mixture_full_von(x, y, 3, 2, num_iters=1, init_precision=torch.eye(4, dtype=f64))
+        mixture_full_von(x, y, 3, MixtureVONSettings(components=2, num_iters=1), init_precision=torch.eye(4, dtype=f64))
 
 
 def test_a_config_runs_mixture_full_von_posteriors_through_the_front():
     from helpers import TINY
 
     from varmerge.config import parse_config
+    from varmerge.plan import make_plan
     from varmerge.sequence import LocalRunner, estimate_front
 
     cfg = parse_config(
@@ -277,7 +294,8 @@ def test_a_config_runs_mixture_full_von_posteriors_through_the_front():
             "multitask_steps": 5,
         }
     )
-    result = estimate_front(cfg, LocalRunner(cfg))
+    plan = make_plan(cfg)
+    result = estimate_front(plan, LocalRunner(plan))
     acc = result.sweeps["mixture_full"]["accuracy"]
     assert acc.shape == (6, 3) and float(acc.max(0).values.min()) > 0.6  # each task learned at its vertex
     assert result.realised is not None and result.realised.shape == (1, 3)
@@ -288,6 +306,7 @@ def test_the_posterior_section_sets_the_mixture_start():
 
     from varmerge import pipeline
     from varmerge.config import parse_config
+    from varmerge.plan import make_plan
 
     posterior = {"method": "mixture_full_von", "components": 2, "steps": 2, "lr": 0.3, "prior_precision": 1.0}
     cfg = parse_config(
@@ -298,7 +317,7 @@ def test_the_posterior_section_sets_the_mixture_start():
         }
     )
     tasks, n = pipeline.prepare_tasks(cfg)
-    post, _ = pipeline.finetune_task(cfg, pipeline.base_model(cfg, n), tasks[0])
+    post, _ = pipeline.finetune_task(make_plan(cfg), pipeline.seeded_model(cfg, n), tasks[0])
     assert post.meta.extra["warm_start"] == 3 and post.meta.extra["init_spread"] == 0.05
     with pytest.raises(ValueError, match="warm_start"):
         parse_config({**TINY, "posterior": {**posterior, "warm_start": -1}})
@@ -315,11 +334,12 @@ def test_preconditioned_cg_equals_the_cholesky_sweep():
     means = [torch.randn(P, generator=g, dtype=f64) for _ in range(T)]
     alpha = simplex_grid(T, 0.05)
     want = merge.hessian_weighted_full(means, list(H), alpha)
-    got = merge.hessian_weighted_full(means, list(H), alpha, solver="pcg", pcg_tol=1e-10)
+    cg = HessianFullOptions(solver="pcg", pcg_tol=1e-10)
+    got = merge.hessian_weighted_full(means, list(H), alpha, options=cg)
     torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
     base, H0 = torch.randn(P, generator=g, dtype=f64), spd(P, g)
     want = merge.hessian_weighted_full(means, list(H), alpha, base=base, base_precision=H0)
-    got = merge.hessian_weighted_full(means, list(H), alpha, base=base, base_precision=H0, solver="pcg", pcg_tol=1e-10)
+    got = merge.hessian_weighted_full(means, list(H), alpha, base=base, base_precision=H0, options=cg)
     torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
     b = torch.randn(len(alpha), P, generator=g, dtype=f64)
     _, info = solve_combined_pcg(H, alpha, b, tol=1e-10)
@@ -327,14 +347,16 @@ def test_preconditioned_cg_equals_the_cholesky_sweep():
         info["anchors"] <= 21 and info["iterations"] < P and "unconverged" not in info
     )  # fewer steps than plain CG's P
     f32 = [m.float() for m in means], [h.float() for h in H]  # the registry's dtype: its own default tolerance
-    got = merge.hessian_weighted_full(*f32, alpha, solver="pcg")
+    got = merge.hessian_weighted_full(*f32, alpha, options=HessianFullOptions(solver="pcg"))
     torch.testing.assert_close(got.double(), merge.hessian_weighted_full(means, list(H), alpha), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="pcg_tol must be >= 0"):
-        merge.hessian_weighted_full(means, list(H), alpha, solver="pcg", pcg_tol=-1.0)
-    with pytest.raises(ValueError, match="solver must be 'cholesky' or 'pcg'"):
-        merge.hessian_weighted_full(means, list(H), alpha, solver="lu")
+        merge.hessian_weighted_full(means, list(H), alpha, options=HessianFullOptions(solver="pcg", pcg_tol=-1.0))
+    with pytest.raises(ValueError, match=r"solver\n  Input should be 'cholesky' or 'pcg'"):
+        HessianFullOptions(solver="lu")
+    with pytest.raises(ValueError, match="solver must be 'cholesky' or 'pcg'"):  # an options object built unchecked
+        merge.hessian_weighted_full(means, list(H), alpha, options=HessianFullOptions.model_construct(solver="lu"))
     with pytest.raises(ValueError, match=r"CG did not reach pcg_tol=0.0 for \d+ α rows"):  # never silently wrong
-        merge.hessian_weighted_full(means, list(H), alpha, solver="pcg", pcg_tol=0.0)
+        merge.hessian_weighted_full(means, list(H), alpha, options=HessianFullOptions(solver="pcg", pcg_tol=0.0))
 
 
 def test_mixture_em_by_cg_equals_refactorising_every_step():
@@ -342,27 +364,41 @@ def test_mixture_em_by_cg_equals_refactorising_every_step():
 
     means, precs, weights = problem(seed=9, P=12)
     cg = {"solver": "pcg", "pcg_tol": 1e-12}
-    want = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=8)
-    got = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=8, **cg)
+    want = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, options=MixtureFullOptions(iterations=8))
+    got = merge.mixture_weighted_full(
+        means, precs, ALPHA, weights=weights, options=MixtureFullOptions(iterations=8, **cg)
+    )
     torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
     alpha = simplex_grid(3, 0.1)  # many α on few anchors, each row stopping on its own, every iterate
-    kw = {"weights": weights, "iterations": 20, "tol": 1e-6}
+    em = {"iterations": 20, "tol": 1e-6}
     seen = {"cholesky": [], "pcg": []}
-    want = merge.mixture_weighted_full(means, precs, alpha, callback=lambda i, x: seen["cholesky"].append(x), **kw)
+    want = merge.mixture_weighted_full(
+        means, precs, alpha, weights=weights, options=MixtureFullOptions(**em),
+        callback=lambda i, x: seen["cholesky"].append(x),
+    )  # fmt: skip
     got = merge.mixture_weighted_full(
-        means, precs, alpha, callback=lambda i, x: seen["pcg"].append(x), anchor_spacing=0.5, **cg, **kw
-    )
+        means, precs, alpha, weights=weights, options=MixtureFullOptions(anchor_spacing=0.5, **cg, **em),
+        callback=lambda i, x: seen["pcg"].append(x),
+    )  # fmt: skip
     torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
     assert len(seen["pcg"]) == len(seen["cholesky"]) == 21
     for x, y in zip(seen["pcg"], seen["cholesky"], strict=True):
         torch.testing.assert_close(x, y, atol=1e-8, rtol=1e-8)
-    want = merge.mixture_weighted_full(means, precs, alpha, start_spacing=0.5, **kw)
-    got = merge.mixture_weighted_full(means, precs, alpha, start_spacing=0.5, **cg, **kw)
+    want = merge.mixture_weighted_full(
+        means, precs, alpha, weights=weights, options=MixtureFullOptions(start_spacing=0.5, **em)
+    )
+    got = merge.mixture_weighted_full(
+        means, precs, alpha, weights=weights, options=MixtureFullOptions(start_spacing=0.5, **cg, **em)
+    )
     torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
     with pytest.raises(ValueError, match=r"mixture_full: CG did not reach pcg_tol=0.0 for \d+ α rows"):
-        merge.mixture_weighted_full(means, precs, alpha, weights=weights, solver="pcg", pcg_tol=0.0)
+        merge.mixture_weighted_full(
+            means, precs, alpha, weights=weights, options=MixtureFullOptions(solver="pcg", pcg_tol=0.0)
+        )
     with pytest.raises(ValueError, match="anchor_spacing must be in"):
-        merge.mixture_weighted_full(means, precs, alpha, weights=weights, solver="pcg", anchor_spacing=1.5)
+        merge.mixture_weighted_full(
+            means, precs, alpha, weights=weights, options=MixtureFullOptions(solver="pcg", anchor_spacing=1.5)
+        )
 
 
 def test_cg_computes_only_the_rows_still_iterating():
@@ -387,15 +423,17 @@ def test_each_alpha_stops_on_its_own_so_blocks_do_not_change_the_early_stopped_r
     """With ``tol`` every α row stops after its own last move above ``tol``: batched, in blocks of
     one or one at a time, the result is the same, and rows that settle early stop changing."""
     means, precs, weights = problem(seed=5, spread=0.3)  # overlapping components: slow, smooth EM
-    kw = {"weights": weights, "iterations": 60, "tol": 1e-6}
+    em = {"iterations": 60, "tol": 1e-6}
+    kw = {"weights": weights, "options": MixtureFullOptions(**em)}
     seen = []
     batch = merge.mixture_weighted_full(means, precs, ALPHA, callback=lambda i, x: seen.append(x.clone()), **kw)
-    small = merge.mixture_weighted_full(means, precs, ALPHA, max_batch_bytes=5 * 5 * 8, **kw)
+    small_blocks = MixtureFullOptions(max_batch_bytes=5 * 5 * 8, **em)
+    small = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, options=small_blocks)
     torch.testing.assert_close(small, batch, atol=1e-12, rtol=0)  # batched BLAS: ulps apart
     for g, a in enumerate(ALPHA):
         torch.testing.assert_close(merge.mixture_weighted_full(means, precs, a, **kw), batch[g], atol=1e-12, rtol=0)
     steps = [max([0] + [i for i in range(1, len(seen)) if not torch.equal(seen[i][g], seen[i - 1][g])])
              for g in range(len(ALPHA))]  # fmt: skip
     assert min(steps) < max(steps), steps  # some α stop earlier than others
-    full = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, iterations=60)
+    full = merge.mixture_weighted_full(means, precs, ALPHA, weights=weights, options=MixtureFullOptions(iterations=60))
     torch.testing.assert_close(batch, full, atol=1e-4, rtol=0)

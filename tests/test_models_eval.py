@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from varmerge.evaluate import evaluate_batched, evaluate_loop, evaluate_tasks, slice_inputs
+from varmerge.evaluate import EvalSettings, evaluate_batched, evaluate_loop, evaluate_tasks, slice_inputs
 from varmerge.models import MODEL_BUILDERS, Linear, build_model, load_trainable, resnet20, trainable_state_dict
 
 
@@ -125,12 +125,12 @@ def test_batched_equals_loop(name):
     x, y = images(13)
     ref = evaluate_loop(model, merged, x, y, batch_size=8)
     assert ref["accuracy"].shape == ref["loss"].shape == (4,)
-    assert_same(evaluate_batched(model, merged, x, y, batch_size=8, vectorize=True), ref)
+    assert_same(evaluate_batched(model, merged, x, y, EvalSettings(batch_size=8, vectorize=True)), ref)
     # other chunkings over α and examples, the non-vmapped path and the auto plan
-    assert_same(evaluate_batched(model, merged, x, y, batch_size=5, chunk_g=2), ref)
-    assert_same(evaluate_batched(model, merged, x, y, vectorize=False, chunk_g=3), ref)
+    assert_same(evaluate_batched(model, merged, x, y, EvalSettings(batch_size=5, chunk_g=2)), ref)
+    assert_same(evaluate_batched(model, merged, x, y, EvalSettings(vectorize=False, chunk_g=3)), ref)
     # a budget too small for one α at batch_size: fewer examples per pass
-    assert_same(evaluate_batched(model, merged, x, y, memory_budget=150_000), ref)
+    assert_same(evaluate_batched(model, merged, x, y, EvalSettings(memory_budget=150_000)), ref)
 
 
 def test_loop_reference_matches_hand_computation():
@@ -153,7 +153,7 @@ def test_evaluate_tasks_shape_and_values():
     model = build_model("mlp", hidden=(16,))
     merged = perturbed(model, G=4)
     tasks = [images(n, seed=s) for n, s in ((7, 1), (12, 2), (5, 3))]
-    out = evaluate_tasks(model, merged, tasks, batch_size=6, chunk_g=3)
+    out = evaluate_tasks(model, merged, tasks, EvalSettings(batch_size=6, chunk_g=3))
     assert out["accuracy"].shape == out["loss"].shape == (4, 3)
     for t, (x, y) in enumerate(tasks):
         ref = evaluate_loop(model, merged, x, y)
@@ -291,8 +291,8 @@ def test_lora_batched_evaluation_equals_loop(lora):
     merged = perturbed(model, G=2, scale=0.2)
     y = torch.tensor([0, 1, 2, 1])
     ref = evaluate_loop(model, merged, batch, y, batch_size=3)
-    assert_same(evaluate_batched(model, merged, batch, y, batch_size=3, vectorize=True), ref)
-    assert_same(evaluate_batched(model, merged, batch, y, vectorize=False), ref)
+    assert_same(evaluate_batched(model, merged, batch, y, EvalSettings(batch_size=3, vectorize=True)), ref)
+    assert_same(evaluate_batched(model, merged, batch, y, EvalSettings(vectorize=False)), ref)
     tasks = [(slice_inputs(batch, 0, 3), y[:3]), (slice_inputs(batch, 3, 4), y[3:])]
     out = evaluate_tasks(model, merged, tasks)
     assert out["loss"].shape == (2, 2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import random_models
 
-from varmerge import io
+from varmerge import files
 from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian, PosteriorMeta, load_posterior
 
 
@@ -101,7 +101,9 @@ def test_bad_precision_rejected_on_construction_and_load(tmp_path, value, match)
     # a file whose hash is right but whose content is bad (written bypassing the container)
     tensors = {f"mean/{k}": v for k, v in post.mean.items()}
     tensors.update({f"precision/{k}": v for k, v in bad.items()})
-    io.save_tensors(tmp_path / "bad.safetensors", tensors, {"kind": "diagonal", "meta": {}, "names": list(post.mean)})
+    files.save_tensors(
+        tmp_path / "bad.safetensors", tensors, {"kind": "diagonal", "meta": {}, "names": list(post.mean)}
+    )
     with pytest.raises(ValueError, match=match):
         load_posterior(tmp_path / "bad.safetensors")
 
@@ -118,13 +120,13 @@ def test_mixture_components_must_match():
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(ValueError):
-        io.save_tensors(tmp_path / "x.safetensors", {})
+        files.save_tensors(tmp_path / "x.safetensors", {})
     with pytest.raises(RuntimeError):
-        io.atomic_write(tmp_path / "y.bin", lambda tmp: (_ for _ in ()).throw(RuntimeError("boom")))
+        files.atomic_write(tmp_path / "y.bin", lambda tmp: (_ for _ in ()).throw(RuntimeError("boom")))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_metadata_is_json(tmp_path):
     diag().save(tmp_path / "p.safetensors")
-    _, header = io.load_tensors(tmp_path / "p.safetensors")
+    _, header = files.load_tensors(tmp_path / "p.safetensors")
     assert json.loads(json.dumps(header))["meta"]["optimizer"] == "ivon"

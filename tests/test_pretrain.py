@@ -5,14 +5,13 @@
   ``DiagonalGaussian.from_ivon``;
 * the Hessian merge of posteriors whose precisions hold the prior is the prior form
   θ0 + (H0 + Σ α_t H_t)⁻¹ Σ α_t (H0 + H_t)(θ_t − θ0) of Daheim et al. (2024);
-* :func:`varmerge.pipeline.start_point` (pretraining, checkpoints) and the preflight checks;
+* :func:`varmerge.pipeline.theta0` (pretraining, checkpoints) and the preflight checks;
 * the flow's pretrain step: a nested MLflow run, reused by another config naming the same section.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 
 from varmerge import merge, models, pipeline
 from varmerge.config import ConfigError, parse_config
+from varmerge.plan import make_plan
 from varmerge.posterior import DiagonalGaussian, PosteriorMeta
 from varmerge.preflight import PreflightError, check_start
 from varmerge.train import OptimizerSettings, SingleTaskModule
@@ -108,11 +108,11 @@ def test_hessian_merge_of_posteriors_holding_the_prior_is_the_prior_form():
             torch.testing.assert_close(merged[k][g], theta0[k] + step / total)
 
 
-# ------------------------------------------------------------------------------ start point
+# ------------------------------------------------------------------------------------ θ0
 def test_pretraining_gives_theta0_and_an_ivon_prior_the_finetunes_start_from():
     cfg = config(pretrain=PRETRAIN)
     tasks, n = pipeline.prepare_tasks(cfg)
-    model, prior = pipeline.start_point(cfg, n)
+    model, prior = pipeline.theta0(make_plan(cfg), n)
     init = pipeline.initial_model(cfg, n)
     assert not torch.equal(model.linear.weight, init.linear.weight)  # it trained
     assert prior.meta.optimizer == "ivon" and prior.meta.ess == 400.0  # one example per pretraining example
@@ -129,9 +129,9 @@ def test_pretraining_gives_theta0_and_an_ivon_prior_the_finetunes_start_from():
         merge={"methods": ["simple", "hessian"]},
         selection={"method": "hessian"},
     )
-    post, _ = pipeline.finetune_task(one, model, tasks[0], prior=prior)
+    post, _ = pipeline.finetune_task(make_plan(one), model, tasks[0], prior=prior)
     torch.testing.assert_close(post.per_example_hessian()["linear.weight"], h["linear.weight"], rtol=1e-3, atol=1e-6)
-    cold, _ = pipeline.finetune_task(one, model, tasks[0])
+    cold, _ = pipeline.finetune_task(make_plan(one), model, tasks[0])
     assert not torch.allclose(cold.per_example_hessian()["linear.weight"], h["linear.weight"], rtol=1e-2)
 
 
@@ -153,14 +153,14 @@ def test_a_user_checkpoint_is_theta0_and_a_scalar_prior(tmp_path):
     path = tmp_path / "theta.safetensors"
     save_file({"linear.weight": theirs.linear.weight.detach().contiguous()}, str(path))  # a partial state dict
     user = config(base={"checkpoint": str(path), "prior_precision": 2.0})
-    model, prior = pipeline.start_point(user, 10)
+    model, prior = pipeline.theta0(make_plan(user), 10)
     torch.testing.assert_close(model.linear.weight, theirs.linear.weight)
-    torch.testing.assert_close(model.linear.bias, pipeline.base_model(cfg, 10).linear.bias)  # the rest: seeded init
+    torch.testing.assert_close(model.linear.bias, pipeline.seeded_model(cfg, 10).linear.bias)  # the rest: seeded init
     assert torch.all(prior.per_example_hessian()["linear.bias"] == 2.0)
     check_start(user, 10)
     # a squared-gradient pass over given training examples at the checkpoint: per-example scale
     sg = config(base={"checkpoint": str(path), "prior_data": {"max_examples": 64}})
-    _, prior = pipeline.start_point(sg, 10)
+    _, prior = pipeline.theta0(make_plan(sg), 10)
     h = prior.per_example_hessian()["linear.weight"]
     assert prior.meta.optimizer == "squared_gradients" and prior.meta.ess == 64.0
     assert float(h.min()) >= 1e-4 - 1e-9 and float(h.max()) > 10 * 1e-4  # the floor, and real curvature
@@ -202,19 +202,17 @@ def test_preflight_refuses_pretraining_on_a_tasks_test_examples():
 
 
 def test_a_theta0_whose_prior_file_is_gone_is_refused_not_used_without_it(tmp_path):
-    import json
-
     from tasks import steps
+    from varmerge.plan import make_plan
 
-    cfg_json = json.dumps(config(pretrain=PRETRAIN).model_dump(mode="json"))
-    run_dir = str(tmp_path / "runs" / "tiny")
-    data_ref = steps.prepare_data.fn(cfg_json, run_dir)
-    ref = steps.base_model.fn(cfg_json, run_dir, data_ref)
+    plan = make_plan(config(pretrain=PRETRAIN), output_dir=tmp_path / "runs")
+    data_ref = steps.prepare_data.fn(plan)
+    ref = steps.theta0.fn(plan, data_ref)
     assert ref["prior"] is not None and ref["path"].startswith("../pretrained/")
-    assert steps.base_model.fn(cfg_json, run_dir, data_ref) == ref  # reused
-    (Path(run_dir) / ref["prior"]["path"]).unlink()
+    assert steps.theta0.fn(plan, data_ref) == ref  # reused
+    (plan.run_dir / ref["prior"]["path"]).unlink()
     with pytest.raises(ValueError, match="θ0's prior is missing beside"):
-        steps.base_model.fn(cfg_json, run_dir, data_ref)
+        steps.theta0.fn(plan, data_ref)
 
 
 # --------------------------------------------------------------------------------------- flow

@@ -11,6 +11,7 @@ from rich.console import Console
 from flows.bars import Bars
 from varmerge import pipeline
 from varmerge.config import parse_config
+from varmerge.plan import make_plan
 from varmerge.sequence import LocalRunner, estimate_front
 
 
@@ -36,8 +37,8 @@ def test_each_step_reports_its_steps_up_to_the_total():
 
         return step()
 
-    cfg = _cfg()
-    res = estimate_front(cfg, LocalRunner(cfg, steps=steps))
+    plan = make_plan(_cfg())
+    res = estimate_front(plan, LocalRunner(plan, steps=steps))
     assert res.error is None
     n = TINY["posterior"]["steps"]
     ft = seen["finetune a (multi_ivon × 2)"]
@@ -101,8 +102,9 @@ def test_artifact_progress_is_throttled_and_ends_at_the_last_state(monkeypatch):
 def test_single_run_finetunes_report_without_a_run_note(method):
     cfg = _cfg(methods=["simple"], method=method, components=1)
     tasks, n_classes = pipeline.prepare_tasks(cfg)
-    base, prior = pipeline.start_point(cfg, n_classes)
+    plan = make_plan(cfg)
+    base, prior = pipeline.theta0(plan, n_classes)
     seen = []
-    pipeline.finetune_task(cfg, base, tasks[0], prior=prior, report=lambda d, t, note="": seen.append((d, t, note)))
+    pipeline.finetune_task(plan, base, tasks[0], prior=prior, report=lambda d, t, note="": seen.append((d, t, note)))
     n = TINY["posterior"]["steps"]
     assert seen[0] == (0, n, "") and seen[-1] == (n, n, "")

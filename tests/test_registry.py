@@ -47,8 +47,14 @@ def test_every_method_declares_its_kind_and_an_options_model(name):
     with pytest.raises(ValidationError):  # frozen
         defaults.__setattr__(next(iter(spec.options.model_fields), "x"), 1)
     assert spec.needs_calibration == issubclass(spec.options, CalibrationOptions)
-    # the model mirrors the function: each setting is one of its keyword arguments, same default
     params = inspect.signature(spec.fn).parameters
+    if spec.options.bundled:  # the function takes the model itself, None meaning its defaults
+        assert defaults.rule_kwargs() == {"options": defaults}
+        assert params["options"].default is None, f"{name}: options=None must mean the defaults"
+        assert spec.options.__name__ in str(params["options"].annotation), f"{name}: options is not annotated"
+        assert not set(spec.options.model_fields) & set(params), f"{name}: a setting is also a keyword argument"
+        return
+    # the model mirrors the function: each setting is one of its keyword arguments, same default
     for key, value in defaults.rule_kwargs().items():
         assert key in params, f"{name}: option {key!r} is not an argument of {spec.fn.__name__}"
         assert params[key].default == value, f"{name}.{key}: default {value!r} != {params[key].default!r}"
@@ -226,7 +232,7 @@ def test_dispatch_of_mixture_posteriors_equals_the_rules():
     posts = mixtures()
     means, precs = [p.means for p in posts], [p.precisions for p in posts]
     got = merge.apply("mixture", posts, None, ALPHA, {"iterations": 3})
-    assert_same(got, merge.mixture_weighted(means, precs, ALPHA, iterations=3))
+    assert_same(got, merge.mixture_weighted(means, precs, ALPHA, options=merge.MixtureOptions(iterations=3)))
     assert_same(merge.apply("mixture", posts, None, ALPHA), merge.mixture_weighted(means, precs, ALPHA))
     # non-mixture rules read each task's first component
     first_m, first_p = [p.components[0].mean for p in posts], [p.components[0].precision for p in posts]
@@ -314,19 +320,24 @@ def test_merging_modules_do_not_import_the_facade():
         assert "varmerge.merge " not in text and "from varmerge import merge" not in text, path
 
 
-def test_every_posterior_method_declares_the_structure_it_produces():
-    import typing
+def test_every_posterior_method_is_one_registry_entry_the_config_and_plan_read():
+    from helpers import TINY
 
-    from varmerge.config import POSTERIOR_KINDS, PosteriorConfig
+    from varmerge import posterior_methods
+    from varmerge.config import ConfigError, parse_config
+    from varmerge.plan import make_plan
     from varmerge.posterior import EXACT_VIEWS
+    from varmerge.train import OPTIMIZERS
 
-    methods = typing.get_args(PosteriorConfig.model_fields["method"].annotation)
-    assert set(POSTERIOR_KINDS) == set(methods)
-    assert set(POSTERIOR_KINDS.values()) <= set(EXACT_VIEWS)
-
-
-def test_shared_test_config_uses_the_options_layout():
-    from helpers import RESUME, TINY
-
-    for d in (TINY, RESUME):
-        assert parse_config(d, "tiny").merge.options == {"mixture": {"iterations": 5}}
+    names = posterior_methods.names()
+    assert names == ["adamw_sg", "ivon", "multi_ivon", "soup_ivon", "full_von", "mixture_full_von"]
+    for name in names:
+        spec = posterior_methods.get_method(name)
+        assert spec.structure in EXACT_VIEWS and spec.optimizer in OPTIMIZERS, name
+        assert spec.multitask_optimizer in ("adamw", "ivon") and callable(spec.fit), name
+        assert spec.options.model_config["extra"] == "forbid" and spec.options.model_config["frozen"], name
+    with pytest.raises(ConfigError, match=r"unknown posterior method 'laplace'; known: adamw_sg, ivon"):
+        parse_config({**TINY, "posterior": {"method": "laplace"}})
+    plan = make_plan(parse_config({**TINY, "posterior": {**TINY["posterior"], "components": 3}}))
+    assert plan.posterior_options == posterior_methods.MultiIVONOptions(components=3)
+    assert plan.finetune.optimizer.name == "ivon"

@@ -37,9 +37,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import RESUME, TINY
+from helpers import RESUME, TINY, plan_of
 
-from varmerge import io, pipeline, train
+from varmerge import files, pipeline, train
+from varmerge.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = RESUME["name"]
@@ -166,7 +167,7 @@ def _assert_nothing_partial(out: Path, uri: str, killed: int = 1) -> None:
 
     run_dir = out / NAME
     for f in run_dir.rglob("*.safetensors"):
-        io.load_tensors(f)  # a partial or damaged file raises
+        files.load_tensors(f)  # a partial or damaged file raises
     assert not list((run_dir / "posteriors").glob("parts/*/*")), "finished posteriors leave no parts behind"
     client = MlflowClient(uri)
     versions = client.search_model_versions(f"name='varmerge-{NAME}'")
@@ -331,7 +332,7 @@ def _tiny_task(method: str, **posterior):
         cfg["selection"]["method"] = "hessian"
     cfg = parse_config(cfg)
     tasks, n = pipeline.prepare_tasks(cfg)
-    return cfg, pipeline.base_model(cfg, n), tasks[0]
+    return cfg, pipeline.seeded_model(cfg, n), tasks[0]
 
 
 def _same_posterior(a, b) -> None:
@@ -352,7 +353,7 @@ def _same_posterior(a, b) -> None:
 
 def test_multi_ivon_runs_are_persisted_and_reused(tmp_path, monkeypatch):
     cfg, base, task = _tiny_task("multi_ivon")
-    whole, _ = pipeline.finetune_task(cfg, base, task)
+    whole, _ = pipeline.finetune_task(make_plan(cfg), base, task)
     real, seeds = train.fit, []
 
     def second_run_dies(*a, **k):  # a crash after run 0 finished
@@ -362,10 +363,10 @@ def test_multi_ivon_runs_are_persisted_and_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "fit", second_run_dies)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.finetune_task(cfg, base, task, resume_dir=tmp_path / "parts")
+        pipeline.finetune_task(make_plan(cfg), base, task, resume_dir=tmp_path / "parts")
     assert [p.name for p in (tmp_path / "parts").iterdir()] == ["run-0.safetensors"]
     monkeypatch.setattr(train, "fit", lambda *a, **k: seeds.append(k["seed"]) or real(*a, **k))
-    resumed, weights = pipeline.finetune_task(cfg, base, task, resume_dir=tmp_path / "parts")
+    resumed, weights = pipeline.finetune_task(make_plan(cfg), base, task, resume_dir=tmp_path / "parts")
     assert seeds == [1]  # run 0 came from its file
     _same_posterior(resumed, whole)
     assert resumed.meta == whole.meta and [c.meta for c in resumed.components] == [c.meta for c in whole.components]
@@ -373,7 +374,7 @@ def test_multi_ivon_runs_are_persisted_and_reused(tmp_path, monkeypatch):
 
 def test_adamw_sg_trained_weights_are_persisted_and_reused(tmp_path, monkeypatch):
     cfg, base, task = _tiny_task("adamw_sg", lr=0.01)
-    whole, whole_weights = pipeline.finetune_task(cfg, base, task)
+    whole, whole_weights = pipeline.finetune_task(make_plan(cfg), base, task)
     real_sg = train.trained_sg_posterior
 
     def sg_dies(*a, **k):  # killed during the squared-gradient pass, after training
@@ -381,11 +382,11 @@ def test_adamw_sg_trained_weights_are_persisted_and_reused(tmp_path, monkeypatch
 
     monkeypatch.setattr(train, "trained_sg_posterior", sg_dies)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.finetune_task(cfg, base, task, resume_dir=tmp_path / "parts")
+        pipeline.finetune_task(make_plan(cfg), base, task, resume_dir=tmp_path / "parts")
     assert [p.name for p in (tmp_path / "parts").iterdir()] == ["trained.safetensors"]
     monkeypatch.setattr(train, "trained_sg_posterior", real_sg)
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained again"))
-    resumed, weights = pipeline.finetune_task(cfg, base, task, resume_dir=tmp_path / "parts")
+    resumed, weights = pipeline.finetune_task(make_plan(cfg), base, task, resume_dir=tmp_path / "parts")
     _same_posterior(resumed, whole)
     assert resumed.meta == whole.meta
     for k in whole_weights:
@@ -398,15 +399,15 @@ def test_parts_left_by_a_kill_right_after_the_posterior_are_cleaned_up(tmp_path)
     from varmerge.models import trainable_state_dict
     from varmerge.posterior import DiagonalGaussian, MixtureGaussian
 
-    cfg_json, run_dir = json.dumps(RESUME), str(tmp_path / "run")
-    cfg, store = steps._cfg(cfg_json), steps.store_for(run_dir)
-    data_ref = steps.prepare_data.fn(cfg_json, run_dir)
-    base_ref = steps.base_model.fn(cfg_json, run_dir, data_ref)
-    path = store.path("posterior", steps._posterior_key(store, cfg, data_ref, base_ref, 0), "a")
-    theta = trainable_state_dict(steps.load_base(cfg, run_dir, base_ref))
+    plan = plan_of(RESUME, tmp_path / "out")
+    store = steps.store_for(plan.run_dir)
+    data_ref = steps.prepare_data.fn(plan)
+    theta0_ref = steps.theta0.fn(plan, data_ref)
+    path = store.path("posterior", steps.posterior_key(plan, data_ref, theta0_ref, 0), "a")
+    theta = trainable_state_dict(steps.load_theta0(plan, theta0_ref))
     post = DiagonalGaussian(theta, {k: torch.ones_like(v) for k, v in theta.items()})
     sha = MixtureGaussian([post, post]).save(path)
     parts = path.parent / "parts" / path.stem
     MixtureGaussian([post]).save(parts / "run-0.safetensors")
-    assert steps.finetune.fn(cfg_json, run_dir, data_ref, base_ref, 0) == store.ref(path, sha)
+    assert steps.finetune.fn(plan, data_ref, theta0_ref, 0) == store.ref(path, sha)
     assert not parts.exists()

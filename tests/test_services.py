@@ -12,7 +12,7 @@ import pytest
 from servers import free_port
 from typer.testing import CliRunner
 
-from flows import cli
+from flows import cli, services
 from varmerge.services import LOOPBACK, SERVICE_ENV, apply_service_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def test_ui_binds_loopback_by_default(monkeypatch):
     host_block = help_text[help_text.index("--host") : help_text.index("--help")]
     assert "[default: 127.0.0.1]" in host_block, help_text
     seen = []
-    monkeypatch.setattr(cli, "serve", lambda cmd: seen.append(cmd) or 0)
+    monkeypatch.setattr(services, "serve", lambda cmd: seen.append(cmd) or 0)
     result = CliRunner().invoke(cli.app, ["ui", "--tracking-uri", "sqlite:///x.db"])
     assert result.exit_code == 0, result.output
     [cmd] = seen
@@ -33,7 +33,7 @@ def test_ui_binds_loopback_by_default(monkeypatch):
 
 def test_ui_elsewhere_only_when_asked_and_with_a_note(monkeypatch):
     seen = []
-    monkeypatch.setattr(cli, "serve", lambda cmd: seen.append(cmd) or 0)
+    monkeypatch.setattr(services, "serve", lambda cmd: seen.append(cmd) or 0)
     result = CliRunner().invoke(cli.app, ["ui", "--host", "0.0.0.0"], terminal_width=200)
     assert seen[0][seen[0].index("--host") + 1] == "0.0.0.0"
     assert "note:" in result.output and "no authentication" in result.output
@@ -71,9 +71,8 @@ def test_run_quiets_prefect_and_mlflow_logs_unless_debug(monkeypatch, restore_en
 
     for k in ("PREFECT_LOGGING_LEVEL", "MLFLOW_LOGGING_LEVEL", "PREFECT_HOME"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setitem(cli._STATE, "debug", False)
     level = logging.getLogger("mlflow").level
-    cli._prefect_env()
+    services.prefect_env(debug=False)
     logging.getLogger("mlflow").setLevel(level)
     assert os.environ["PREFECT_LOGGING_LEVEL"] == "CRITICAL" and os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"
     assert os.environ["PREFECT_SERVER_API_HOST"] == LOOPBACK
@@ -173,9 +172,9 @@ def test_the_commands_own_prefect_api_answers_and_is_stopped(monkeypatch, tmp_pa
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    monkeypatch.setattr(cli, "_prefect_api_in_settings", lambda: False)  # no test harness here
+    monkeypatch.setattr(services, "_prefect_api_in_settings", lambda: False)  # no test harness here
     with pytest.raises(RuntimeError, match="the block failed"):
-        with cli.prefect_api() as api:
+        with services.prefect_api() as api:
             assert os.environ["PREFECT_API_URL"] == api.url
             api.wait(90)
             assert urlparse(api.url).hostname == LOOPBACK

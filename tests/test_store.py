@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY
+from helpers import TINY, plan_of
 
-from varmerge import io
+from varmerge import files
 from varmerge.store import RunStore, source_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def test_keys_cover_every_module_that_computes_an_artifact():
     store = steps.store_for(ROOT / "runs" / "unused")
     files = {p.relative_to(ROOT).as_posix() for p in store.source_files}
     for f in (
-        "varmerge/pipeline.py",
+        "varmerge/pipeline/finetunes.py",
         "varmerge/posterior.py",
         "varmerge/merge.py",
         "varmerge/evaluate.py",
@@ -63,31 +63,63 @@ def test_the_ground_truth_finds_sweeps_by_key_not_by_age(tmp_path):
     other posteriors (another config version) written later was compared with this run's front."""
     from tasks import steps
 
-    cfg_json, run_dir = json.dumps(TINY), str(tmp_path / "run")
-    store = steps.store_for(run_dir)
-    data_ref = steps.prepare_data.fn(cfg_json, run_dir)
-    base_ref = steps.base_model.fn(cfg_json, run_dir, data_ref)
+    plan = plan_of(TINY, tmp_path / "out")
+    store = steps.store_for(plan.run_dir)
+    data_ref = steps.prepare_data.fn(plan)
+    theta0_ref = steps.theta0.fn(plan, data_ref)
     refs = [{"path": f"posteriors/{t}.safetensors", "sha256": t * 8} for t in "abc"]
-    right = store.path("sweep", steps.sweep_key(cfg_json, run_dir, "simple", data_ref, base_ref, refs), "simple")
-    sha = io.save_tensors(right, {"accuracy": torch.ones(2, 3)}, {"kind": "sweep"})
+    right = store.path("sweep", steps.sweep_key(plan, "simple", data_ref, theta0_ref, refs), "simple")
+    sha = files.save_tensors(right, {"accuracy": torch.ones(2, 3)}, {"kind": "sweep"})
     time.sleep(0.01)
     decoy = store.path("sweep", "0" * 20, "simple")
-    io.save_tensors(decoy, {"accuracy": torch.zeros(2, 3)}, {"kind": "sweep"})
+    files.save_tensors(decoy, {"accuracy": torch.zeros(2, 3)}, {"kind": "sweep"})
     assert decoy.stat().st_mtime_ns > right.stat().st_mtime_ns
-    assert steps.find_sweep(cfg_json, run_dir, "simple", data_ref, base_ref, refs) == store.ref(right, sha)
+    assert steps.find_sweep(plan, "simple", data_ref, theta0_ref, refs) == store.ref(right, sha)
     other = [{**r, "sha256": "f" * 64} for r in refs]  # other posteriors: no sweep of theirs yet
-    assert steps.find_sweep(cfg_json, run_dir, "simple", data_ref, base_ref, other) is None
+    assert steps.find_sweep(plan, "simple", data_ref, theta0_ref, other) is None
+
+
+def test_keys_follow_what_each_artifact_reads(tmp_path):
+    """A config change recomputes what reads the changed setting, and nothing else."""
+    from tasks import steps
+
+    data, theta0 = {"sha256": "d" * 64}, {"sha256": "t" * 64, "prior": None}
+    refs = [{"path": f"posteriors/{t}.safetensors", "sha256": t * 8} for t in "abc"]
+
+    def plan(**sections):
+        return plan_of({**TINY, **{k: {**TINY[k], **v} for k, v in sections.items()}}, tmp_path)
+
+    base = plan()
+    more_methods = plan(merge={"methods": [*TINY["merge"]["methods"], "ties"]})
+    assert steps.sweep_key(base, "simple", data, theta0, refs) == steps.sweep_key(
+        more_methods, "simple", data, theta0, refs
+    )
+    other_mixture = plan(merge={"options": {"mixture": {"iterations": 2}}})
+    assert steps.sweep_key(base, "simple", data, theta0, refs) == steps.sweep_key(
+        other_mixture, "simple", data, theta0, refs
+    )
+    assert steps.sweep_key(base, "mixture", data, theta0, refs) != steps.sweep_key(
+        other_mixture, "mixture", data, theta0, refs
+    )
+    unread = plan(posterior={"weights_lr": 1e-3, "init_spread": 0.5})  # mixture_full_von's, not multi_ivon's
+    assert steps.posterior_key(base, data, theta0, 0) == steps.posterior_key(unread, data, theta0, 0)
+    for changed in (plan(posterior={"lr": 0.05}), plan(posterior={"components": 3})):
+        assert steps.posterior_key(base, data, theta0, 0) != steps.posterior_key(changed, data, theta0, 0)
+    alpha = (0.25, 0.25, 0.5)
+    more_runs = plan(posterior={"components": 3})  # the multitask finetune is one IVON run
+    assert steps.multitask_key(base, data, theta0, alpha) == steps.multitask_key(more_runs, data, theta0, alpha)
+    assert steps.multitask_key(base, data, theta0, alpha) != steps.multitask_key(base, data, theta0, (0.5, 0.25, 0.25))
 
 
 # ------------------------------------------------------------------------------- references
 def test_references_are_relative_and_loads_are_checked_once(tmp_path, monkeypatch):
     store = RunStore(tmp_path / "run")
     key = store.key("base", 1)
-    ref, computed = store.compute("base", key, lambda p: io.save_tensors(p, {"w": torch.ones(3)}, {}))
+    ref, computed = store.compute("base", key, lambda p: files.save_tensors(p, {"w": torch.ones(3)}, {}))
     assert computed and ref["path"] == f"base/base-{key}.safetensors"
     calls = []
-    real = io.load_tensors
-    monkeypatch.setattr(io, "load_tensors", lambda p: calls.append(p) or real(p))
+    real = files.load_tensors
+    monkeypatch.setattr(files, "load_tensors", lambda p: calls.append(p) or real(p))
     fresh = RunStore(tmp_path / "run")
     for _ in range(3):
         tensors, _ = fresh.load(ref)
@@ -102,8 +134,8 @@ def test_references_are_relative_and_loads_are_checked_once(tmp_path, monkeypatc
 
 def test_a_reference_to_a_replaced_file_is_refused(tmp_path):
     store = RunStore(tmp_path)
-    ref, _ = store.compute("base", "k" * 20, lambda p: io.save_tensors(p, {"w": torch.ones(3)}, {}))
-    io.save_tensors(store.resolve(ref), {"w": torch.zeros(3)}, {})  # a valid file, other content
+    ref, _ = store.compute("base", "k" * 20, lambda p: files.save_tensors(p, {"w": torch.ones(3)}, {}))
+    files.save_tensors(store.resolve(ref), {"w": torch.zeros(3)}, {})  # a valid file, other content
     with pytest.raises(ValueError, match="changed since the run recorded it"):
         RunStore(tmp_path).load(ref)
 
@@ -114,7 +146,7 @@ def test_the_lock_makes_a_concurrent_compute_wait_and_reuse(tmp_path):
     def make(path):
         made.append(threading.current_thread().name)
         time.sleep(0.3)
-        return io.save_tensors(path, {"w": torch.ones(2)}, {})
+        return files.save_tensors(path, {"w": torch.ones(2)}, {})
 
     def worker():
         refs.append(RunStore(tmp_path).compute("posterior", "k" * 20, make, name="a"))
@@ -178,7 +210,7 @@ def test_two_runs_of_one_config_at_once_do_each_piece_of_work_once(prefect_harne
 
     run_dir = out / TINY["name"]
     for f in run_dir.rglob("*.safetensors"):
-        io.load_tensors(f)  # every file complete, every hash valid
+        files.load_tensors(f)  # every file complete, every hash valid
     for kind, n in (("posteriors", 3), ("sweeps", 3), ("multitask", 1), ("data", 1), ("base", 1)):
         assert len(list((run_dir / kind).glob("*.safetensors"))) == n, kind
     from mlflow.tracking import MlflowClient

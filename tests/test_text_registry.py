@@ -34,7 +34,7 @@ def test_a_registered_text_model_loads_from_the_registry_and_predicts(tmp_path):
             "merge": {"methods": ["simple"]},
         }
     )
-    model = pipeline.base_model(cfg, 3)
+    model = pipeline.seeded_model(cfg, 3)
     with torch.no_grad():  # weights unlike a fresh init, so a load that dropped them would show
         for p in model.parameters():
             if p.requires_grad:
@@ -70,7 +70,7 @@ def test_a_lora_flow_run_registers_its_multitask_model(prefect_harness, tmp_path
     import mlflow
 
     from flows.front import front_flow
-    from varmerge import io, models, pipeline
+    from varmerge import files, models, pipeline
     from varmerge.config import parse_config
 
     raw = {
@@ -101,9 +101,9 @@ def test_a_lora_flow_run_registers_its_multitask_model(prefect_harness, tmp_path
 
     cfg = parse_config(raw)
     [weights] = (tmp_path / "runs" / "lora-flow" / "multitask").glob("*.safetensors")
-    model = pipeline.base_model(cfg, n)
+    model = pipeline.seeded_model(cfg, n)
     untrained = models.predict_texts(model, texts, models.text_tokenizer(), max_length=24)
-    model.load_state_dict(io.load_tensors(weights)[0])
+    model.load_state_dict(files.load_tensors(weights)[0])
     want = models.predict_texts(model, texts, models.text_tokenizer(), max_length=24)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert not torch.allclose(got, untrained, atol=1e-5)

@@ -15,6 +15,8 @@ from torch.utils.data import Dataset
 from varmerge import train
 from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureGaussian, squared_gradient_precision
 from varmerge.train import OptimizerSettings, TrainerSettings
+from varmerge.train.ensembles import IVONRuns
+from varmerge.train.von import VONSettings
 
 
 def ivon(**kw) -> OptimizerSettings:
@@ -134,7 +136,7 @@ def test_multi_ivon_gives_k_distinct_components():
     x, y = blobs()
     model = TinyMLP()
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
-    mix = train.fit_multi_ivon(model, (x, y), ivon(lr=0.05), steps(15, 32), num_runs=3, seed=10)
+    mix = train.fit_multi_ivon(model, (x, y), ivon(lr=0.05), steps(15, 32), IVONRuns(num_runs=3, seed=10))
     assert isinstance(mix, MixtureGaussian) and mix.K == 3
     assert mix.meta.optimizer == "multi_ivon" and mix.meta.extra["seeds"] == [10, 11, 12]
     assert [c.meta.seed for c in mix.components] == [10, 11, 12]
@@ -154,7 +156,7 @@ def test_soup_ivon_gives_runs_times_steps_components(tmp_path):
     x, y = blobs()
     model = TinyMLP()
     mix = train.fit_soup_ivon(
-        model, (x, y), ivon(lr=0.05), steps(15, 32), num_runs=2, snapshot_steps=[5, 10, 15], seed=0
+        model, (x, y), ivon(lr=0.05), steps(15, 32), IVONRuns(num_runs=2, snapshot_steps=[5, 10, 15], seed=0)
     )
     assert mix.K == 6 and mix.meta.optimizer == "soup_ivon" and mix.meta.extra["steps"] == [5, 10, 15]
     assert [(c.meta.extra["run"], c.meta.extra["step"]) for c in mix.components] == [
@@ -364,7 +366,7 @@ def test_full_von_newton_mode_equals_laplace(reduce_inactive):
     C, delta = 3, 2.0
     th, H = _laplace_oracle(x, y, C, delta)
     m, S = train.full_von(
-        x, y, C, lr=0.5, mc_samples=0, num_iters=50, prior_precision=delta, reduce_inactive=reduce_inactive
+        x, y, C, VONSettings(lr=0.5, mc_samples=0, num_iters=50, prior_precision=delta, reduce_inactive=reduce_inactive)
     )
     torch.testing.assert_close(m, th, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(S, H, rtol=1e-8, atol=1e-8)
@@ -397,7 +399,7 @@ def test_full_von_sampled_matches_laplace_and_fills_model():
     assert post.mean[col].abs().max() == 0
     torch.testing.assert_close(post.precision[col][:, col], delta * torch.eye(C, dtype=torch.float64))
     # the paper's setting (ρ = 0.1, 3 samples, 25 iterations from S0 = δI) is close but not converged
-    m25, S25 = train.full_von(x, y, C, lr=0.1, mc_samples=3, num_iters=25, prior_precision=delta)
+    m25, S25 = train.full_von(x, y, C, VONSettings(lr=0.1, mc_samples=3, num_iters=25, prior_precision=delta))
     assert float((S25 - H).norm() / H.norm()) < 0.1
 
 
@@ -480,10 +482,10 @@ def _smoke_config(**posterior):
 
 
 def test_config_ivon_arguments_reach_ivon_optimizer():
-    from varmerge import pipeline
+    from varmerge.plan import make_plan
 
-    cfg = _smoke_config(beta2=0.95, hess_init=0.2, mc_samples=2, ivon={"beta1": 0.8, "clip_radius": 5.0})
-    opt, tr = pipeline.optimizer_settings(cfg), pipeline.trainer_settings(cfg)
+    plan = make_plan(_smoke_config(beta2=0.95, hess_init=0.2, mc_samples=2, ivon={"beta1": 0.8, "clip_radius": 5.0}))
+    opt, tr = plan.finetune.optimizer, plan.finetune.trainer
     assert opt.name == "ivon" and dict(opt.ivon) == {"hess_init": 0.2, "beta2": 0.95, "beta1": 0.8, "clip_radius": 5.0}
     assert (tr.steps, tr.batch_size, tr.accelerator, tr.precision) == (150, 128, "cpu", "32-true")
     cap = CaptureOptimizer()
@@ -493,20 +495,20 @@ def test_config_ivon_arguments_reach_ivon_optimizer():
     assert (group["beta1"], group["beta2"], group["hess_init"], group["clip_radius"]) == (0.8, 0.95, 0.2, 5.0)
     assert (group["lr"], group["weight_decay"], group["ess"], group["mc_samples"]) == (0.1, 1e-4, 40.0, 2)
     # the multitask finetune of a config trains with the same IVON arguments
-    assert pipeline.optimizer_settings(cfg, name="ivon") == opt
+    assert plan.multitask.optimizer == opt
 
 
 def test_config_precision_reaches_the_trainer():
-    from varmerge import pipeline
+    from varmerge.plan import make_plan
 
     class CapturePrecision(L.Callback):
         def on_train_start(self, trainer, pl_module):
             self.precision = trainer.precision
 
-    cfg = _smoke_config(precision="bf16-mixed")
+    plan = make_plan(_smoke_config(precision="bf16-mixed"))
     cap = CapturePrecision()
-    tr = dataclasses.replace(pipeline.trainer_settings(cfg), steps=1, callbacks=[cap])
-    train.fit(nn.Linear(6, 3), blobs(n=20), pipeline.optimizer_settings(cfg), tr)
+    tr = dataclasses.replace(plan.finetune.trainer, steps=1, callbacks=[cap])
+    train.fit(nn.Linear(6, 3), blobs(n=20), plan.finetune.optimizer, tr)
     assert tr.precision == cap.precision == "bf16-mixed"
 
 
@@ -528,13 +530,13 @@ def test_config_refuses_bad_ivon_arguments(posterior, match):
 
 
 def test_config_optimizer_per_method():
-    from varmerge import pipeline
+    from varmerge.plan import make_plan
 
-    assert (
-        pipeline.optimizer_settings(_smoke_config(method="adamw_sg", components=1, prior_precision=0.5)).name == "adamw"
-    )
-    von = pipeline.optimizer_settings(_smoke_config(method="full_von", components=1, mc_samples=3))
-    assert (von.name, von.mc_samples, von.prior_precision) == ("full_von", 3, 1e-4)
+    adamw = make_plan(_smoke_config(method="adamw_sg", components=1, prior_precision=0.5))
+    assert (adamw.finetune.optimizer.name, adamw.multitask.optimizer.name) == ("adamw", "adamw")
+    von = make_plan(_smoke_config(method="full_von", components=1, mc_samples=3))
+    assert (von.finetune.optimizer.name, von.finetune.optimizer.mc_samples) == ("full_von", 3)
+    assert (von.finetune.optimizer.prior_precision, von.multitask.optimizer.name) == (1e-4, "ivon")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-POSTERIOR_METHODS = ("adamw_sg", "ivon", "multi_ivon", "soup_ivon", "full_von", "mixture_full_von")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -101,7 +99,9 @@ class ModelConfig(_Strict):
 
 
 class PosteriorConfig(_Strict):
-    method: Literal["adamw_sg", "ivon", "multi_ivon", "soup_ivon", "full_von", "mixture_full_von"] = "ivon"
+    method: str = Field(
+        "ivon", description="adamw_sg | ivon | multi_ivon | soup_ivon | full_von | mixture_full_von (the registry)"
+    )
     steps: int = Field(500, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.1, gt=0)
@@ -134,11 +134,21 @@ class PosteriorConfig(_Strict):
     checkpoint_steps: list[int] = Field(default_factory=list, description="soup_ivon checkpoints")
     seed: int = 0
 
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        _posterior_methods().get_method(v)
+        return v
+
     @model_validator(mode="after")
-    def _precision(self):
-        if self.precision == "16-mixed" and self.method != "adamw_sg":
+    def _method(self):
+        """The method's own options (its registered options model), and a precision its
+        optimizer can train at."""
+        spec = _posterior_methods().get_method(self.method)
+        spec.parse_options(self)
+        if self.precision == "16-mixed" and spec.optimizer != "adamw":
             raise ValueError(
-                f"precision 16-mixed needs a gradient scaler, which {self.method} (IVON) cannot use; "
+                f"precision 16-mixed needs a gradient scaler, which {self.method} ({spec.optimizer}) cannot use; "
                 "use 32-true or bf16-mixed"
             )
         return self
@@ -149,17 +159,6 @@ class PosteriorConfig(_Strict):
         the run builds from this section) check them, and IVON checks their values."""
         if self.ivon:
             ivon_settings(self, "posterior")
-        return self
-
-    @model_validator(mode="after")
-    def _mixtures(self):
-        if self.method == "multi_ivon" and self.components < 2:
-            raise ValueError("multi_ivon needs components >= 2 (K seeds per task)")
-        if self.method == "soup_ivon":
-            if not self.checkpoint_steps:
-                raise ValueError("soup_ivon needs checkpoint_steps (steps at which to snapshot)")
-            if max(self.checkpoint_steps) > self.steps or min(self.checkpoint_steps) < 1:
-                raise ValueError(f"soup_ivon checkpoint_steps must lie in [1, steps={self.steps}]")
         return self
 
 
@@ -225,17 +224,6 @@ class BaseConfig(_Strict):
 #: ``merge.methods`` may name this front estimator (varmerge.map_front) besides the merge rules.
 MAP_METHOD = "map"
 
-#: The posterior structure each ``posterior.method`` produces (see varmerge.posterior.EXACT_VIEWS
-#: for the views each structure gives the merging rules).
-POSTERIOR_KINDS = {
-    "adamw_sg": "diagonal",
-    "ivon": "diagonal",
-    "multi_ivon": "mixture",
-    "soup_ivon": "mixture",
-    "full_von": "full",
-    "mixture_full_von": "mixture_full",
-}
-
 #: Former MergeConfig fields, now options of their rule's model.
 _MOVED = {"mixture_iterations": "options.mixture.iterations", "task_arithmetic_scale": "options.task_arithmetic.scale"}
 
@@ -246,14 +234,21 @@ def _registry():
     return registry
 
 
-def check_method_options(method: str, options: dict[str, Any], num_tasks: int) -> None:
-    """Validate ``options`` through the method's model and try them on a tiny problem of the
-    method's posterior kind, so that a bad value fails now, not after the finetunes.
+def _posterior_methods():
+    from varmerge import posterior_methods
 
-    Raises ValueError naming the method.
-    """
+    return posterior_methods
+
+
+def check_method_options(method: str, options: dict[str, Any], num_tasks: int) -> None:
+    """Validate ``options`` through the method's options model and, for a method whose values
+    depend on the number of tasks, its ``check``, so that a bad value fails now, not after the
+    finetunes. Raises ValueError naming the method."""
+    spec = _registry().get_method(method)
     try:
-        _registry().probe(method, options, num_tasks)
+        opts = spec.parse_options(options)
+        if spec.check is not None:
+            spec.check(opts, num_tasks)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"merge.options.{method}: {exc}") from None
 
@@ -297,14 +292,11 @@ class MergeConfig(_Strict):
     @field_validator("options")
     @classmethod
     def _options(cls, v):
-        registry = _registry()
-        known = registry.names()
+        known = _registry().names()
         unknown = [m for m in v if m not in known]
         if unknown:
             raise ValueError(f"options name unknown merge methods {unknown}; known: {known}")
-        for method, opts in v.items():
-            registry.get_method(method).parse_options(opts)
-        return v
+        return v  # the values: check_method_options, once the number of tasks is known
 
 
 class Constraint(_Strict):
@@ -406,11 +398,12 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"selection.prior_methods {unknown} are not among merge.methods {self.merge.methods}")
         from varmerge.posterior import EXACT_VIEWS
 
-        have = POSTERIOR_KINDS[self.posterior.method]
+        structures = {m: _posterior_methods().get_method(m).structure for m in _posterior_methods().names()}
+        have = structures[self.posterior.method]
         for method in self.merge.methods:
             need = _registry().get_method(method).posterior
             if need not in EXACT_VIEWS[have]:
-                producers = " or ".join(m for m, k in POSTERIOR_KINDS.items() if need in EXACT_VIEWS[k])
+                producers = " or ".join(m for m, k in structures.items() if need in EXACT_VIEWS[k])
                 raise ValueError(
                     f"merge method {method!r} needs a {need} posterior but posterior.method "
                     f"{self.posterior.method!r} gives a {have} one: set posterior.method to {producers}"
@@ -428,11 +421,12 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message is meant for the user as is."""
 
 
-def _format(err: ValidationError, path: str) -> str:
-    """One line: ``path: invalid config: loc: msg`` (several problems joined by ``; ``)."""
+def _format(err: ValidationError, path: str, section: str | None = None) -> str:
+    """One line: ``path: invalid config: loc: msg`` (several problems joined by ``; ``);
+    ``section`` prefixes the locations of a section validated on its own."""
     problems = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        loc = ".".join(str(x) for x in ([section] if section else []) + list(e["loc"])) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/*.yaml for the schema)"
@@ -451,8 +445,13 @@ def parse_config(data: dict, source: str = "<config>") -> ExperimentConfig:
 
 
 def with_runner(cfg: ExperimentConfig, runner: dict, source: str = "<runner>") -> ExperimentConfig:
-    """``cfg`` with its ``runner`` section replaced by ``runner`` (validated like a config)."""
-    return parse_config({**cfg.model_dump(mode="json"), "runner": runner}, source)
+    """``cfg`` with its ``runner`` section replaced by ``runner`` (only that section is validated:
+    nothing else of the config depends on it)."""
+    try:
+        section = RunnerConfig.model_validate(runner)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source, "runner")) from None
+    return cfg.model_copy(update={"runner": section})
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

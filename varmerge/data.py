@@ -543,23 +543,46 @@ def text_files(
         raise ValueError("data.options: train and test must both be one file or both be one file per task")
     by_domain = isinstance(train, dict) or task_column is not None
     columns = [text_column, label_column] + ([task_column] if task_column else [])
-
-    def read(spec, split: str) -> dict[str, list]:
-        files = spec.items() if isinstance(spec, dict) else [(None, spec)]
-        rows: dict[str, list] = {"text": [], "label": [], "domain": []}
-        for domain, file in files:
-            where = f"data.options.{split}" + (f".{domain}" if domain is not None else "")
-            part = _read_table(Path(file), where, columns)
-            rows["text"] += [str(t) for t in part[text_column]]
-            rows["label"] += list(part[label_column])
-            rows["domain"] += [str(d) for d in part[task_column]] if task_column else [domain] * len(part)
-            rows.setdefault("where", []).extend([(where, Path(file))] * len(part))
-        return rows
-
-    parts = {"train": read(train, "train")}
+    parts = {"train": _read_rows(train, "train", columns)}
     if test is not None:
-        parts["test"] = read(test, "test")
+        parts["test"] = _read_rows(test, "test", columns)
     names = _label_names(parts["train"]["label"], labels, "data.options.labels")
+    _encode_labels(parts, names)
+    features = {"text": Value("string"), "label": ClassLabel(names=[str(n) for n in names])}
+    if by_domain:
+        features["domain"] = Value("string")
+    features = Features(features)
+    if test is not None:
+        return DatasetDict(train=_rows_dataset(parts["train"], features), test=_rows_dataset(parts["test"], features))
+    rows = parts["train"]
+    domains = sorted({d for d in rows["domain"] if d is not None})
+    strata = np.array(rows["label"], dtype=np.int64)
+    if by_domain:
+        strata = strata + len(names) * np.array([domains.index(d) for d in rows["domain"]], dtype=np.int64)
+    tr, te = _stratified_split(strata, test_fraction, seed)
+    return DatasetDict(train=_rows_dataset(rows, features, tr), test=_rows_dataset(rows, features, te))
+
+
+def _read_rows(spec, split: str, columns: Sequence[str]) -> dict[str, list]:
+    """The rows of ``spec`` (one file or ``{domain: file}``) as lists ``text``, ``label``,
+    ``domain`` and ``where`` (the option and file each row came from); ``columns``: the text,
+    label and (optionally) task column."""
+    text_column, label_column, task_column = (*columns, None)[:3]
+    files = spec.items() if isinstance(spec, dict) else [(None, spec)]
+    rows: dict[str, list] = {"text": [], "label": [], "domain": []}
+    for domain, file in files:
+        where = f"data.options.{split}" + (f".{domain}" if domain is not None else "")
+        part = _read_table(Path(file), where, columns)
+        rows["text"] += [str(t) for t in part[text_column]]
+        rows["label"] += list(part[label_column])
+        rows["domain"] += [str(d) for d in part[task_column]] if task_column else [domain] * len(part)
+        rows.setdefault("where", []).extend([(where, Path(file))] * len(part))
+    return rows
+
+
+def _encode_labels(parts: dict[str, dict[str, list]], names: list) -> None:
+    """Replace every split's label values by their index in ``names`` (in place); an unknown
+    value is an error naming the file and the row."""
     index = {v: i for i, v in enumerate(names)}
     for rows in parts.values():
         for i, v in enumerate(rows["label"]):
@@ -567,25 +590,13 @@ def text_files(
                 where, file = rows["where"][i]
                 raise ValueError(f"{where}: {file} row {i + 1} has label {v!r}, not one of {names}")
         rows["label"] = [index[v] for v in rows["label"]]
-    features = {"text": Value("string"), "label": ClassLabel(names=[str(n) for n in names])}
-    if by_domain:
-        features["domain"] = Value("string")
-    features = Features(features)
 
-    def build(rows: dict, idx=None) -> Dataset:
-        idx = np.arange(len(rows["text"])) if idx is None else idx
-        cols = {k: [rows[k][i] for i in idx] for k in features}
-        return Dataset.from_dict(cols, features=features)
 
-    if test is not None:
-        return DatasetDict(train=build(parts["train"]), test=build(parts["test"]))
-    rows = parts["train"]
-    domains = sorted({d for d in rows["domain"] if d is not None})
-    strata = np.array(rows["label"], dtype=np.int64)
-    if by_domain:
-        strata = strata + len(names) * np.array([domains.index(d) for d in rows["domain"]], dtype=np.int64)
-    tr, te = _stratified_split(strata, test_fraction, seed)
-    return DatasetDict(train=build(rows, tr), test=build(rows, te))
+def _rows_dataset(rows: dict[str, list], features: Features, idx=None) -> Dataset:
+    """The rows ``idx`` (default all) of ``rows`` as a Dataset with ``features``."""
+    idx = np.arange(len(rows["text"])) if idx is None else idx
+    cols = {k: [rows[k][i] for i in idx] for k in features}
+    return Dataset.from_dict(cols, features=features)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,13 +14,13 @@ under ``torch.inference_mode``; the model's train/eval mode is restored afterwar
 
 Text models (peft LoRA over a Hugging Face encoder) take their inputs as a mapping of (N, L)
 tensors (``input_ids``, ``attention_mask``, …) and are called with keyword arguments. ``vmap``
-over the Hugging Face BERT works (checked with transformers 5.23 / peft 0.21; PyTorch has no
-batching rule for the CPU SDPA kernel and runs that op as an internal loop over G, warning once,
-which is silenced here). On a CPU it brings no speed-up there (the frozen encoder runs once
-per α either way; measured: G = 8, 64 sentences, about 2.8 s batched vs 2.5 s looped), but it
-is exact and keeps one code path. Should ``vmap`` fail for some model, ``vectorize=None``
-(the default) falls back to a chunked loop over α that calls ``functional_call`` once per α;
-``vectorize=True`` makes the failure an error instead, ``vectorize=False`` always loops.
+over the Hugging Face BERT works (PyTorch has no batching rule for the CPU SDPA kernel and runs
+that op as an internal loop over G, warning once, which is silenced here); the frozen encoder
+runs once per α either way, so there batching does not reduce the work, but it is exact and
+keeps one code path. Should ``vmap`` fail for some model, ``vectorize=None`` (the default) falls
+back to a chunked loop over α that calls ``functional_call`` once per α; ``vectorize=True`` makes
+the failure an error instead, ``vectorize=False`` always loops. These and the chunk sizes are an
+:class:`EvalSettings`.
 
 Where the speed comes from: batching removes the per-α Python and dispatch overhead and turns
 thin per-α matrix products (a logistic regression's 784 → 10) into one wide GEMM; it does not
@@ -45,6 +45,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -55,6 +56,7 @@ from varmerge.models import forward
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
+    "EvalSettings",
     "Inputs",
     "evaluate_batched",
     "evaluate_loop",
@@ -69,13 +71,29 @@ Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]  # noqa: UP007 (runtime
 
 #: Default activation working set of one (α-chunk × example-chunk) pass, in bytes. On a CPU
 #: it is kept cache-sized: the evaluation of a wide first layer is GEMM bound either way and
-#: larger chunks only add memory traffic to the elementwise ops (measured: MLP 784-256-10 on a
-#: 2-core CPU took ~1.0 s with 16 α per pass, ~1.7 s with 64). On a GPU larger passes amortise
+#: larger chunks only add memory traffic to the elementwise ops. On a GPU larger passes amortise
 #: kernel launches.
 DEFAULT_MEMORY_BUDGET = {"cpu": 16 * 2**20, "cuda": 2 * 2**30}
 
 #: Safety factor on the largest per-example activation: live tensors at the peak of a forward.
 _ACTIVATION_FACTOR = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    """How :func:`evaluate_batched` and :func:`evaluate_tasks` cut and run the work.
+
+    ``batch_size`` examples and ``chunk_g`` α go through one vmapped pass (``chunk_g=None``: as
+    many α as ``memory_budget`` bytes of activations allow, estimated from one probe forward;
+    default :data:`DEFAULT_MEMORY_BUDGET` for the model's device; if not even one α fits
+    ``batch_size`` examples, fewer examples per pass are used). ``vectorize``: None tries
+    ``vmap`` and falls back to a loop over α, True insists on ``vmap``, False always loops.
+    """
+
+    batch_size: int = 1024
+    chunk_g: int | None = None
+    memory_budget: int | None = None
+    vectorize: bool | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,16 +219,9 @@ def _bytes_per_example(model: nn.Module, sample: Inputs) -> int:
     return max(1, math.ceil(_ACTIVATION_FACTOR * peak / n))
 
 
-def _plan(
-    model: nn.Module,
-    x: Inputs,
-    G: int,
-    batch_size: int,
-    chunk_g: int | None,
-    memory_budget: int | None,
-    device: torch.device,
-) -> tuple[int, int]:
+def _plan(model: nn.Module, x: Inputs, G: int, settings: EvalSettings, device: torch.device) -> tuple[int, int]:
     """(α per pass, examples per pass)."""
+    batch_size, chunk_g, memory_budget = settings.batch_size, settings.chunk_g, settings.memory_budget
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if chunk_g is not None:
@@ -326,6 +337,29 @@ def _functional_logits(model: nn.Module) -> Callable[[Mapping[str, torch.Tensor]
     return call
 
 
+class _ChunkLogits:
+    """(g, b, C) logits of a chunk of g models on shared inputs: vmapped over α, or a loop over α
+    (``vectorize=False``, one α, or after ``vmap`` failed with ``vectorize=None``)."""
+
+    def __init__(self, model: nn.Module, vectorize: bool | None):
+        self.call = _functional_logits(model)
+        self.batched_call = vmap(self.call, in_dims=(0, None))
+        self.vectorize = vectorize
+        self.use_vmap = vectorize is not False
+
+    def __call__(self, chunk: Mapping[str, torch.Tensor], xb: Inputs) -> torch.Tensor:
+        g = next(iter(chunk.values())).shape[0]
+        if self.use_vmap and g > 1:  # one α: nothing to batch, skip vmap's rules
+            try:
+                return self.batched_call(chunk, xb)
+            except (RuntimeError, NotImplementedError) as exc:
+                if self.vectorize:
+                    raise
+                log.info("vmap over the model failed (%s); looping over α instead", exc)
+                self.use_vmap = False
+        return torch.stack([self.call({k: v[i] for k, v in chunk.items()}, xb) for i in range(g)])
+
+
 def _evaluate_segments(
     model: nn.Module,
     merged: Mapping[str, torch.Tensor],
@@ -333,14 +367,11 @@ def _evaluate_segments(
     y: torch.Tensor,
     seg: torch.Tensor,
     num_segments: int,
-    *,
-    batch_size: int,
-    chunk_g: int | None,
-    memory_budget: int | None,
-    vectorize: bool | None,
-    progress: bool,
-    description: str,
+    settings: EvalSettings,
+    bar: str | None,
 ) -> dict[str, torch.Tensor]:
+    """Sums of the metrics per (α, segment ``seg[i]`` of example i); ``bar``: a progress bar's
+    description (None: no bar)."""
     G = _check_merged(model, merged)
     N = num_examples(x)
     if N == 0:
@@ -348,34 +379,19 @@ def _evaluate_segments(
     y = _check_labels(y, N)
     device = _model_device(model)
     params = dict(model.named_parameters())
-    call = _functional_logits(model)
-    batched_call = vmap(call, in_dims=(0, None))
+    logits_of = _ChunkLogits(model, settings.vectorize)
     sums = _Sums(G, seg, num_segments)
-    use_vmap = vectorize is not False
 
     with _eval_mode(model):
-        cg, eb = _plan(model, x, G, batch_size, chunk_g, memory_budget, device)
+        cg, eb = _plan(model, x, G, settings, device)
         steps = math.ceil(G / cg) * math.ceil(N / eb)
-        with _progress(progress, steps, description) as advance:
+        with _progress(bar is not None, steps, bar or "") as advance:
             for g0 in range(0, G, cg):
-                g1 = min(g0 + cg, G)
-                chunk = {k: v[g0:g1].to(device=device, dtype=params[k].dtype) for k, v in merged.items()}
+                chunk = {k: v[g0 : g0 + cg].to(device=device, dtype=params[k].dtype) for k, v in merged.items()}
                 for lo in range(0, N, eb):
                     hi = min(lo + eb, N)
                     xb = _to_device(slice_inputs(x, lo, hi), device)
-                    yb = y[lo:hi].to(device)
-                    logits = None
-                    if use_vmap and g1 - g0 > 1:  # one α: nothing to batch, skip vmap's rules
-                        try:
-                            logits = batched_call(chunk, xb)
-                        except (RuntimeError, NotImplementedError) as exc:
-                            if vectorize:
-                                raise
-                            log.info("vmap over the model failed (%s); looping over α instead", exc)
-                            use_vmap = False
-                    if logits is None:
-                        logits = torch.stack([call({k: v[i] for k, v in chunk.items()}, xb) for i in range(g1 - g0)])
-                    nll, hits = _per_example(logits, yb)
+                    nll, hits = _per_example(logits_of(chunk, xb), y[lo:hi].to(device))
                     sums.add(g0, lo, nll, hits)
                     advance()
     return sums.result()
@@ -386,40 +402,22 @@ def evaluate_batched(
     merged: Mapping[str, torch.Tensor],
     x: Inputs,
     y: torch.Tensor,
+    settings: EvalSettings | None = None,
     *,
-    batch_size: int = 1024,
-    chunk_g: int | None = None,
-    memory_budget: int | None = None,
-    vectorize: bool | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Accuracy and mean cross-entropy of G merged models on ``(x, y)``, vectorised over α.
 
     ``merged`` maps parameter names of ``model`` (a subset, normally the trainable ones) to
     (G, *shape) tensors; ``x`` is an (N, ...) tensor or a mapping of (N, ...) tensors (text
-    models); ``y`` holds (N,) class ids. ``batch_size`` examples and ``chunk_g`` α go through
-    one vmapped pass (``chunk_g=None``: as many α as ``memory_budget`` bytes of activations
-    allow, estimated from one probe forward; default :data:`DEFAULT_MEMORY_BUDGET` for the
-    model's device; if not even one α fits ``batch_size`` examples, fewer examples per pass
-    are used).
-    ``vectorize``: None tries ``vmap`` and falls back to a loop over α, True insists on
-    ``vmap``, False always loops. Returns ``{"accuracy": (G,), "loss": (G,)}`` in float64.
+    models); ``y`` holds (N,) class ids. ``settings``: the chunk sizes and ``vmap`` use
+    (:class:`EvalSettings`); ``progress`` shows a progress bar. Returns ``{"accuracy": (G,),
+    "loss": (G,)}`` in float64.
     """
-    n = num_examples(x)
-    out = _evaluate_segments(
-        model,
-        merged,
-        x,
-        y,
-        torch.zeros(n, dtype=torch.long),
-        1,
-        batch_size=batch_size,
-        chunk_g=chunk_g,
-        memory_budget=memory_budget,
-        vectorize=vectorize,
-        progress=progress,
-        description="evaluating merged models",
-    )
+    s = settings if settings is not None else EvalSettings()
+    seg = torch.zeros(num_examples(x), dtype=torch.long)
+    bar = "evaluating merged models" if progress else None
+    out = _evaluate_segments(model, merged, x, y, seg, 1, s, bar)
     return {k: v[:, 0] for k, v in out.items()}
 
 
@@ -440,11 +438,8 @@ def evaluate_tasks(
     model: nn.Module,
     merged: Mapping[str, torch.Tensor],
     tasks: Sequence[tuple[Inputs, torch.Tensor]],
+    settings: EvalSettings | None = None,
     *,
-    batch_size: int = 1024,
-    chunk_g: int | None = None,
-    memory_budget: int | None = None,
-    vectorize: bool | None = None,
     progress: bool = False,
     method: str = "batched",
 ) -> dict[str, torch.Tensor]:
@@ -453,8 +448,10 @@ def evaluate_tasks(
     ``tasks`` is a sequence of ``(x_t, y_t)`` test sets. Tensor inputs of equal trailing shape
     are concatenated and evaluated in one pass (per-task sums by segment); other inputs (e.g.
     text batches of different lengths) are evaluated task by task. ``method="loop"`` uses the
-    naive :func:`evaluate_loop` per task instead (a reference; the batched options are ignored).
+    naive :func:`evaluate_loop` per task instead (a reference; of the settings only
+    ``batch_size`` applies).
     """
+    s = settings if settings is not None else EvalSettings()
     if method not in ("batched", "loop"):
         raise ValueError(f"method must be 'batched' or 'loop', got {method!r}")
     if isinstance(tasks, Mapping) or len(tasks) == 0:
@@ -465,26 +462,15 @@ def evaluate_tasks(
         if num_examples(pair[0]) == 0:
             raise ValueError(f"tasks[{t}] has no examples")
     if method == "loop":
-        per = [evaluate_loop(model, merged, xt, yt, batch_size=batch_size, progress=progress) for xt, yt in tasks]
+        per = [evaluate_loop(model, merged, xt, yt, batch_size=s.batch_size, progress=progress) for xt, yt in tasks]
         return {k: torch.stack([p[k] for p in per], dim=1) for k in ("accuracy", "loss")}
     xs = [pair[0] for pair in tasks]
-    kwargs = dict(
-        batch_size=batch_size, chunk_g=chunk_g, memory_budget=memory_budget, vectorize=vectorize, progress=progress
-    )
     if _concatenable(xs):
         ys = [_check_labels(yt, num_examples(xt)) for xt, yt in tasks]
         seg = torch.cat([torch.full((len(yt),), t, dtype=torch.long) for t, yt in enumerate(ys)])
-        return _evaluate_segments(
-            model,
-            merged,
-            torch.cat(xs),
-            torch.cat(ys),
-            seg,
-            len(tasks),
-            description=f"evaluating merged models on {len(tasks)} tasks",
-            **kwargs,
-        )
-    per = [evaluate_batched(model, merged, xt, yt, **kwargs) for xt, yt in tasks]
+        bar = f"evaluating merged models on {len(tasks)} tasks" if progress else None
+        return _evaluate_segments(model, merged, torch.cat(xs), torch.cat(ys), seg, len(tasks), s, bar)
+    per = [evaluate_batched(model, merged, xt, yt, s, progress=progress) for xt, yt in tasks]
     return {k: torch.stack([p[k] for p in per], dim=1) for k in ("accuracy", "loss")}
 
 

@@ -31,6 +31,7 @@ from varmerge._checks import check_alpha
 
 __all__ = [
     "MapFront",
+    "Objective",
     "QuadraticSurrogate",
     "check_settings",
     "default_evaluations",
@@ -159,6 +160,39 @@ def _to_simplex(x: np.ndarray) -> np.ndarray:
     return np.where(s > 0, x / np.where(s > 0, s, 1.0), uniform)
 
 
+def _simplex_lattice(T: int, count: int) -> np.ndarray:
+    """The Das–Dennis lattice of the (T−1)-simplex with the most points not above ``count``
+    (at least 2 partitions)."""
+    from pymoo.util.ref_dirs import get_reference_directions
+
+    p = 1
+    while math.comb(p + 1 + T - 1, T - 1) <= count:
+        p += 1
+    return np.asarray(get_reference_directions("das-dennis", T, n_partitions=p), dtype=np.float64)
+
+
+def _nsga(T: int, K: int, algorithm: str, pop_size: int, seed: int):
+    """NSGA-II or NSGA-III whose population starts at a simplex lattice (completed with seeded
+    Dirichlet points) and whose offspring are repaired onto the simplex; also returns the start."""
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.algorithms.moo.nsga3 import NSGA3
+    from pymoo.core.repair import Repair
+    from pymoo.util.ref_dirs import get_reference_directions
+
+    class SimplexRepair(Repair):
+        def _do(self, problem, X, **kwargs):
+            return _to_simplex(X)
+
+    start = _simplex_lattice(T, pop_size)[:pop_size]
+    if len(start) < pop_size:
+        rng = np.random.default_rng(seed)
+        start = np.concatenate([start, rng.dirichlet(np.ones(T), size=pop_size - len(start))])
+    if algorithm == "nsga2":
+        return NSGA2(pop_size=pop_size, sampling=start, repair=SimplexRepair(), eliminate_duplicates=True), start
+    dirs = _simplex_lattice(T, pop_size) if K == T else get_reference_directions("energy", K, pop_size, seed=seed)
+    return NSGA3(ref_dirs=dirs, pop_size=pop_size, sampling=start, repair=SimplexRepair()), start
+
+
 def surrogate_front(
     surrogate: QuadraticSurrogate,
     *,
@@ -174,12 +208,8 @@ def surrogate_front(
     The initial population is a Das–Dennis lattice of the simplex (completed with seeded random
     points); offspring are repaired onto the simplex by clipping at 0 and normalising.
     """
-    from pymoo.algorithms.moo.nsga2 import NSGA2
-    from pymoo.algorithms.moo.nsga3 import NSGA3
     from pymoo.core.problem import Problem
-    from pymoo.core.repair import Repair
     from pymoo.optimize import minimize
-    from pymoo.util.ref_dirs import get_reference_directions
 
     from varmerge.pareto import pareto_mask
 
@@ -190,40 +220,19 @@ def surrogate_front(
     sign = -1.0 if maximize else 1.0
     iu = np.triu_indices(T, k=1)
 
-    def predict(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([x, x[:, iu[0]] * x[:, iu[1]]], axis=1) @ coef
-
-    class SimplexRepair(Repair):
-        def _do(self, problem, X, **kwargs):
-            return _to_simplex(X)
-
     class SurrogateProblem(Problem):
         def __init__(self):
             super().__init__(n_var=T, n_obj=K, xl=0.0, xu=1.0)
 
         def _evaluate(self, X, out, *args, **kwargs):
-            out["F"] = sign * predict(_to_simplex(X))
+            x = _to_simplex(X)
+            out["F"] = sign * (np.concatenate([x, x[:, iu[0]] * x[:, iu[1]]], axis=1) @ coef)
 
-    def lattice(count: int) -> np.ndarray:
-        p = 1
-        while math.comb(p + 1 + T - 1, T - 1) <= count:
-            p += 1
-        return np.asarray(get_reference_directions("das-dennis", T, n_partitions=p), dtype=np.float64)
-
-    start = lattice(pop_size)[:pop_size]
-    if len(start) < pop_size:
-        rng = np.random.default_rng(seed)
-        start = np.concatenate([start, rng.dirichlet(np.ones(T), size=pop_size - len(start))])
-    if algorithm == "nsga2":
-        algo = NSGA2(pop_size=pop_size, sampling=start, repair=SimplexRepair(), eliminate_duplicates=True)
-    else:
-        dirs = lattice(pop_size) if K == T else get_reference_directions("energy", K, pop_size, seed=seed)
-        algo = NSGA3(ref_dirs=dirs, pop_size=pop_size, sampling=start, repair=SimplexRepair())
+    algo, start = _nsga(T, K, algorithm, pop_size, seed)
     res = minimize(SurrogateProblem(), algo, ("n_gen", int(n_gen)), seed=int(seed), verbose=False)
     X = np.atleast_2d(np.asarray(res.X if res.X is not None else start, dtype=np.float64))
     X = np.unique(np.round(_to_simplex(X), 12), axis=0)
-    X = _to_simplex(X)
-    a = torch.from_numpy(X).to(F64)
+    a = torch.from_numpy(_to_simplex(X)).to(F64)
     pred = surrogate.predict(a)
     keep = pareto_mask(pred if maximize else -pred)
     values = (pred if maximize else -pred)[keep]
@@ -251,14 +260,21 @@ class MapFront:
         return int(self.design_alpha.shape[0])
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What MAP's front is searched on: the metric ``metric``, maximised unless ``maximize=False``."""
+
+    metric: str = "accuracy"
+    maximize: bool = True
+
+
 def map_front(
     evaluate: Callable[[torch.Tensor], Mapping[str, torch.Tensor] | torch.Tensor],
     alpha,
     *,
     n_evaluations: int | None = None,
     seed: int = 0,
-    metric: str = "accuracy",
-    maximize: bool = True,
+    objective: Objective = Objective(),
     algorithm: str = "nsga2",
     pop_size: int = 100,
     n_gen: int = 100,
@@ -266,11 +282,12 @@ def map_front(
     """MAP's amortised front: evaluate at a small design, fit quadratics, NSGA on them.
 
     ``evaluate(design)`` gets the (E, T) float64 design α and returns the real scores of the
-    merges there, an (E, K) tensor (taken as ``metric``) or a mapping of metric names to
-    (E, K) tensors — one surrogate is fitted per metric. ``alpha`` (G, T) is the grid the
-    surrogates are evaluated on. The front is searched on ``metric`` (maximised unless
-    ``maximize=False``). Deterministic for a ``seed`` (design points and NSGA).
+    merges there, an (E, K) tensor (taken as ``objective.metric``) or a mapping of metric names
+    to (E, K) tensors — one surrogate is fitted per metric. ``alpha`` (G, T) is the grid the
+    surrogates are evaluated on. The front is searched on ``objective`` (default: accuracy,
+    maximised). Deterministic for a ``seed`` (design points and NSGA).
     """
+    metric = objective.metric
     a, _ = check_alpha(alpha, torch.as_tensor(alpha).shape[-1])
     T = _check_num_tasks(a.shape[1])
     check_settings(T, n_evaluations, algorithm=algorithm, pop_size=pop_size, n_gen=n_gen, seed=seed)
@@ -289,6 +306,6 @@ def map_front(
     surrogates = {name: QuadraticSurrogate.fit(design, v) for name, v in design_scores.items()}
     predictions = {name: s.predict(a) for name, s in surrogates.items()}
     front_alpha, front_values = surrogate_front(
-        surrogates[metric], maximize=maximize, algorithm=algorithm, pop_size=pop_size, n_gen=n_gen, seed=seed
+        surrogates[metric], maximize=objective.maximize, algorithm=algorithm, pop_size=pop_size, n_gen=n_gen, seed=seed
     )
     return MapFront(a, predictions, front_alpha, front_values, design, design_scores, surrogates)

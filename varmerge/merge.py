@@ -13,8 +13,11 @@ registry :data:`MERGE_METHODS` all live here. The implementations are
 
 Every rule takes ``alpha`` as a (T,) vector, returning one merged state dict, or as a (G, T)
 batch, returning a state dict whose tensors carry a leading G dimension, computed in one pass over
-the parameters. Inputs are never modified; bad input raises :class:`ValueError` naming the
-offending key or value. Nothing under :mod:`varmerge.merging` imports this module.
+the parameters. Most rules take their settings as keyword arguments; ``mixture_weighted``,
+``hessian_weighted_full`` and ``mixture_weighted_full`` take their options model as ``options=``,
+e.g. ``merge.hessian_weighted_full(means, precisions, alpha, options=merge.HessianFullOptions(solver="pcg"))``.
+Inputs are never modified; bad input raises :class:`ValueError` naming the offending key or
+value. Nothing under :mod:`varmerge.merging` imports this module.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from varmerge.merging import registry
 from varmerge.merging.baselines import calibration_grams, dare, esm, model_soup, regmean, slerp, ties
 from varmerge.merging.gaussian import (
     DEFAULT_PRECISION_FLOOR,
+    HessianFullOptions,
+    MixtureFullOptions,
+    MixtureOptions,
     hessian_weighted,
     hessian_weighted_full,
     mixture_full_objective,
@@ -38,7 +44,10 @@ from varmerge.merging.registry import MergeMethod, Options, apply, get_method, r
 __all__ = [
     "DEFAULT_PRECISION_FLOOR",
     "MERGE_METHODS",
+    "HessianFullOptions",
     "MergeMethod",
+    "MixtureFullOptions",
+    "MixtureOptions",
     "Options",
     "StateDict",
     "apply",

@@ -57,6 +57,31 @@ def igd_plus(scores, reference_front, maximize: bool = True) -> float:
     return float(moocore.igd_plus(s, ref=ref, maximise=maximize))
 
 
+def front_summary(alpha, scores, *, reference=0.0, reference_front=None) -> dict:
+    """The summary of one front (a merge method's sweep, or real finetunes) over the α in ``alpha``
+    ((G, T)) with per-task ``scores`` ((G, T), higher is better): the best mean score and its α,
+    the non-dominated points (their α and scores), their number and hypervolume (from
+    ``reference`` in every task), and, given a ``reference_front`` (e.g. the ground truth's),
+    their IGD+ against it. The one summary the sequence, the flows and the benchmarks report."""
+    a = torch.as_tensor(alpha, dtype=torch.float64)
+    s = torch.as_tensor(_as_points(scores), dtype=torch.float64)
+    if a.shape != s.shape:
+        raise ValueError(f"alpha {tuple(a.shape)} and scores {tuple(s.shape)} differ in shape")
+    mean = s.mean(1)
+    b = int(mean.argmax())
+    mask = pareto_mask(s)
+    out = {
+        "max_mean_accuracy": float(mean[b]),
+        "best_alpha": a[b].tolist(),
+        "front_size": int(mask.sum()),
+        "hypervolume": hypervolume(s[mask], reference),
+        "front": {"alpha": a[mask].tolist(), "accuracy": s[mask].tolist()},
+    }
+    if reference_front is not None:
+        out["igd_plus"] = igd_plus(s[mask], reference_front)
+    return out
+
+
 def best_alpha(alphas, scores, k: int = 1, *, decimals: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices and α of the top-``k`` distinct α by mean score (ties broken by grid order).
 

@@ -15,7 +15,7 @@ from varmerge.pareto import pareto_mask  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
-    from varmerge.io import atomic_write
+    from varmerge.files import atomic_write
 
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"

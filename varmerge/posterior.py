@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from varmerge import io
+from varmerge import files
 from varmerge._checks import check_precision_tensor
 
 #: What α means (README, "What α means"): a precision is stored on the scale of the task's
@@ -103,7 +103,7 @@ class _Views:
     @classmethod
     def load(cls, path, expected: Mapping | None = None):
         """Read a file written by ``save`` (its hash checked; keys and shapes against ``expected``)."""
-        return cls.from_tensors(*io.load_tensors(path), expected, str(path))
+        return cls.from_tensors(*files.load_tensors(path), expected, str(path))
 
     def full(self, *, user: str | None = None):
         raise ValueError(
@@ -136,7 +136,7 @@ def _check_pair(mean: Mapping, precision: Mapping, where: str) -> None:
 
 def _check_expected(mean: Mapping, expected, where: str) -> None:
     if expected is not None:
-        io.check_matches_model(mean, expected, where)
+        files.check_matches_model(mean, expected, where)
 
 
 @dataclass
@@ -182,7 +182,7 @@ class DiagonalGaussian(_Views):
 
     def save(self, path: str | os.PathLike) -> str:
         """Write atomically; returns the content hash."""
-        return io.save_tensors(
+        return files.save_tensors(
             path, self.tensors(), {"kind": "diagonal", "meta": self.meta.to_dict(), "names": self.names}
         )
 
@@ -232,32 +232,66 @@ class DiagonalGaussian(_Views):
 
 
 @dataclass
-class MixtureGaussian(_Views):
-    """Σ_k weight_k N(mean_k, diag(1/precision_k)): MultiIVON / SoupIVON posteriors."""
+class _Mixture(_Views):
+    """Σ_k weight_k · component_k: the components (checked by ``_check_component``), their weights
+    (default uniform; K positive finite numbers summing to 1) and the mixture's meta."""
 
-    kind: ClassVar[str] = "mixture"
-
-    components: list[DiagonalGaussian]
+    components: list
     weights: list[float] | None = None
     meta: PosteriorMeta = field(default_factory=PosteriorMeta)
 
     def __post_init__(self):
         if not self.components:
             raise ValueError("a mixture needs at least one component")
-        ref = self.components[0].mean
-        for i, c in enumerate(self.components[1:], start=1):
-            if set(c.mean) != set(ref) or any(c.mean[k].shape != ref[k].shape for k in ref):
-                raise ValueError(f"mixture component {i} has different parameters or shapes than component 0")
+        for i, c in enumerate(self.components):
+            self._check_component(i, c)
         K = len(self.components)
         if self.weights is None:
             self.weights = [1.0 / K] * K
         w = torch.as_tensor(self.weights, dtype=torch.float64)
-        if w.shape != (K,) or (w <= 0).any() or abs(float(w.sum()) - 1.0) > 1e-6:
+        if w.shape != (K,) or not torch.isfinite(w).all() or (w <= 0).any() or abs(float(w.sum()) - 1.0) > 1e-6:
             raise ValueError(f"mixture weights must be {K} positive numbers summing to 1, got {self.weights}")
+
+    def _check_component(self, i: int, c) -> None:
+        """Raise ValueError when component ``i`` does not fit component 0."""
 
     @property
     def K(self) -> int:
         return len(self.components)
+
+    def save(self, path) -> str:
+        """Write atomically; returns the content hash."""
+        header = {
+            "kind": self.kind,
+            "K": self.K,
+            "weights": list(self.weights),
+            "meta": self.meta.to_dict(),
+            "component_meta": [c.meta.to_dict() for c in self.components],
+            **self._layout(),
+        }
+        return files.save_tensors(path, self._tensors(), header)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The components' tensors under ``c<k>/`` prefixes."""
+        raise NotImplementedError
+
+    def _layout(self) -> dict:
+        """The header entries that describe the components' parameters."""
+        raise NotImplementedError
+
+
+@dataclass
+class MixtureGaussian(_Mixture):
+    """Σ_k weight_k N(mean_k, diag(1/precision_k)): MultiIVON / SoupIVON posteriors."""
+
+    kind: ClassVar[str] = "mixture"
+
+    components: list[DiagonalGaussian]
+
+    def _check_component(self, i: int, c: DiagonalGaussian) -> None:
+        ref = self.components[0].mean
+        if i and (set(c.mean) != set(ref) or any(c.mean[k].shape != ref[k].shape for k in ref)):
+            raise ValueError(f"mixture component {i} has different parameters or shapes than component 0")
 
     @property
     def means(self) -> list[dict[str, torch.Tensor]]:
@@ -274,19 +308,14 @@ class MixtureGaussian(_Views):
     def mixture(self) -> MixtureGaussian:
         return self
 
-    def save(self, path) -> str:
+    def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for k, c in enumerate(self.components):
             tensors.update(c.tensors(prefix=f"c{k}/"))
-        header = {
-            "kind": "mixture",
-            "K": self.K,
-            "weights": list(self.weights),
-            "meta": self.meta.to_dict(),
-            "component_meta": [c.meta.to_dict() for c in self.components],
-            "names": self.components[0].names,
-        }
-        return io.save_tensors(path, tensors, header)
+        return tensors
+
+    def _layout(self) -> dict:
+        return {"names": self.components[0].names}
 
     @classmethod
     def from_tensors(cls, tensors, header, expected: Mapping | None = None, where: str = "posterior"):
@@ -354,7 +383,7 @@ class FullGaussian(_Views):
 
     def save(self, path) -> str:
         header = {"kind": "full", "meta": self.meta.to_dict(), "shapes": {k: list(v) for k, v in self.shapes.items()}}
-        return io.save_tensors(path, {"mean": self.mean, "precision": self.precision}, header)
+        return files.save_tensors(path, {"mean": self.mean, "precision": self.precision}, header)
 
     @classmethod
     def from_tensors(cls, tensors, header, expected: Mapping | None = None, where: str = "posterior"):
@@ -364,12 +393,12 @@ class FullGaussian(_Views):
         shapes = {k: tuple(v) for k, v in header["shapes"].items()}
         post = cls(tensors["mean"], tensors["precision"], shapes, PosteriorMeta.from_dict(header.get("meta", {})))
         if expected is not None:
-            io.check_matches_model(post.state_dict(), expected, where)
+            files.check_matches_model(post.state_dict(), expected, where)
         return post
 
 
 @dataclass
-class MixtureFullGaussian(_Views):
+class MixtureFullGaussian(_Mixture):
     """Σ_k weight_k N(mean_k, precision_k⁻¹) over one flat parameter vector (small models).
 
     The components are :class:`FullGaussian` of the same parameters; ``weights`` are the learned
@@ -380,28 +409,13 @@ class MixtureFullGaussian(_Views):
     kind: ClassVar[str] = "mixture_full"
 
     components: list[FullGaussian]
-    weights: list[float] | None = None
-    meta: PosteriorMeta = field(default_factory=PosteriorMeta)
 
-    def __post_init__(self):
-        if not self.components:
-            raise ValueError("a mixture needs at least one component")
+    def _check_component(self, i: int, c: FullGaussian) -> None:
         ref = self.components[0]
-        for i, c in enumerate(self.components):
-            if i and (c.shapes != ref.shapes or c.mean.dtype != ref.mean.dtype):
-                raise ValueError(f"mixture component {i} has different parameters, shapes or dtype than component 0")
-            if torch.linalg.cholesky_ex(c.precision)[1] != 0:
-                raise ValueError(f"mixture component {i}: precision is not positive definite")
-        K = len(self.components)
-        if self.weights is None:
-            self.weights = [1.0 / K] * K
-        w = torch.as_tensor(self.weights, dtype=torch.float64)
-        if w.shape != (K,) or not torch.isfinite(w).all() or (w <= 0).any() or abs(float(w.sum()) - 1.0) > 1e-6:
-            raise ValueError(f"mixture weights must be {K} positive numbers summing to 1, got {self.weights}")
-
-    @property
-    def K(self) -> int:
-        return len(self.components)
+        if i and (c.shapes != ref.shapes or c.mean.dtype != ref.mean.dtype):
+            raise ValueError(f"mixture component {i} has different parameters, shapes or dtype than component 0")
+        if torch.linalg.cholesky_ex(c.precision)[1] != 0:
+            raise ValueError(f"mixture component {i}: precision is not positive definite")
 
     def diagonal(self) -> DiagonalGaussian:
         """The first component's diagonal."""
@@ -421,19 +435,14 @@ class MixtureFullGaussian(_Views):
     def state_dict(self, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return self.components[0].state_dict(flat)
 
-    def save(self, path) -> str:
+    def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for k, c in enumerate(self.components):
             tensors[f"c{k}/mean"], tensors[f"c{k}/precision"] = c.mean, c.precision
-        header = {
-            "kind": "mixture_full",
-            "K": self.K,
-            "weights": list(self.weights),
-            "meta": self.meta.to_dict(),
-            "component_meta": [c.meta.to_dict() for c in self.components],
-            "shapes": {k: list(v) for k, v in self.components[0].shapes.items()},
-        }
-        return io.save_tensors(path, tensors, header)
+        return tensors
+
+    def _layout(self) -> dict:
+        return {"shapes": {k: list(v) for k, v in self.components[0].shapes.items()}}
 
     @classmethod
     def from_tensors(cls, tensors, header, expected: Mapping | None = None, where: str = "posterior"):
@@ -455,7 +464,7 @@ class MixtureFullGaussian(_Views):
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         if expected is not None:
-            io.check_matches_model(post.state_dict(), expected, where)
+            files.check_matches_model(post.state_dict(), expected, where)
         return post
 
 
@@ -496,7 +505,7 @@ def posterior_from_tensors(
 
 def load_posterior(path, expected: Mapping | None = None, device: torch.device | str | None = None):
     """Load whichever posterior kind the file holds (read and hash-checked once), on ``device``."""
-    return posterior_from_tensors(*io.load_tensors(path), expected, str(path), device)
+    return posterior_from_tensors(*files.load_tensors(path), expected, str(path), device)
 
 
 # --------------------------------------------------------------------------------------------

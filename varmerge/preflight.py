@@ -18,7 +18,6 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from varmerge import data as vdata
 from varmerge import models
 from varmerge.config import ExperimentConfig
+from varmerge.plan import RunPlan, make_plan
 
 PROBE_TIMEOUT_S = 3.0
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -35,49 +35,31 @@ class PreflightError(ValueError):
     """A run that would fail; the message says what to change."""
 
 
-@dataclass
-class PreflightReport:
-    run_dir: Path
-    tracking_uri: str
-    num_classes: int
-    train_examples: dict[str, int] = field(default_factory=dict)
-    test_examples: dict[str, int] = field(default_factory=dict)
-
-
-def default_tracking_uri(run_dir: Path) -> str:
-    """The default MLflow store of a run: ``sqlite:///<output folder>/mlflow.db``."""
-    return f"sqlite:///{(Path(run_dir).parent / 'mlflow.db').resolve()}"
-
-
 def preflight(
     cfg: ExperimentConfig,
     tracking_uri: str | None = None,
     *,
     output_dir: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
-    check_tracking: bool = True,
-    probe_timeout: float = PROBE_TIMEOUT_S,
-) -> PreflightReport:
-    """Everything a run of ``cfg`` needs, checked without writing; returns what was found."""
+) -> RunPlan:
+    """Everything a run of ``cfg`` needs, checked without writing; returns the run's plan, with
+    the number of classes and each task's examples filled in."""
     from varmerge.pipeline import check_accelerator
 
     try:
         check_accelerator(cfg.accelerator)
+        plan = make_plan(cfg, output_dir=output_dir, tracking_uri=tracking_uri, data_dir=data_dir)
     except ValueError as exc:
         raise PreflightError(str(exc)) from None
     check_constraints(cfg)
-    check_runner(cfg, timeout=probe_timeout)
-    run_dir = Path(output_dir or cfg.output_dir) / cfg.name
-    check_writable(run_dir, "output folder")
-    uri = tracking_uri or cfg.tracking.uri or default_tracking_uri(run_dir)
-    if check_tracking:
-        check_tracking_uri(uri, timeout=probe_timeout)
+    check_runner(cfg)
+    check_writable(plan.run_dir, "output folder")
+    check_tracking_uri(plan.tracking_uri)
     ds = load_data(cfg, data_dir)
-    report = check_data(cfg, ds)
-    report.run_dir, report.tracking_uri = run_dir, uri
-    check_model(cfg, report.num_classes, ds)
-    check_start(cfg, report.num_classes, ds)
-    return report
+    plan = check_data(plan, ds)
+    check_model(cfg, plan.num_classes, ds)
+    check_start(cfg, plan.num_classes, ds)
+    return plan
 
 
 # ------------------------------------------------------------------------------------- config
@@ -222,8 +204,10 @@ def load_data(cfg: ExperimentConfig, data_dir: str | os.PathLike | None = None):
         raise PreflightError(msg if "data source" in msg else f"data ({cfg.data.source}): {msg}") from None
 
 
-def check_data(cfg: ExperimentConfig, ds) -> PreflightReport:
-    """Class ids in range, and every task has train and test examples (after the caps)."""
+def check_data(plan: RunPlan, ds) -> RunPlan:
+    """Class ids in range, and every task has train and test examples (after the caps); returns
+    ``plan`` with the number of classes and each task's examples."""
+    cfg = plan.cfg
     if not hasattr(ds, "items") or not {"train", "test"} <= set(ds):
         have = list(ds) if hasattr(ds, "keys") else type(ds).__name__
         raise PreflightError(f"data: need a 'train' and a 'test' split, got {have}")
@@ -232,7 +216,7 @@ def check_data(cfg: ExperimentConfig, ds) -> PreflightReport:
     by_domain = [t.domain is not None for t in tasks]
     if any(by_domain) and not all(by_domain):
         raise PreflightError("data.tasks: either every task names a 'domain' or none does")
-    report = PreflightReport(Path(), "", n_classes)
+    sizes = {}
     for t in tasks:
         bad = [c for c in t.classes if c >= n_classes]
         if bad:
@@ -258,9 +242,8 @@ def check_data(cfg: ExperimentConfig, ds) -> PreflightReport:
                     f"of {cfg.data.source}; check the task, data.options and data.test_fraction)"
                 )
         cap = cfg.data.max_train_per_task if split == "train" else cfg.data.max_test_per_task
-        store = report.train_examples if split == "train" else report.test_examples
-        store.update({k: min(v, cap) if cap else v for k, v in counts.items()})
-    return report
+        sizes[split] = {k: min(v, cap) if cap else v for k, v in counts.items()}
+    return plan.with_sizes(n_classes, sizes["train"], sizes["test"])
 
 
 # ------------------------------------------------------------------------------------- model
@@ -269,9 +252,9 @@ def check_model(cfg: ExperimentConfig, num_classes: int, ds=None) -> None:
     run's own task preparation succeeds and the model takes two training examples."""
     from varmerge import pipeline
 
-    with torch.random.fork_rng():  # base_model seeds torch; leave the caller's RNG alone
+    with torch.random.fork_rng():  # seeded_model seeds torch; leave the caller's RNG alone
         try:
-            model = pipeline.base_model(cfg, num_classes)
+            model = pipeline.seeded_model(cfg, num_classes)
         except TypeError as exc:
             raise PreflightError(f"model.options: {exc}") from None
         except (ValueError, ImportError, OSError) as exc:

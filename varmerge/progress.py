@@ -35,3 +35,8 @@ class StepProgress(L.Callback):
 
     def _send(self, trainer: L.Trainer) -> None:
         self.report(trainer.global_step, trainer.max_steps, f"run {self.fits}" if self.fits > 1 else "")
+
+
+def lightning_callbacks(report: Report | None) -> tuple:
+    """The Lightning callbacks that tell ``report`` the optimiser steps (none without a report)."""
+    return () if report is None else (StepProgress(report),)

@@ -1,6 +1,6 @@
 """The one sequence of a front estimation, written once and run by every entry point.
 
-    data → θ0 (seeded, a checkpoint, or pretrained) → per-task finetunes (posteriors)
+    plan → data → θ0 (seeded, a checkpoint, or pretrained) → per-task finetunes (posteriors)
          → α sweep per merge method → selection → real multitask finetunes at the chosen α
          → :class:`FrontResult` (and its summary)
 
@@ -25,7 +25,8 @@ from typing import Any, Protocol
 import torch
 
 from varmerge import pareto, pipeline
-from varmerge.config import ExperimentConfig
+from varmerge.plan import RunPlan
+from varmerge.posterior_methods import get_method
 from varmerge.progress import Report
 
 
@@ -34,18 +35,13 @@ class Runner(Protocol):
 
     def data(self) -> Any: ...
 
-    def base(self, data: Any) -> Any: ...
+    def theta0(self, data: Any) -> Any: ...
 
-    def finetunes(self, data: Any, base: Any) -> list[Any]: ...
+    def finetunes(self, data: Any, theta0: Any) -> list[Any]: ...
 
-    def sweeps(self, data: Any, base: Any, posteriors: list[Any], methods: Sequence[str]) -> dict[str, dict]: ...
+    def sweeps(self, data: Any, theta0: Any, posteriors: list[Any], methods: Sequence[str]) -> dict[str, dict]: ...
 
-    def multitasks(self, data: Any, base: Any, alphas: torch.Tensor) -> list[torch.Tensor]: ...
-
-
-def selection_method(cfg: ExperimentConfig) -> str:
-    """The merge method whose front picks α (``selection.method``, default the last one)."""
-    return cfg.selection.method or cfg.merge.methods[-1]
+    def multitasks(self, data: Any, theta0: Any, alphas: torch.Tensor) -> list[torch.Tensor]: ...
 
 
 @dataclass
@@ -74,19 +70,10 @@ class FrontResult:
         return self.sweeps[self.method]["accuracy"][self.chosen_index]
 
     def summary(self) -> dict:
-        methods = {}
-        for m, sw in self.sweeps.items():
-            mean = sw["accuracy"].mean(1)
-            b = int(mean.argmax())
-            mask = pareto.pareto_mask(sw["accuracy"])
-            methods[m] = {
-                "max_mean_accuracy": float(mean[b]),
-                "best_alpha": sw["alpha"][b].tolist(),
-                "front_size": int(mask.sum()),
-                "hypervolume": pareto.hypervolume(sw["accuracy"][mask], 0.0),  # reference point 0 per task
-                "seconds": float(sw["seconds"]),
-                "front": {"alpha": sw["alpha"][mask].tolist(), "accuracy": sw["accuracy"][mask].tolist()},
-            }
+        methods = {
+            m: {**pareto.front_summary(sw["alpha"], sw["accuracy"]), "seconds": float(sw["seconds"])}
+            for m, sw in self.sweeps.items()
+        }
         chosen = None
         if self.chosen_alpha is not None:
             chosen = {
@@ -109,7 +96,7 @@ class FrontResult:
         return out
 
 
-def estimate_front(cfg: ExperimentConfig, runner: Runner) -> FrontResult:
+def estimate_front(plan: RunPlan, runner: Runner) -> FrontResult:
     """Run the sequence with ``runner``. An α no constraint admits is not an exception here: the
     result carries the fronts and ``error`` (the caller saves what there is, then reports it)."""
     seconds: dict[str, float] = {}
@@ -122,60 +109,46 @@ def estimate_front(cfg: ExperimentConfig, runner: Runner) -> FrontResult:
 
     with timed("data"):
         data = runner.data()
-        base = runner.base(data)
+        theta0 = runner.theta0(data)
     with timed("finetunes"):
-        posteriors = runner.finetunes(data, base)
+        posteriors = runner.finetunes(data, theta0)
     with timed("sweeps"):
-        sweeps = runner.sweeps(data, base, posteriors, cfg.merge.methods)
-    method = selection_method(cfg)
-    result = FrontResult([t.name for t in cfg.data.tasks], sweeps, method, seconds=seconds)
-    if cfg.selection.strategy == "closed_loop":
+        sweeps = runner.sweeps(data, theta0, posteriors, plan.method_names)
+    result = FrontResult(plan.task_names, sweeps, plan.selection_method, seconds=seconds)
+    if plan.cfg.selection.strategy == "closed_loop":
         with timed("multitask"):
-            closed_loop(cfg, runner, data, base, result)
+            closed_loop(plan, runner, data, theta0, result)
         return result
     try:
-        result.chosen_index, result.chosen_alpha = pipeline.select(cfg, result.alpha, sweeps[method]["accuracy"])
+        result.chosen_index, result.chosen_alpha = pipeline.select(
+            plan, result.alpha, result.sweeps[result.method]["accuracy"]
+        )
     except ValueError as exc:
         result.error = str(exc)
         return result
     with timed("multitask"):
-        result.realised = torch.stack(runner.multitasks(data, base, result.chosen_alpha))
+        result.realised = torch.stack(runner.multitasks(data, theta0, result.chosen_alpha))
     return result
 
 
-#: The variational merge rules, whose fronts form the closed-loop search's prior by default.
-VARIATIONAL_PRIORS = ("simple", "hessian", "hessian_full", "mixture", "mixture_full")
-
-
-def prior_methods(cfg: ExperimentConfig) -> list[str]:
-    """The merge methods whose predictions the closed-loop search averages: the config's
-    ``selection.prior_methods``, else the selection method and every variational rule among
-    ``merge.methods`` (a multi-fidelity prior: the search weighs each by how well it predicts)."""
-    if cfg.selection.prior_methods:
-        return list(cfg.selection.prior_methods)
-    chosen = selection_method(cfg)
-    return [m for m in cfg.merge.methods if m == chosen or m in VARIATIONAL_PRIORS]
-
-
-def closed_loop(cfg: ExperimentConfig, runner: Runner, data: Any, base: Any, result: FrontResult) -> None:
+def closed_loop(plan: RunPlan, runner: Runner, data: Any, theta0: Any, result: FrontResult) -> None:
     """``selection.strategy: closed_loop``: real multitask finetunes placed one batch at a time by
     :class:`varmerge.search.ClosedLoop` over the selection method's α grid, with the merged
-    predictions of :func:`prior_methods` as its prior. Sets ``result``'s chosen α and
+    predictions of the plan's ``prior_methods`` as its prior. Sets ``result``'s chosen α and
     realised accuracies (the incumbent first, then the other finetunes in the order they ran),
     and ``result.search``: per iteration its α, the model's predicted mean accuracy and expected
     improvement there, the realised accuracies, and the incumbent after it."""
     from varmerge.search import ClosedLoop, SearchSettings
 
-    sel, names = cfg.selection, result.tasks
-    cons = [(names.index(c.task), c.op, c.value) for c in sel.constraints]
+    sel = plan.cfg.selection
     settings = SearchSettings(sel.budget, sel.batch, sel.epsilon)
-    methods = prior_methods(cfg)
     alpha = result.alpha
-    search = ClosedLoop(alpha, {m: result.sweeps[m]["accuracy"] for m in methods}, settings, cons)
+    priors = {m: result.sweeps[m]["accuracy"] for m in plan.prior_methods}
+    search = ClosedLoop(alpha, priors, settings, pipeline.constraints(plan))
     result.search = []
     realised: dict[int, torch.Tensor] = {}
     while (step := search.propose()) is not None:
-        for r, acc in zip(step.rows, runner.multitasks(data, base, alpha[step.rows]), strict=True):
+        for r, acc in zip(step.rows, runner.multitasks(data, theta0, alpha[step.rows]), strict=True):
             search.observe(alpha[r], acc)
             realised[r] = acc
         inc = search.incumbent()
@@ -205,16 +178,14 @@ class LocalRunner:
 
     ``steps(label)`` (a context manager factory, e.g. the CLI's progress bars) is entered around
     each step and yields the :class:`~varmerge.progress.Report` that step's progress goes to (or
-    None). Handles: data = ``(tasks, num_classes)``, base = θ0 as a module (its posterior, the
-    prior of the finetunes, in ``self.prior``), posteriors in memory.
+    None). Handles: data = ``(task data, num_classes)``, θ0 as a module (its posterior, the prior
+    of the finetunes, in ``self.prior``), posteriors in memory.
     """
 
-    def __init__(
-        self, cfg: ExperimentConfig, steps: Callable[[str], AbstractContextManager[Report | None]] | None = None
-    ):
-        self.cfg = cfg
+    def __init__(self, plan: RunPlan, steps: Callable[[str], AbstractContextManager[Report | None]] | None = None):
+        self.plan = plan
         self.steps = steps
-        self.prior = None  # θ0's posterior, set by base()
+        self.prior = None  # θ0's posterior, set by theta0()
         self.pretrain_seconds = 0.0
 
     def step(self, label: str) -> AbstractContextManager[Report | None]:
@@ -222,49 +193,49 @@ class LocalRunner:
 
     def data(self):
         with self.step("loading data"):
-            return pipeline.prepare_tasks(self.cfg)
+            return pipeline.prepare_tasks(self.plan.cfg)
 
-    def base(self, data):
+    def theta0(self, data):
         """θ0 (pretrained when the config says so); its posterior is kept as ``self.prior``."""
-        what = "pretraining θ0" if self.cfg.pretrain is not None else "building θ0"
+        what = "pretraining θ0" if self.plan.pretrain is not None else "building θ0"
         with self.step(what) as report:
             t0 = time.perf_counter()
-            model, self.prior = pipeline.start_point(self.cfg, data[1], report=report)
+            model, self.prior = pipeline.theta0(self.plan, data[1], report=report)
             self.pretrain_seconds = time.perf_counter() - t0
         return model
 
-    def finetunes(self, data, base):
+    def finetunes(self, data, theta0):
         out = []
         for t in data[0]:
-            with self.step(finetune_label(self.cfg, t)) as report:
-                out.append(pipeline.finetune_task(self.cfg, base, t, prior=self.prior, report=report)[0])
+            with self.step(finetune_label(self.plan, t)) as report:
+                out.append(pipeline.finetune_task(self.plan, theta0, t, prior=self.prior, report=report)[0])
         return out
 
-    def sweep(self, method: str, data, base, posteriors, alpha: torch.Tensor | None = None, report=None) -> dict:
-        """One method's sweep (over ``alpha``, default the config's grid), with its seconds."""
+    def sweep(self, method: str, data, theta0, posteriors, alpha: torch.Tensor | None = None, report=None) -> dict:
+        """One method's sweep (over ``alpha``, default the plan's grid), with its seconds."""
         t0 = time.perf_counter()
-        res = pipeline.sweep_and_score(self.cfg, method, posteriors, base, data[0], alpha, report=report)
+        res = pipeline.sweep_and_score(self.plan, method, posteriors, theta0, data[0], alpha, report=report)
         return {**res, "seconds": time.perf_counter() - t0}
 
-    def sweeps(self, data, base, posteriors, methods):
+    def sweeps(self, data, theta0, posteriors, methods):
         out = {}
         for m in methods:
             with self.step(sweep_label(m)) as report:
-                out[m] = self.sweep(m, data, base, posteriors, report=report)
+                out[m] = self.sweep(m, data, theta0, posteriors, report=report)
         return out
 
-    def multitasks(self, data, base, alphas):
+    def multitasks(self, data, theta0, alphas):
         out = []
         for a in alphas:
             with self.step(multitask_label(a.tolist())) as report:
-                out.append(pipeline.multitask_finetune(self.cfg, base, data[0], a, prior=self.prior, report=report)[1])
+                res = pipeline.multitask_finetune(self.plan, theta0, data[0], a, prior=self.prior, report=report)
+                out.append(res[1])
         return out
 
 
-def finetune_label(cfg: ExperimentConfig, task) -> str:
-    p = cfg.posterior
-    runs = f" × {p.components}" if p.method in ("multi_ivon", "soup_ivon") else ""
-    return f"finetune {task.name} ({p.method}{runs})"
+def finetune_label(plan: RunPlan, task) -> str:
+    method = get_method(plan.cfg.posterior.method)
+    return f"finetune {task.name} ({method.label(plan.posterior_options)})"
 
 
 def sweep_label(method: str) -> str:

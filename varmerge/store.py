@@ -17,7 +17,7 @@ that uses one posterior file in several steps reads and hashes it once).
 Two runs of the same config at the same time share the folder safely: :meth:`RunStore.compute`
 holds an exclusive lock per key (``.locks/<key>.lock``, via ``filelock``) while it checks for the
 file and, if it is missing, computes and writes it; the second run waits, then finds the file and
-reuses it. Writes are atomic (:mod:`varmerge.io`), so a reader never sees a partial file.
+reuses it. Writes are atomic (:mod:`varmerge.files`), so a reader never sees a partial file.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from types import ModuleType
 import torch
 from filelock import FileLock
 
-from varmerge import io
+from varmerge import files
 
 #: Where each kind of artifact lives in the run folder, and its file suffix.
 FOLDERS = {
@@ -152,7 +152,7 @@ class RunStore:
         path = self.path(kind, key, name)
         if not path.exists():
             return None
-        stored = io.read_header(path).get("sha256")
+        stored = files.read_header(path).get("sha256")
         if not stored:
             raise ValueError(f"{path}: has no content hash; delete it to recompute it")
         return self.ref(path, stored)
@@ -169,7 +169,7 @@ class RunStore:
         if ck in self._cache:
             self._cache.move_to_end(ck)
             return self._cache[ck]
-        tensors, header = io.load_tensors(path)
+        tensors, header = files.load_tensors(path)
         if header["sha256"] != ref["sha256"]:
             raise ValueError(
                 f"{path}: this file changed since the run recorded it (sha256 "

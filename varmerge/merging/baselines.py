@@ -29,6 +29,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+from pydantic import model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -70,11 +71,23 @@ class TiesOptions(ChunkedOptions):
     scale: float = 1.0
     trim: str = "global"  # global | tensor
 
+    @model_validator(mode="after")
+    def _values(self):
+        _check_ties(self.density, self.trim)
+        _scale(self.scale)
+        return self
+
 
 class DareOptions(ChunkedOptions):
     drop: float = 0.9  # drop probability p
     seed: int = 0
     scale: float = 1.0
+
+    @model_validator(mode="after")
+    def _values(self):
+        _check_dare(self.drop, self.seed)
+        _scale(self.scale)
+        return self
 
 
 class SlerpOptions(Options):
@@ -88,11 +101,22 @@ class RegmeanOptions(CalibrationOptions):
     off_diagonal: float = 1.0
     max_batch_bytes: int = 1 << 28
 
+    @model_validator(mode="after")
+    def _values(self):
+        _check_regmean(self.ridge, self.off_diagonal)
+        return self
+
 
 class EsmOptions(ChunkedOptions):
     rank: int | None = None  # singular directions kept per task (default ⌊min(out, rest)/T⌋)
     energy: float | None = None  # or the fewest reaching this fraction of Σ s²
     scale: float = 1.0
+
+    @model_validator(mode="after")
+    def _values(self):
+        _esm_energy(self.rank, self.energy)
+        _scale(self.scale)
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +130,34 @@ def _number(value, name: str) -> float:
 
 def _scale(scale) -> float:
     return _number(scale, "scale")
+
+
+def _check_ties(density, trim) -> float:
+    density = _number(density, "TIES density")
+    if not 0 < density <= 1:
+        raise ValueError(f"TIES density must be in (0, 1], got {density!r}")
+    if trim not in ("global", "tensor"):
+        raise ValueError(f"TIES trim must be 'global' or 'tensor', got {trim!r}")
+    return density
+
+
+def _check_dare(drop, seed) -> float:
+    p = _number(drop, "DARE drop")
+    if not 0 <= p < 1:
+        raise ValueError(f"DARE drop must be in [0, 1), got {drop!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"DARE seed must be an integer, got {seed!r}")
+    return p
+
+
+def _check_regmean(ridge, off_diagonal) -> tuple[float, float]:
+    ridge = _number(ridge, "regmean ridge")
+    if ridge < 0:
+        raise ValueError(f"regmean ridge must be >= 0, got {ridge!r}")
+    c = _number(off_diagonal, "regmean off_diagonal")
+    if not 0 <= c <= 1:
+        raise ValueError(f"regmean off_diagonal must be in [0, 1], got {off_diagonal!r}")
+    return ridge, c
 
 
 def _task_vectors(base: StateDict, means: Sequence[StateDict], key: str, dtype) -> torch.Tensor:
@@ -148,9 +200,9 @@ def ties(
     means: Sequence[StateDict],
     alpha,
     *,
+    trim: str = "global",
     density: float = 0.2,
     scale: float = 1.0,
-    trim: str = "global",
     chunk_elems: int | None = None,
     out=None,
 ):
@@ -174,11 +226,7 @@ def ties(
     """
     keys = check_state_dicts(means, "means")
     check_base(base, means[0])
-    density = _number(density, "TIES density")
-    if not 0 < density <= 1:
-        raise ValueError(f"TIES density must be in (0, 1], got {density!r}")
-    if trim not in ("global", "tensor"):
-        raise ValueError(f"TIES trim must be 'global' or 'tensor', got {trim!r}")
+    density = _check_ties(density, trim)
     lam = _scale(scale)
     a, batched = check_alpha(alpha, len(means))
     thresholds = _ties_thresholds(base, means, keys, density, trim)
@@ -230,11 +278,7 @@ def dare(
     """
     keys = check_state_dicts(means, "means")
     check_base(base, means[0])
-    p = _number(drop, "DARE drop")
-    if not 0 <= p < 1:
-        raise ValueError(f"DARE drop must be in [0, 1), got {drop!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"DARE seed must be an integer, got {seed!r}")
+    p = _check_dare(drop, seed)
     lam = _scale(scale)
     a, batched = check_alpha(alpha, len(means))
     gen = torch.Generator().manual_seed(seed)
@@ -281,6 +325,19 @@ def _slerp_rows(r: torch.Tensor, v: torch.Tensor, w: torch.Tensor, dot_threshold
     return s0[:, None] * r + s1[:, None] * v
 
 
+def _slerp_iterated(v: torch.Tensor, al: torch.Tensor, dot_threshold: float, eps: float) -> torch.Tensor:
+    """(g, n): for each row of the (g, T) weights ``al``, the pairwise slerp of the (T, n) rows of
+    ``v`` with renormalised weights (see :func:`slerp`)."""
+    r = v[0].expand(al.shape[0], v.shape[1]).clone()
+    cum = al[:, 0].clone()
+    for t in range(1, v.shape[0]):
+        total = cum + al[:, t]
+        w = torch.where(total > 0, al[:, t] / total.clamp_min(torch.finfo(v.dtype).tiny), torch.zeros_like(total))
+        r = _slerp_rows(r, v[t], w, dot_threshold, eps)
+        cum = total
+    return r
+
+
 @register("slerp", needs_base=True, options=SlerpOptions)
 @torch.no_grad()
 def slerp(
@@ -317,7 +374,7 @@ def slerp(
         raise ValueError(f"slerp dot_threshold must be in (0, 1], got {dot_threshold!r}")
     eps = _number(eps, "slerp eps")
     a, batched = check_alpha(alpha, len(means))
-    G, T = a.shape
+    G = a.shape[0]
     result = {}
     for k in keys:
         ref = means[0][k]
@@ -333,14 +390,7 @@ def slerp(
         merged = torch.empty((G, n), dtype=cdt, device=ref.device)
         rows = max(1, int(max_block_elems) // max(n, 1))
         for lo in range(0, G, rows):
-            ag = al[lo : lo + rows]
-            r = v[0].expand(ag.shape[0], n).clone()
-            cum = ag[:, 0].clone()
-            for t in range(1, T):
-                total = cum + ag[:, t]
-                w = torch.where(total > 0, ag[:, t] / total.clamp_min(torch.finfo(cdt).tiny), torch.zeros_like(total))
-                r = _slerp_rows(r, v[t], w, dot_threshold, eps)
-                cum = total
+            r = _slerp_iterated(v, al[lo : lo + rows], dot_threshold, eps)
             merged[lo : lo + rows] = r if b is None else r + b
         result[k] = merged.to(ref.dtype).reshape((G, *ref.shape))
     return finish(result, batched)
@@ -406,6 +456,19 @@ def _esm_updates(taus: torch.Tensor, rank, energy) -> torch.Tensor:
     return qu @ core @ qv.T
 
 
+def _esm_energy(rank, energy) -> float | None:
+    """Check ESM's ``rank`` / ``energy`` (at most one of them); returns ``energy`` as a float or None."""
+    if rank is not None and energy is not None:
+        raise ValueError("ESM takes rank or energy, not both")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"ESM rank must be an integer >= 1, got {rank!r}")
+    if energy is not None:
+        energy = _number(energy, "ESM energy")
+        if not 0 < energy <= 1:
+            raise ValueError(f"ESM energy must be in (0, 1], got {energy!r}")
+    return energy
+
+
 @register("esm", needs_base=True, options=EsmOptions)
 @torch.no_grad()
 def esm(
@@ -446,14 +509,7 @@ def esm(
     """
     keys = check_state_dicts(means, "means")
     check_base(base, means[0])
-    if rank is not None and energy is not None:
-        raise ValueError("ESM takes rank or energy, not both")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"ESM rank must be an integer >= 1, got {rank!r}")
-    if energy is not None:
-        energy = _number(energy, "ESM energy")
-        if not 0 < energy <= 1:
-            raise ValueError(f"ESM energy must be in (0, 1], got {energy!r}")
+    energy = _esm_energy(rank, energy)
     lam = _scale(scale)
     a, batched = check_alpha(alpha, len(means))
 
@@ -536,6 +592,41 @@ def _check_grams(grams, means, keys) -> dict[str, tuple[int, str | None]]:
     return plan
 
 
+def _regmean_system(means: Sequence[StateDict], grams: Sequence[torch.Tensor], key: str, bias, ridge: float, c: float):
+    """One layer's (T, d, d) G̃_t + ρ_t I and (T, out, d) W̃_t (G̃_t + ρ_t I) in float64 (see :func:`regmean`)."""
+    f64 = torch.float64
+    w_ref = means[0][key]
+    dev, out_dim = w_ref.device, w_ref.shape[0]
+    W = torch.stack([m[key].reshape(out_dim, -1).to(f64) for m in means])  # (T, out, in)
+    if bias is not None:
+        W = torch.cat([W, torch.stack([m[bias].to(f64) for m in means])[:, :, None]], dim=2)
+    A = []
+    for gram in grams:
+        g = gram.to(device=dev, dtype=f64)
+        diag = torch.diagonal(g)
+        g = c * g + (1 - c) * torch.diag(diag) if c != 1 else g.clone()
+        rho = ridge * (float(diag.mean()) if float(diag.mean()) > 0 else 1.0)
+        g.diagonal().add_(rho)
+        A.append(g)
+    A = torch.stack(A)  # (T, d, d)
+    return A, W @ A
+
+
+def _regmean_solve(A: torch.Tensor, R: torch.Tensor, a: torch.Tensor, key: str, max_batch_bytes: int) -> torch.Tensor:
+    """(G, out, d) W = (Σ_t α_t R_t)(Σ_t α_t A_t)⁻¹ for every row of the (G, T) α, in blocks of rows."""
+    (G, T), d, out_dim = a.shape, A.shape[-1], R.shape[1]
+    al = a.to(device=A.device, dtype=torch.float64)
+    per = max(1, int(max_batch_bytes) // (d * d * 8))
+    sol = torch.empty((G, out_dim, d), dtype=torch.float64, device=A.device)
+    for lo in range(0, G, per):
+        ag = al[lo : lo + per]
+        Ag = (ag @ A.reshape(T, -1)).reshape(-1, d, d)
+        Bg = (ag @ R.reshape(T, -1)).reshape(-1, out_dim, d)
+        what = f"regmean: Σ_t α_t (G_t + ρ_t I) for {key!r}"
+        sol[lo : lo + per] = solve_spd_rows(Ag, Bg.transpose(1, 2), a, lo, what, "raise ridge").transpose(1, 2)
+    return sol
+
+
 @register("regmean", needs_calibration=True, options=RegmeanOptions)
 @torch.no_grad()
 def regmean(
@@ -570,47 +661,19 @@ def regmean(
     """
     keys = check_state_dicts(means, "means")
     plan = _check_grams(grams, means, keys)
-    ridge = _number(ridge, "regmean ridge")
-    if ridge < 0:
-        raise ValueError(f"regmean ridge must be >= 0, got {ridge!r}")
-    c = _number(off_diagonal, "regmean off_diagonal")
-    if not 0 <= c <= 1:
-        raise ValueError(f"regmean off_diagonal must be in [0, 1], got {off_diagonal!r}")
+    ridge, c = _check_regmean(ridge, off_diagonal)
     a, batched = check_alpha(alpha, len(means))
-    G, T = a.shape
-    f64 = torch.float64
+    G = a.shape[0]
     solved = set(plan) | {b for _, b in plan.values() if b is not None}
     rest = [k for k in keys if k not in solved]
     result: dict[str, torch.Tensor] = {}
     if rest:
         avg = simple_average([{k: m[k] for k in rest} for m in means], a)
         result.update(avg)
-    for k, (d, bias) in plan.items():
+    for k, (_, bias) in plan.items():
         w_ref = means[0][k]
-        dev = w_ref.device
-        out_dim = w_ref.shape[0]
-        W = torch.stack([m[k].reshape(out_dim, -1).to(f64) for m in means])  # (T, out, in)
-        if bias is not None:
-            W = torch.cat([W, torch.stack([m[bias].to(f64) for m in means])[:, :, None]], dim=2)
-        A = []
-        for t in range(T):
-            g = grams[t][k].to(device=dev, dtype=f64)
-            diag = torch.diagonal(g)
-            g = c * g + (1 - c) * torch.diag(diag) if c != 1 else g.clone()
-            rho = ridge * (float(diag.mean()) if float(diag.mean()) > 0 else 1.0)
-            g.diagonal().add_(rho)
-            A.append(g)
-        A = torch.stack(A)  # (T, d, d)
-        R = W @ A  # (T, out, d): W_t (G̃_t + ρ_t I)
-        al = a.to(device=dev, dtype=f64)
-        per = max(1, int(max_batch_bytes) // (d * d * 8))
-        sol = torch.empty((G, out_dim, d), dtype=f64, device=dev)
-        for lo in range(0, G, per):
-            ag = al[lo : lo + per]
-            Ag = (ag @ A.reshape(T, -1)).reshape(-1, d, d)
-            Bg = (ag @ R.reshape(T, -1)).reshape(-1, out_dim, d)
-            what = f"regmean: Σ_t α_t (G_t + ρ_t I) for {k!r}"
-            sol[lo : lo + per] = solve_spd_rows(Ag, Bg.transpose(1, 2), a, lo, what, "raise ridge").transpose(1, 2)
+        A, R = _regmean_system(means, [g[k] for g in grams], k, bias, ridge, c)
+        sol = _regmean_solve(A, R, a, k, max_batch_bytes)
         n_in = w_ref[0].numel()
         result[k] = sol[:, :, :n_in].to(w_ref.dtype).reshape((G, *w_ref.shape))
         if bias is not None:

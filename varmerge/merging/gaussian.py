@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import model_validator
 
 from varmerge._checks import check_alpha, check_precision_tensor, check_precisions, check_state_dicts
 from varmerge.merging.kernels import (
@@ -46,6 +47,7 @@ from varmerge.merging.registry import ChunkedOptions, Options, register
 __all__ = [
     "DEFAULT_PRECISION_FLOOR",
     "FullOptions",
+    "HessianFullOptions",
     "HessianOptions",
     "MixtureFullOptions",
     "MixtureOptions",
@@ -68,8 +70,23 @@ DEFAULT_PRECISION_FLOOR = 1e-12
 # --------------------------------------------------------------------------------------------
 # settings (merge.options.<name> in a config)
 # --------------------------------------------------------------------------------------------
+def _check_scale(scale: float) -> None:
+    if not math.isfinite(scale):
+        raise ValueError(f"task arithmetic scale must be finite, got {scale!r}")
+
+
+def _check_iterations(iterations) -> None:
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+
+
 class TaskArithmeticOptions(ChunkedOptions):
     scale: float = 1.0  # λ of θ0 + λ Σ_t α_t τ_t
+
+    @model_validator(mode="after")
+    def _values(self):
+        _check_scale(self.scale)
+        return self
 
 
 class HessianOptions(ChunkedOptions):
@@ -77,12 +94,21 @@ class HessianOptions(ChunkedOptions):
 
 
 class MixtureOptions(ChunkedOptions):
+    bundled: ClassVar[bool] = True  # mixture_weighted takes options=
+
     iterations: int = 10  # EM steps after the Hessian-weighted start
     precision_floor: float = DEFAULT_PRECISION_FLOOR
     tol: float | None = None  # stop once no responsibility moves more than this
 
+    @model_validator(mode="after")
+    def _values(self):
+        _check_iterations(self.iterations)
+        return self
+
 
 class FullOptions(Options):
+    bundled: ClassVar[bool] = True  # the full rules take options=
+
     max_batch_bytes: int = 1 << 28  # memory of one batch of (P, P) systems
 
 
@@ -99,6 +125,11 @@ class MixtureFullOptions(FullOptions):
     pcg_tol: float | None = None  # None: PCG_TOL of the dtype
     anchor_spacing: float = 0.2  # pcg: the preconditioners' coarse grid
     start_spacing: float | None = None  # EM on this coarse grid first; each α starts at its nearest anchor
+
+    @model_validator(mode="after")
+    def _values(self):
+        _check_em_options(self)
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,8 +159,7 @@ def task_arithmetic(
     """Task arithmetic θ0 + λ Σ_t α_t (θ_t − θ0) (isotropic Gaussians, prior N(θ0, I); eq. 11)."""
     keys = check_state_dicts(means, "means")
     check_base(base, means[0])
-    if not math.isfinite(scale):
-        raise ValueError(f"task arithmetic scale must be finite, got {scale!r}")
+    _check_scale(scale)
     a, batched = check_alpha(alpha, len(means))
 
     def sources(k):
@@ -212,22 +242,27 @@ def hessian_weighted(
 # --------------------------------------------------------------------------------------------
 # mixtures of diagonal Gaussians (Algorithm 1)
 # --------------------------------------------------------------------------------------------
-def _check_mixture(means, precisions):
+def _check_nesting(means, precisions, single: type, what: str) -> None:
+    """Mixture inputs are a non-empty list of tasks, each a non-empty list of components (a bare
+    ``single``, e.g. one state dict, is not), with as many precisions as means."""
     if isinstance(means, Mapping) or len(means) == 0:
         raise ValueError("mixture means must be a non-empty list (tasks) of lists (components)")
     if len(precisions) != len(means):
         raise ValueError(f"got {len(means)} tasks of means but {len(precisions)} of precisions")
-    flat_m, flat_p, task_of = [], [], []
     for t, (mt, pt) in enumerate(zip(means, precisions, strict=True)):
-        if isinstance(mt, Mapping):
-            raise ValueError(f"means[{t}] is a single state dict; mixture merging needs a list of K components")
+        if isinstance(mt, single):
+            raise ValueError(f"means[{t}] is a single {what}; mixture merging needs a list of K components")
         if len(mt) == 0:
             raise ValueError(f"task {t} has no mixture components")
         if len(pt) != len(mt):
             raise ValueError(f"task {t} has {len(mt)} mean components but {len(pt)} precision components")
-        flat_m.extend(mt)
-        flat_p.extend(pt)
-        task_of.extend([t] * len(mt))
+
+
+def _check_mixture(means, precisions):
+    _check_nesting(means, precisions, Mapping, "state dict")
+    flat_m = [c for mt in means for c in mt]
+    flat_p = [c for pt in precisions for c in pt]
+    task_of = [t for t, mt in enumerate(means) for _ in mt]
     keys = check_state_dicts(flat_m, "mixture means")
     for i, d in enumerate(flat_p):
         check_state_dicts([d], f"mixture precisions (component {i})", reference=flat_m[0])
@@ -341,32 +376,31 @@ def mixture_weighted(
     precisions: Sequence[Sequence[StateDict]],
     alpha,
     *,
-    iterations: int = 10,
     weights: Sequence[Sequence[float]] | None = None,
-    precision_floor: float = DEFAULT_PRECISION_FLOOR,
-    tol: float | None = None,
+    options: MixtureOptions | None = None,
     callback: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-    chunk_elems: int | None = None,
 ):
     """Mixture-weighted merging: EM fixed point of Π_t (Σ_k π_k N(θ_tk, H_tk⁻¹))^{α_t} (Alg. 1).
 
     ``means[t][k]`` and ``precisions[t][k]`` are the K_t diagonal components of task t.
     θ̂ starts at the Hessian-weighted merge of all components with uniform responsibilities
-    (iteration 0); each of ``iterations`` EM steps then recomputes the responsibilities
+    (iteration 0); each of ``options.iterations`` EM steps then recomputes the responsibilities
     π̂_tk ∝ π_k N(θ̂ | θ_tk, diag(1/h_tk)) from log-densities (logsumexp, ½ Σ log h included)
-    and sets θ̂ = (Σ π̂_tk α_t h_tk θ_tk) / (Σ π̂_tk α_t h_tk). ``tol`` stops early when no
-    responsibility moves more than ``tol``. ``callback(i, θ̂)`` sees every iterate (the buffers are
-    reused by the next iteration: copy what you keep). Each iteration is one pass over the
-    components: the M-step and the next E-step's distances are computed chunk by chunk.
+    and sets θ̂ = (Σ π̂_tk α_t h_tk θ_tk) / (Σ π̂_tk α_t h_tk). ``options.tol`` stops early when
+    no responsibility moves more than ``tol``; precisions are floored at ``precision_floor``.
+    ``callback(i, θ̂)`` sees every iterate (the buffers are reused by the next iteration: copy
+    what you keep). Each iteration is one pass over the components: the M-step and the next
+    E-step's distances are computed chunk by chunk (``options.chunk_elems``).
     """
-    if not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    opts = options if options is not None else MixtureOptions()
+    iterations, tol = opts.iterations, opts.tol
+    _check_iterations(iterations)
     keys, flat_m, flat_p, task_of = _check_mixture(means, precisions)
     T = len(means)
     a, batched = check_alpha(alpha, T)
     log_pi = _mixture_logweights(weights, means)
-    state = _MixtureState(keys, flat_m, flat_p, float(precision_floor))
-    step = chunk_size(a.shape[0], chunk_elems)
+    state = _MixtureState(keys, flat_m, flat_p, float(opts.precision_floor))
+    step = chunk_size(a.shape[0], opts.chunk_elems)
     alpha_c = a[:, task_of]  # (G, C): α_t of each component's task
 
     resp = _responsibilities(log_pi.expand(a.shape[0], -1).clone(), task_of, T)
@@ -465,51 +499,68 @@ def hessian_weighted_full(
     *,
     base: torch.Tensor | None = None,
     base_precision: torch.Tensor | None = None,
-    max_batch_bytes: int = 1 << 28,
-    solver: str = "cholesky",
-    pcg_tol: float | None = None,
-    anchor_spacing: float = 0.2,
+    options: HessianFullOptions | None = None,
 ):
     """Hessian-weighted merging with full precision matrices: (Σ α_t H_t)⁻¹ Σ α_t H_t θ_t.
 
     ``means[t]`` is a flat (P,) tensor, ``precisions[t]`` a symmetric (P, P) matrix. With
-    ``solver="cholesky"`` the (G, P, P) batch of combined precisions is built and Cholesky-solved in
-    chunks of at most ``max_batch_bytes``; ``"pcg"`` solves all α at once by preconditioned CG
-    (:func:`~varmerge.merging.kernels.solve_combined_pcg`: T matrix products per step, Cholesky
-    factors only at the anchors of a coarse grid). With ``base`` (and ``base_precision``) the prior
-    form is used.
+    ``options.solver="cholesky"`` the (G, P, P) batch of combined precisions is built and
+    Cholesky-solved in chunks of at most ``max_batch_bytes``; ``"pcg"`` solves all α at once by
+    preconditioned CG to ``pcg_tol`` (:func:`~varmerge.merging.kernels.solve_combined_pcg`: T
+    matrix products per step, Cholesky factors only at the anchors of a grid of spacing
+    ``anchor_spacing``). With ``base`` (and ``base_precision``) the prior form is used.
     """
-    P = _check_full(means, precisions)
+    opts = options if options is not None else HessianFullOptions()
+    _check_full(means, precisions)
     a, batched = check_alpha(alpha, len(means))
-    dt = means[0].dtype
     H = torch.stack(list(precisions))  # (T, P, P)
     th = torch.stack(list(means))  # (T, P)
+    H0, rhs = _full_prior(H, th, base, base_precision)
+    al = a.to(th.dtype)
+    if opts.solver == "pcg":
+        x = _full_pcg(H, al, al @ rhs, H0, opts)
+    elif opts.solver == "cholesky":
+        x = _full_cholesky(H0, H, a, rhs, opts.max_batch_bytes)
+    else:
+        raise ValueError(f"solver must be 'cholesky' or 'pcg', got {opts.solver!r}")
+    if base is not None:
+        x = base + x
+    return x if batched else x[0]
+
+
+def _full_prior(H: torch.Tensor, th: torch.Tensor, base, base_precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H0, rhs)``: the prior precision (0 without ``base``) and the (T, P) right-hand sides
+    H_t θ_t, or (H0 + H_t)(θ_t − θ0) with ``base`` θ0."""
+    P, dt = th.shape[1], th.dtype
     if base_precision is not None and base is None:
         raise ValueError("base_precision was given without base; pass base=θ0 as well")
-    if base is not None:
-        if base.shape != (P,) or base.dtype != dt:
-            raise ValueError(f"base must be a ({P},) tensor of dtype {dt}, got {tuple(base.shape)}")
-        H0 = base_precision if base_precision is not None else torch.zeros(P, P, dtype=dt)
-        if H0.shape != (P, P) or not torch.isfinite(H0).all():
-            raise ValueError(f"base_precision must be a finite ({P}, {P}) matrix")
-        rhs = torch.einsum("tij,tj->ti", H0 + H, th - base)  # (T, P)
-    else:
-        H0 = torch.zeros(P, P, dtype=dt)
-        rhs = torch.einsum("tij,tj->ti", H, th)
-    al = a.to(dt)
-    if solver == "pcg":
-        pcg_tol = _pcg_tol(pcg_tol, dt)
-        x, info = solve_combined_pcg(H, al, al @ rhs, anchor_spacing=anchor_spacing, tol=pcg_tol, base=H0)
-        if "unconverged" in info:
-            raise ValueError(
-                f"hessian_full: CG did not reach pcg_tol={pcg_tol} for {info['unconverged']} α rows in "
-                f"{info['iterations']} steps; raise pcg_tol or use solver: cholesky"
-            )
-        x = x if base is None else base + x
-        return x if batched else x[0]
-    if solver != "cholesky":
-        raise ValueError(f"solver must be 'cholesky' or 'pcg', got {solver!r}")
-    per = max(1, int(max_batch_bytes // max(P * P * th.element_size(), 1)))
+    if base is None:
+        return torch.zeros(P, P, dtype=dt), torch.einsum("tij,tj->ti", H, th)
+    if base.shape != (P,) or base.dtype != dt:
+        raise ValueError(f"base must be a ({P},) tensor of dtype {dt}, got {tuple(base.shape)}")
+    H0 = base_precision if base_precision is not None else torch.zeros(P, P, dtype=dt)
+    if H0.shape != (P, P) or not torch.isfinite(H0).all():
+        raise ValueError(f"base_precision must be a finite ({P}, {P}) matrix")
+    return H0, torch.einsum("tij,tj->ti", H0 + H, th - base)
+
+
+def _full_pcg(H: torch.Tensor, al: torch.Tensor, b: torch.Tensor, H0: torch.Tensor, opts: HessianFullOptions):
+    """(G, P) solutions of (H0 + Σ α_t H_t) x = b by preconditioned CG; refuses unconverged rows."""
+    pcg_tol = _pcg_tol(opts.pcg_tol, H.dtype)
+    x, info = solve_combined_pcg(H, al, b, anchor_spacing=opts.anchor_spacing, tol=pcg_tol, base=H0)
+    if "unconverged" in info:
+        raise ValueError(
+            f"hessian_full: CG did not reach pcg_tol={pcg_tol} for {info['unconverged']} α rows in "
+            f"{info['iterations']} steps; raise pcg_tol or use solver: cholesky"
+        )
+    return x
+
+
+def _full_cholesky(H0: torch.Tensor, H: torch.Tensor, a: torch.Tensor, rhs: torch.Tensor, max_batch_bytes: int):
+    """(G, P) solutions of (H0 + Σ α_t H_t) x = Σ α_t rhs_t, Cholesky-solved in blocks of α rows."""
+    P = H.shape[-1]
+    al = a.to(H.dtype)
+    per = max(1, int(max_batch_bytes // max(P * P * H.element_size(), 1)))
     outs = []
     for lo in range(0, al.shape[0], per):
         ag = al[lo : lo + per]
@@ -519,10 +570,7 @@ def hessian_weighted_full(
             A, b.unsqueeze(-1), a, lo, "combined precision Σ α_t H_t", "add a prior precision or check the posteriors"
         )
         outs.append(sol.squeeze(-1))
-    x = torch.cat(outs)
-    if base is not None:
-        x = base + x
-    return x if batched else x[0]
+    return torch.cat(outs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,16 +581,9 @@ class _FullMixture:
     H_c, log π_c and the task of each component (validated: shapes, symmetry, positive definite)."""
 
     def __init__(self, means, precisions, weights):
-        if isinstance(means, Mapping) or len(means) == 0:
-            raise ValueError("mixture means must be a non-empty list (tasks) of lists (components)")
-        if len(precisions) != len(means):
-            raise ValueError(f"got {len(means)} tasks of means but {len(precisions)} of precisions")
+        _check_nesting(means, precisions, torch.Tensor, "tensor")
         flat_m, flat_h, task_of = [], [], []
         for t, (mt, ht) in enumerate(zip(means, precisions, strict=True)):
-            if isinstance(mt, torch.Tensor) or len(mt) == 0:
-                raise ValueError(f"means[{t}] must be a non-empty list of K components")
-            if len(ht) != len(mt):
-                raise ValueError(f"task {t} has {len(mt)} mean components but {len(ht)} precision components")
             try:
                 P = _check_full(list(mt), list(ht))  # names the component: means[k] / precisions[k]
             except ValueError as exc:
@@ -604,64 +645,62 @@ def mixture_weighted_full(
     alpha,
     *,
     weights: Sequence[Sequence[float]] | None = None,
-    iterations: int = 10,
-    tol: float | None = None,
-    max_batch_bytes: int = 1 << 28,
-    solver: str = "cholesky",
-    pcg_tol: float | None = None,
-    anchor_spacing: float = 0.2,
-    start_spacing: float | None = None,
+    options: MixtureFullOptions | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ):
     """Algorithm 1 with full precisions: the EM fixed point of Π_t (Σ_k π_tk N(θ_tk, H_tk⁻¹))^{α_t}.
 
     ``means[t][k]`` is a flat (P,) tensor and ``precisions[t][k]`` a symmetric positive definite
     (P, P) matrix; ``weights[t]`` the learned π_tk (default uniform). θ̂ starts at the Hessian-
-    weighted merge of all components with responsibilities π (iteration 0); each EM step sets
-    r_tk ∝ π_tk N(θ̂ | θ_tk, H_tk⁻¹) per task, from log-densities (½ log det H_tk included), then
-    θ̂ = (Σ_tk r_tk α_t H_tk)⁻¹ Σ_tk r_tk α_t H_tk θ_tk. Each step cannot decrease
-    :func:`mixture_full_objective` (it maximises Jensen's lower bound at the current r). With K = 1
-    everywhere this is :func:`hessian_weighted_full`. ``callback(i, θ̂)`` sees every iterate
-    ((G, P)). With ``tol`` each α stops after the step in which none of its responsibilities moved
-    by more than ``tol``.
+    weighted merge of all components with responsibilities π (iteration 0); each of
+    ``options.iterations`` EM steps sets r_tk ∝ π_tk N(θ̂ | θ_tk, H_tk⁻¹) per task, from
+    log-densities (½ log det H_tk included), then θ̂ = (Σ_tk r_tk α_t H_tk)⁻¹ Σ_tk r_tk α_t H_tk θ_tk.
+    Each step cannot decrease :func:`mixture_full_objective` (it maximises Jensen's lower bound at
+    the current r). With K = 1 everywhere this is :func:`hessian_weighted_full`. ``callback(i,
+    θ̂)`` sees every iterate ((G, P)). With ``options.tol`` each α stops after the step in which
+    none of its responsibilities moved by more than ``tol``.
 
-    ``solver="cholesky"`` factorises every α's system at every step, in blocks of at most
-    ``max_batch_bytes`` of (P, P) systems. ``solver="pcg"`` solves all α at once by conjugate
-    gradients, each step started at the previous iterate, with no factorisation per α: a task's
-    components have similar precisions, so Σ_tk r_tk α_t H_tk stays close to Σ_t α_t H̄_t
-    (H̄_t = Σ_k π_tk H_tk) whatever the responsibilities, and the inverse of that matrix at the
-    nearest point of a grid of spacing ``anchor_spacing`` preconditions every step
-    (:class:`~varmerge.merging.kernels.AnchorPreconditioner`, at most 21 factorisations for three
-    tasks at 0.2). A CG product costs C matrix products batched over the α rows still iterating.
+    ``options.solver="cholesky"`` factorises every α's system at every step, in blocks of at most
+    ``max_batch_bytes`` of (P, P) systems. ``"pcg"`` solves all α at once by conjugate gradients
+    to ``pcg_tol``, each step started at the previous iterate: a task's components have similar
+    precisions, so Σ_tk r_tk α_t H_tk stays close to Σ_t α_t H̄_t (H̄_t = Σ_k π_tk H_tk), and the
+    inverse of that matrix at the nearest point of a grid of spacing ``anchor_spacing``
+    preconditions every step (:class:`~varmerge.merging.kernels.AnchorPreconditioner`, at most 21
+    factorisations for three tasks at 0.2). A CG product costs C matrix products batched over the
+    α rows still iterating.
 
-    ``start_spacing``: first run EM on the simplex grid of that spacing, then start each α's EM
-    from the responsibilities at its nearest anchor's fixed point instead of π (neighbouring α have
-    nearby fixed points, so with ``tol`` most α stop after a step or two). The objective can have
-    several local maxima; a start from a neighbour's solution may end in another one than the
-    start from π (a continuation along the grid).
+    ``options.start_spacing``: first run EM on the simplex grid of that spacing, then start each
+    α's EM from the responsibilities at its nearest anchor's fixed point instead of π (neighbouring
+    α have nearby fixed points, so with ``tol`` most α stop after a step or two). The objective
+    can have several local maxima; a start from a neighbour's solution may end in another one than
+    the start from π (a continuation along the grid).
     """
-    if not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
-    if solver not in ("cholesky", "pcg"):
-        raise ValueError(f"solver must be 'cholesky' or 'pcg', got {solver!r}")
-    for name, value in (("anchor_spacing", anchor_spacing), ("start_spacing", start_spacing)):
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    opts = options if options is not None else MixtureFullOptions()
+    _check_em_options(opts)
     mix = _FullMixture(means, precisions, weights)
     a, batched = check_alpha(alpha, mix.T)
-    em = _MixtureEM(mix, iterations, tol, max_batch_bytes)
-    solve = em.run_pcg if solver == "pcg" else em.run
-    extra = {"pcg_tol": _pcg_tol(pcg_tol, mix.H.dtype), "anchor_spacing": anchor_spacing} if solver == "pcg" else {}
+    em = _MixtureEM(mix, opts.iterations, opts.tol, opts.max_batch_bytes)
+    pcg = opts.solver == "pcg"
+    solve = em.run_pcg if pcg else em.run
+    extra = {"pcg_tol": _pcg_tol(opts.pcg_tol, mix.H.dtype), "anchor_spacing": opts.anchor_spacing} if pcg else {}
     start = None
-    if start_spacing is not None:  # EM on a coarse grid first; every α starts at its nearest anchor
+    if opts.start_spacing is not None:  # EM on a coarse grid first; every α starts at its nearest anchor
         from varmerge.grid import simplex_grid
 
-        anchors = simplex_grid(mix.T, start_spacing).to(a.dtype)
-        solved = solve(anchors, **extra)
-        start = solved[torch.cdist(a, anchors).argmin(1)]
+        anchors = simplex_grid(mix.T, opts.start_spacing).to(a.dtype)
+        start = solve(anchors, **extra)[torch.cdist(a, anchors).argmin(1)]
     each = None if callback is None else (lambda i, x: callback(i, x if batched else x[0]))
     x = solve(a, start, each, **extra)
     return x if batched else x[0]
+
+
+def _check_em_options(opts: MixtureFullOptions) -> None:
+    _check_iterations(opts.iterations)
+    if opts.solver not in ("cholesky", "pcg"):
+        raise ValueError(f"solver must be 'cholesky' or 'pcg', got {opts.solver!r}")
+    for name, value in (("anchor_spacing", opts.anchor_spacing), ("start_spacing", opts.start_spacing)):
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
 
 
 class _MixtureEM:

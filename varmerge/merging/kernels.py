@@ -29,6 +29,7 @@ __all__ = [
     "StateDict",
     "LazyStack",
     "check_base",
+    "check_chunk_elems",
     "check_out",
     "chunk_size",
     "chunked_merge",
@@ -51,11 +52,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def check_chunk_elems(chunk_elems: int | None) -> None:
+    if chunk_elems is not None and chunk_elems < 1:
+        raise ValueError(f"chunk_elems must be >= 1, got {chunk_elems}")
+
+
 def chunk_size(num_rows: int, chunk_elems: int | None) -> int:
     """Columns per chunk for ``num_rows`` (G) outputs; ``chunk_elems`` overrides (must be >= 1)."""
     if chunk_elems is not None:
-        if chunk_elems < 1:
-            raise ValueError(f"chunk_elems must be >= 1, got {chunk_elems}")
+        check_chunk_elems(chunk_elems)
         return int(chunk_elems)
     return max(4096, CHUNK_TARGET // max(num_rows, 1))
 

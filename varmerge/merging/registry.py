@@ -7,14 +7,17 @@ Every method is a :class:`MergeMethod` spec, declared with :func:`register` next
   their weights) or ``"full"`` (flat means and (P, P) precision matrices);
 * ``needs_base`` (θ0) and ``needs_calibration`` (per-task layer-input Grams, ``grams=``);
 * ``options``: a pydantic model (frozen, ``extra="forbid"``, strict types) of the rule's
-  settings with their defaults — the only place a setting's name, type and default is declared;
+  settings with their defaults — the only place a setting's name, type and default is declared.
+  The rule gets them as one keyword argument each, or, for a model with ``bundled = True`` (rules
+  with many settings), the validated model itself as ``options=``;
 * ``kind``: ``"rule"`` (returns merged weights) or ``"estimator"`` (a front estimator such as
   MAP, which predicts scores and returns no models).
 
 :func:`apply` turns posteriors into the declared view, passes means / precisions / θ0 / Grams as
 the spec says, validates the options through the spec's model and calls the rule; callers (the
-pipeline, the config checks) never branch on a method's name. :func:`probe` runs a rule on a tiny
-problem of its declared kind, so that a bad option value fails when a config is read.
+pipeline, the config checks) never branch on a method's name. A bad option value fails when a
+config is read: the options model checks every value (the rule's own checks), and a spec's
+``check`` what depends on the number of tasks.
 
 The rule modules are listed in :data:`RULE_MODULES` and loaded on the first lookup, whatever
 was imported before; nothing here imports :mod:`varmerge.merge` (the public facade).
@@ -31,6 +34,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from varmerge.merging.kernels import check_chunk_elems
+
 __all__ = [
     "METHOD_KINDS",
     "POSTERIOR_KINDS",
@@ -43,7 +48,6 @@ __all__ = [
     "apply",
     "get_method",
     "names",
-    "probe",
     "register",
 ]
 
@@ -71,9 +75,14 @@ class Options(BaseModel):
 
     #: Fields the pipeline reads itself: validated here, never passed to the rule.
     pipeline_fields: ClassVar[frozenset[str]] = frozenset()
+    #: True: the rule takes this model itself as ``options=``; False: one keyword per field.
+    bundled: ClassVar[bool] = False
 
     def rule_kwargs(self) -> dict[str, Any]:
-        """The keyword settings the rule's function takes (every field but the pipeline's)."""
+        """The keyword arguments the rule's function takes: ``options=self`` for a bundled model,
+        else one per field (every field but the pipeline's)."""
+        if self.bundled:
+            return {"options": self}
         return {k: getattr(self, k) for k in type(self).model_fields if k not in self.pipeline_fields}
 
 
@@ -81,6 +90,12 @@ class ChunkedOptions(Options):
     """Settings of the rules built on :func:`varmerge.merging.kernels.chunked_merge`."""
 
     chunk_elems: int | None = None  # columns per chunk (default: a cache-sized chunk)
+
+    @field_validator("chunk_elems")
+    @classmethod
+    def _chunk(cls, v: int | None) -> int | None:
+        check_chunk_elems(v)
+        return v
 
 
 class CalibrationOptions(Options):
@@ -101,11 +116,11 @@ class CalibrationOptions(Options):
 def _error_text(name: str, err: ValidationError) -> str:
     problems = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "value_error":  # our own validators name the value
-            problems.append(f"options.{name}.{loc}: {e['msg'].removeprefix('Value error, ')}")
+        if e["type"] == "value_error":  # our own validators name the setting and the value
+            problems.append(e["msg"].removeprefix("Value error, "))
         else:
-            problems.append(f"options.{name}.{loc}: {e['msg']} (got {e['input']!r})")
+            loc = ".".join(str(x) for x in (name, *e["loc"]))
+            problems.append(f"options.{loc}: {e['msg']} (got {e['input']!r})")
     return "; ".join(problems)
 
 
@@ -125,14 +140,10 @@ class MergeMethod:
     kind: MethodKind = "rule"
     #: Cast the posteriors' tensors to this dtype before calling (None: keep theirs).
     dtype: torch.dtype | None = None
-    #: ``check(options, num_tasks)`` raises ValueError for values that cannot work; methods
-    #: without one are probed on a tiny problem of their posterior kind (see :func:`probe`).
+    #: ``check(options, num_tasks)`` raises ValueError for values that cannot work with that
+    #: many tasks (the options model checks the rest).
     check: Callable[[Options, int], None] | None = None
     description: str = ""
-
-    @property
-    def needs_precision(self) -> bool:
-        return self.posterior in ("diagonal", "mixture", "full")
 
     @property
     def needs_mixture(self) -> bool:
@@ -337,50 +348,3 @@ def apply(
     if spec.posterior in ("full", "mixture_full"):
         return views[0].state_dict(merged)
     return merged
-
-
-def _tiny_problem(kind: str, num_tasks: int):
-    """θ0, posteriors of ``kind`` and Grams on a 2x2 weight + bias model (float64)."""
-    from varmerge.posterior import DiagonalGaussian, FullGaussian, MixtureFullGaussian, MixtureGaussian
-
-    f64 = torch.float64
-    base = {"w": torch.zeros(2, 2, dtype=f64), "b": torch.zeros(2, dtype=f64)}
-
-    def gaussian(t: int, shift: float = 0.0):
-        mean = {"w": torch.eye(2, dtype=f64) * (t + 1) + shift, "b": torch.ones(2, dtype=f64) * t}
-        return DiagonalGaussian(mean, {k: torch.ones_like(v) * (t + 1) for k, v in mean.items()})
-
-    if kind == "mixture":
-        posts = [MixtureGaussian([gaussian(t), gaussian(t, 0.5)]) for t in range(num_tasks)]
-    elif kind in ("full", "mixture_full"):
-        shapes = {"w": (2, 2), "b": (2,)}
-        posts = []
-        for t in range(num_tasks):
-            g = gaussian(t)
-            mean = torch.cat([g.mean["w"].reshape(-1), g.mean["b"]])
-            posts.append(FullGaussian(mean, torch.eye(6, dtype=f64) * (t + 1), shapes))
-        if kind == "mixture_full":
-            shifted = [FullGaussian(p.mean + 0.5, p.precision * 2, shapes) for p in posts]
-            posts = [MixtureFullGaussian([p, q]) for p, q in zip(posts, shifted, strict=True)]
-    else:
-        posts = [gaussian(t) for t in range(num_tasks)]
-    grams = [{"w": torch.eye(2, dtype=f64)} for _ in range(num_tasks)]
-    return base, posts, grams
-
-
-def probe(method: str | MergeMethod, options: Mapping[str, Any] | Options | None, num_tasks: int) -> None:
-    """Raise ValueError now for options that cannot work (before any finetune is spent).
-
-    The options are validated by the spec's model, then checked by the spec's ``check`` or,
-    for a rule without one, tried on a tiny problem of the rule's posterior kind.
-    """
-    spec = method if isinstance(method, MergeMethod) else get_method(method)
-    opts = spec.parse_options(options)
-    if spec.check is not None:
-        spec.check(opts, num_tasks)
-        return
-    if spec.kind != "rule":
-        return
-    base, posts, grams = _tiny_problem(spec.posterior, num_tasks)
-    alpha = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
-    apply(spec, posts, base, alpha, opts, grams=grams)

@@ -1,11 +1,10 @@
-"""Finetuning with Lightning and where the task posteriors come from (METHOD.md, Section 3.5).
+"""Finetuning with Lightning and where the task posteriors come from (the paper's Section 3.5).
 
 Every entry point takes two frozen settings objects (:mod:`varmerge.train.settings`):
 :class:`OptimizerSettings` (``"adamw"`` | ``"ivon"`` | ``"full_von"``, lr, weight decay, ess, MC
 samples, prior precision and IVON's own arguments, passed straight to ``ivon.IVON``) and
 :class:`TrainerSettings` (steps, batch size, accelerator, precision, logger, progress,
-callbacks). ``varmerge.pipeline.optimizer_settings`` / ``trainer_settings`` build them from a
-config. The modules:
+callbacks). The run plan (:mod:`varmerge.plan`) builds them from a config, once. The modules:
 
 * :mod:`~varmerge.train.batches`: batches, losses, loaders;
 * :mod:`~varmerge.train.modules`: the Lightning modules and :class:`IVONSnapshots`;
@@ -19,12 +18,21 @@ Nothing here imports prefect, mlflow or dvc; pass an MLflow logger in ``TrainerS
 from the orchestration layer.
 """
 
-from varmerge.train.batches import default_forward, default_labels, make_loader, task_loss, weighted_multitask_loss
-from varmerge.train.ensembles import fit_multi_ivon, fit_soup_ivon
+from varmerge.train.batches import (
+    as_data,
+    default_forward,
+    default_labels,
+    make_loader,
+    task_loss,
+    weighted_multitask_loss,
+)
+from varmerge.train.ensembles import IVONRuns, fit_multi_ivon, fit_soup_ivon
 from varmerge.train.fitting import adamw_sg_posterior, fit, fit_multitask, trained_sg_posterior
 from varmerge.train.modules import IVONSnapshots, SingleTaskModule, WeightedMultitaskModule
 from varmerge.train.settings import OPTIMIZERS, OptimizerSettings, TrainerSettings
 from varmerge.train.von import (
+    MixtureVONSettings,
+    VONSettings,
     fit_full_von,
     fit_mixture_full_von,
     full_von,
@@ -34,12 +42,16 @@ from varmerge.train.von import (
 
 __all__ = [
     "OPTIMIZERS",
+    "IVONRuns",
     "IVONSnapshots",
+    "MixtureVONSettings",
     "OptimizerSettings",
     "SingleTaskModule",
     "TrainerSettings",
+    "VONSettings",
     "WeightedMultitaskModule",
     "adamw_sg_posterior",
+    "as_data",
     "default_forward",
     "default_labels",
     "fit",

@@ -106,6 +106,25 @@ def check_alpha(alpha, T: int) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
+class DictDataset(Dataset):
+    """(dict of (N, ...) tensors, labels) as a Dataset of dict examples with ``labels`` (text)."""
+
+    def __init__(self, x: Mapping[str, Tensor], y: Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {**{k: v[i] for k, v in self.x.items()}, "labels": self.y[i]}
+
+
+def as_data(x: Tensor | Mapping[str, Tensor], y: Tensor) -> Data:
+    """What the training entry points take from a task's inputs and labels: ``(x, y)`` tensors,
+    or a :class:`DictDataset` for token dicts."""
+    return DictDataset(x, y) if isinstance(x, Mapping) else (x, y)
+
+
 def _as_dataset(data: Data, what: str = "data") -> Dataset:
     if isinstance(data, Dataset):
         return data

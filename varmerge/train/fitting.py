@@ -1,7 +1,7 @@
 """The finetunes: :func:`fit` (one task, with its posterior) and :func:`fit_multitask` (eq. 1).
 
 Both take the model, the data, an :class:`OptimizerSettings` and a :class:`TrainerSettings`;
-``varmerge.pipeline.optimizer_settings`` / ``trainer_settings`` build those from a config.
+The run plan (:mod:`varmerge.plan`) builds those from a config.
 
 Posteriors: ``"ivon"`` gives ``DiagonalGaussian.from_ivon`` (precision = ess · (hess +
 weight_decay)); ``"adamw"`` the Laplace-style ``N(θ, diag(1/h))`` with ``h = Σ_i (∇l_i)² + δ``
@@ -36,7 +36,7 @@ from varmerge.posterior import (
 from varmerge.train.batches import Data, check_alpha, make_loader, num_examples, task_loss
 from varmerge.train.modules import SingleTaskModule, WeightedMultitaskModule, ivon_posterior
 from varmerge.train.settings import OptimizerSettings, TrainerSettings
-from varmerge.train.von import fit_full_von, full_tensors
+from varmerge.train.von import VONSettings, fit_full_von, full_tensors
 
 __all__ = ["adamw_sg_posterior", "fit", "fit_multitask", "trained_sg_posterior"]
 
@@ -122,17 +122,14 @@ def fit(
     meta.task = meta.task or task
     if optimizer.name == "full_von":
         x, y = full_tensors(data)
-        post = fit_full_von(
-            model,
-            x,
-            y,
+        settings = VONSettings(
             lr=optimizer.lr,
             mc_samples=optimizer.mc_samples,
             num_iters=trainer.steps,
             prior_precision=1.0 if optimizer.prior_precision is None else optimizer.prior_precision,
             seed=seed,
-            meta=meta,
         )
+        post = fit_full_von(model, x, y, settings, meta=meta)
         return model, post
 
     optimizer = _check(optimizer, trainer, [data])

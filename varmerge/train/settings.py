@@ -2,12 +2,13 @@
 
 :class:`OptimizerSettings` says how to optimise (which optimizer, its learning rate, prior and
 IVON's own arguments), :class:`TrainerSettings` how to run Lightning (steps, batch size, device,
-precision, logging). ``varmerge.pipeline.optimizer_settings`` / ``trainer_settings`` build them
+precision, logging). the run plan (:mod:`varmerge.plan`) builds them
 from a config; a bad value raises one ValueError naming it, before anything trains.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import types
@@ -108,6 +109,14 @@ class OptimizerSettings:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"ivon: {dict(self.ivon)} rejected by ivon.IVON: {exc}") from None
 
+    def __reduce__(self):
+        """Pickled as its fields (the read-only mappings as dicts): a run plan goes to Dask workers."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["ivon"] = dict(self.ivon)
+        if self.initial_hess is not None:
+            fields["initial_hess"] = dict(self.initial_hess)
+        return (_rebuild, (type(self), fields))
+
     def make_ivon(self, params, *, ess: float) -> ivon.IVON:
         """``ivon.IVON`` over ``params`` with these settings (``ess`` resolved by the caller)."""
         return ivon.IVON(
@@ -118,6 +127,10 @@ class OptimizerSettings:
             mc_samples=self.mc_samples,
             **self.ivon,
         )
+
+
+def _rebuild(cls, fields: dict):
+    return cls(**fields)
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,20 @@
 """Full-Gaussian variational online Newton (VON) for multinomial logistic regression.
 
-:func:`full_von` is the algorithm on (x, y) tensors (Khan & Rue 2023, §1.3.2);
-:func:`fit_full_von` runs it on a model's single ``nn.Linear`` and returns a
-:class:`~varmerge.posterior.FullGaussian`; :func:`varmerge.train.fit` with
-``OptimizerSettings(name="full_von")`` calls it with ``lr``, ``mc_samples``, ``prior_precision``
-and ``trainer.steps`` iterations.
+Two small optimizers on (x, y) tensors, each driven by a frozen settings object and advanced by
+``step()``: :class:`FullVON` (Khan & Rue 2023, §1.3.2; settings :class:`VONSettings`) and
+:class:`MixtureFullVON`, a mixture of full Gaussians fitted by natural-gradient VI (settings
+:class:`MixtureVONSettings`). :func:`full_von` and :func:`mixture_full_von` run them;
+:func:`fit_full_von` and :func:`fit_mixture_full_von` run them on a model's single ``nn.Linear``
+and return posteriors. :func:`varmerge.train.fit` with ``OptimizerSettings(name="full_von")``
+calls :func:`fit_full_von` with ``lr``, ``mc_samples``, ``prior_precision`` and ``trainer.steps``
+iterations.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +25,11 @@ from varmerge.posterior import FullGaussian, MixtureFullGaussian, PosteriorMeta
 from varmerge.train.batches import Data, as_logits
 
 __all__ = [
+    "FullVON",
     "MixtureFit",
+    "MixtureFullVON",
+    "MixtureVONSettings",
+    "VONSettings",
     "fit_full_von",
     "fit_mixture_full_von",
     "full_von",
@@ -31,6 +38,76 @@ __all__ = [
 ]
 
 
+# --------------------------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class VONSettings:
+    """Settings of full-Gaussian VON (:class:`FullVON`), checked on construction.
+
+    ``lr``: the step ρ in (0, 1]; ``mc_samples``: samples per iteration (0: at the mean);
+    ``num_iters``: iterations; ``prior_precision``: δ of the prior N(μ0, δ⁻¹ I); ``batch_size``:
+    one random minibatch of that size per iteration, its terms scaled by N/B (None: full batch);
+    ``seed``: of the sampler. Numerics: ``dtype``, ``device`` (None: the inputs' device),
+    ``chunk_size`` (examples per block of :func:`softmax_regression_hessian`) and
+    ``reduce_inactive`` (see :class:`FullVON`).
+    """
+
+    lr: float = 0.1
+    mc_samples: int = 3
+    num_iters: int = 25
+    prior_precision: float = 1.0
+    batch_size: int | None = None
+    seed: int = 0
+    reduce_inactive: bool = True
+    dtype: torch.dtype = torch.float64
+    device: str | torch.device | None = None
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lr <= 1:
+            raise ValueError(f"VON learning rate ρ must be in (0, 1], got {self.lr}")
+        if not self.prior_precision > 0:
+            raise ValueError(f"prior precision δ must be > 0, got {self.prior_precision}")
+        if not (isinstance(self.mc_samples, int) and self.mc_samples >= 0):
+            raise ValueError(f"mc_samples must be an int >= 0, got {self.mc_samples!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtureVONSettings(VONSettings):
+    """Settings of a mixture of full Gaussians (:class:`MixtureFullVON`), checked on construction.
+
+    Those of :class:`VONSettings` (with ``lr`` β = 0.02 by default; ``device`` and
+    ``reduce_inactive`` act on the warm start only, the mixture runs on the CPU) plus
+    ``components`` K, ``lr_weights`` β_π (the step of the mixture weights), ``init_spread`` (the
+    components' offsets at the start, in standard deviations) and ``warm_start`` (full-VON
+    iterations run first, see :func:`mixture_full_von`; 0: none).
+    """
+
+    components: int
+    lr: float = 0.02
+    lr_weights: float = 3e-6
+    init_spread: float = 1.0
+    warm_start: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.components < 1:
+            raise ValueError(f"components must be >= 1, got {self.components}")
+        if not 0 <= self.lr_weights:
+            raise ValueError(f"lr_weights must be >= 0, got {self.lr_weights}")
+        if self.warm_start < 0:
+            raise ValueError(f"warm_start must be >= 0 full-VON iterations, got {self.warm_start}")
+
+    def warm_start_settings(self) -> VONSettings:
+        """The full-VON settings of the warm start: these, for ``warm_start`` iterations."""
+        shared = {f.name: getattr(self, f.name) for f in fields(VONSettings)}
+        return VONSettings(**{**shared, "num_iters": self.warm_start})
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------------------------
 def full_tensors(data: Data) -> tuple[Tensor, Tensor]:
     """``(x, y)`` tensors of ``data`` (tensors, a TensorDataset, a Dataset or DataLoader of (x, y))."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
@@ -84,171 +161,222 @@ def softmax_regression_hessian(x: Tensor, a: Tensor, *, chunk_size: int = 4096, 
     return H
 
 
-@torch.no_grad()
-def full_von(
-    x: Tensor,
-    y: Tensor,
-    num_classes: int,
-    *,
-    lr: float = 0.1,
-    mc_samples: int = 3,
-    num_iters: int = 25,
-    prior_precision: float = 1.0,
-    prior_mean: Tensor | None = None,
-    init_mean: Tensor | None = None,
-    init_precision: float | None = None,
-    batch_size: int | None = None,
-    reduce_inactive: bool = True,
-    dtype: torch.dtype = torch.float64,
-    device: str | torch.device | None = None,
-    chunk_size: int = 4096,
-    seed: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """Full-Gaussian VON (Khan & Rue 2023, §1.3.2) for softmax regression; returns ``(m, S)``.
+def _minibatch(xa: Tensor, onehot: Tensor, batch_size: int | None, gen: torch.Generator):
+    """``(x, one-hot y, N/B)`` of a random minibatch of ``batch_size`` examples (None: all, scale 1)."""
+    N = xa.shape[0]
+    if batch_size is not None and batch_size < N:
+        sel = torch.randperm(N, generator=gen, device=xa.device)[:batch_size]
+        return xa[sel], onehot[sel], N / batch_size
+    return xa, onehot, 1.0
+
+
+def _samples(mean: Tensor, chol: Tensor, n: int, gen: torch.Generator) -> Tensor:
+    """(n, P) draws of N(mean, (L Lᵀ)⁻¹), L = ``chol``: θ = mean + L⁻ᵀ ε; n = 0 is the mean itself."""
+    if n == 0:
+        return mean[None]
+    eps = torch.randn(n, mean.numel(), generator=gen, dtype=mean.dtype, device=mean.device)
+    return mean[None] + torch.linalg.solve_triangular(chol.T, eps.T, upper=True).T
+
+
+def _softmax_weights(p: Tensor) -> Tensor:
+    """(N, C, C) ``diag(p_i) − p_i p_iᵀ``: the per-example weights of the softmax Hessian."""
+    return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# full-Gaussian VON
+# --------------------------------------------------------------------------------------------
+class FullVON:
+    """Full-Gaussian VON (Khan & Rue 2023, §1.3.2) for softmax regression, one iteration per :meth:`step`.
 
     Parameters are θ = [W.flatten() (C·D, class-major), b (C)], the likelihood is
     ``Π_i softmax(W x_i + b)[y_i]`` and the prior ``N(μ0, δ⁻¹ I)`` (``μ0 = prior_mean`` or 0).
     Starting from ``m = init_mean`` (default μ0) and ``S = init_precision · I`` (default δ), each
-    iteration draws θ_s ~ N(m, S⁻¹) (Cholesky of S), forms the expected gradient ĝ and Hessian Ĥ of
-    the total NLL over the samples, and updates
+    step draws θ_s ~ N(m, S⁻¹) (Cholesky of S), forms the expected gradient ĝ and Hessian Ĥ of the
+    total NLL over the samples, and updates
 
         S ← (1 − ρ) S + ρ (Ĥ + δ I),      m ← m − ρ S⁻¹ (ĝ + δ (m − μ0)).
 
     ``mc_samples=0`` evaluates ĝ, Ĥ at the mean: a damped Newton method whose fixed point is the
-    Laplace approximation (MAP, Hessian + δI). ``batch_size`` uses a random minibatch per iteration
-    with the N/B scaling (stochastic VON); None is full batch.
+    Laplace approximation (MAP, Hessian + δI). ``batch_size`` gives stochastic VON.
 
     ``reduce_inactive``: a feature that is zero in every example (MNIST border pixels) has zero
     gradient and Hessian, so with the isotropic S0 its weights evolve independently and in closed
-    form; they are split off and only the active block is factorised (exact, not an
-    approximation).
+    form; they are split off and only the active block is factorised (exact, not an approximation).
 
-    Cost per iteration, P = C·(D_active + 1): the Hessian takes C(C+1)/2 products of
-    (D × N)(N × D) ≈ C² N D² flops and the Cholesky P³/3. For 5,000 MNIST digits (C = 10, 663 active
-    pixels, P ≈ 6,640) that is about 2.2e11 + 1e11 flops, 5–10 s per iteration in float64 on two CPU
-    cores, well under a second on a GPU; memory is a few P × P matrices (≈ 350 MB each in float64,
-    half in float32 via ``dtype``).
+    Cost per step, P = C·(D_active + 1): C(C+1)/2 products of (D × N)(N × D) for the Hessian and
+    a P × P Cholesky; memory is a few P × P matrices (``dtype`` float32 halves it).
     """
-    if x.ndim != 2 or y.shape != (x.shape[0],):
-        raise ValueError(f"x must be (N, D) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not 0 < lr <= 1:
-        raise ValueError(f"VON learning rate ρ must be in (0, 1], got {lr}")
-    if not prior_precision > 0:
-        raise ValueError(f"prior precision δ must be > 0, got {prior_precision}")
-    if not (isinstance(mc_samples, int) and mc_samples >= 0):
-        raise ValueError(f"mc_samples must be an int >= 0, got {mc_samples!r}")
-    N, D = x.shape
-    C = int(num_classes)
-    y = y.long()
-    if int(y.min()) < 0 or int(y.max()) >= C:
-        raise ValueError(f"labels must lie in [0, {C}), got range [{int(y.min())}, {int(y.max())}]")
-    device = torch.device(device) if device is not None else x.device
-    x = x.to(device, dtype)
-    y = y.to(device)
-    P = C * D + C
-    delta = float(prior_precision)
-    s0 = delta if init_precision is None else float(init_precision)
-    mu0 = torch.zeros(P, dtype=dtype, device=device) if prior_mean is None else prior_mean.to(device, dtype).flatten()
-    m_full = mu0.clone() if init_mean is None else init_mean.to(device, dtype).flatten().clone()
-    if mu0.numel() != P or m_full.numel() != P:
-        raise ValueError(f"prior_mean / init_mean must have C·D + C = {P} entries")
 
-    # active features (+ the bias column) and their positions in the full θ vector
-    active = (x != 0).any(0) if reduce_inactive else torch.ones(D, dtype=torch.bool, device=device)
-    act_idx = torch.nonzero(active).flatten()
-    Da = int(act_idx.numel()) + 1
-    cls = torch.arange(C, device=device)
-    w_idx = cls[:, None] * D + act_idx[None, :]  # (C, Da-1)
-    b_idx = C * D + cls  # (C,)
-    full_idx = torch.cat([w_idx, b_idx[:, None]], dim=1).flatten()  # reduced (c, a) -> full index
-    xa = torch.cat([x[:, act_idx], torch.ones(N, 1, dtype=dtype, device=device)], dim=1)  # (N, Da)
-    Pa = C * Da
-    onehot = F.one_hot(y, C).to(dtype)
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        num_classes: int,
+        settings: VONSettings | None = None,
+        *,
+        init_mean: Tensor | None = None,
+        init_precision: float | None = None,
+        prior_mean: Tensor | None = None,
+    ):
+        s = self.settings = settings if settings is not None else VONSettings()
+        if x.ndim != 2 or y.shape != (x.shape[0],):
+            raise ValueError(f"x must be (N, D) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        C = self.C = int(num_classes)
+        y = y.long()
+        if int(y.min()) < 0 or int(y.max()) >= C:
+            raise ValueError(f"labels must lie in [0, {C}), got range [{int(y.min())}, {int(y.max())}]")
+        device = torch.device(s.device) if s.device is not None else x.device
+        x, y = x.to(device, s.dtype), y.to(device)
+        P = C * x.shape[1] + C
+        self.delta = float(s.prior_precision)
+        s0 = self.delta if init_precision is None else float(init_precision)
+        zeros = torch.zeros(P, dtype=s.dtype, device=device)
+        self.mu0 = zeros if prior_mean is None else prior_mean.to(device, s.dtype).flatten()
+        self.m_full = self.mu0.clone() if init_mean is None else init_mean.to(device, s.dtype).flatten().clone()
+        if self.mu0.numel() != P or self.m_full.numel() != P:
+            raise ValueError(f"prior_mean / init_mean must have C·D + C = {P} entries")
+        self._split_inactive(x, y, s0)
 
-    m = m_full[full_idx].clone()
-    mu0_a = mu0[full_idx]
-    S = torch.eye(Pa, dtype=dtype, device=device) * s0
-    H = torch.empty(Pa, Pa, dtype=dtype, device=device)
-    eye = torch.eye(Pa, dtype=dtype, device=device)
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    chol = torch.linalg.cholesky(S)
-    s_inactive = s0  # every split-off coordinate has precision s_inactive and its own mean
-    inactive = torch.ones(P, dtype=torch.bool, device=device)
-    inactive[full_idx] = False
+    def _split_inactive(self, x: Tensor, y: Tensor, s0: float) -> None:
+        """The active block (features not zero everywhere, and the bias) and the split-off rest."""
+        s, C, (N, D) = self.settings, self.C, x.shape
+        dtype, device = x.dtype, x.device
+        active = (x != 0).any(0) if s.reduce_inactive else torch.ones(D, dtype=torch.bool, device=device)
+        act_idx = torch.nonzero(active).flatten()
+        self.Da = int(act_idx.numel()) + 1
+        cls = torch.arange(C, device=device)
+        w_idx = cls[:, None] * D + act_idx[None, :]  # (C, Da-1)
+        b_idx = C * D + cls  # (C,)
+        self.full_idx = torch.cat([w_idx, b_idx[:, None]], dim=1).flatten()  # reduced (c, a) -> full index
+        self.xa = torch.cat([x[:, act_idx], torch.ones(N, 1, dtype=dtype, device=device)], dim=1)  # (N, Da)
+        Pa = C * self.Da
+        self.onehot = F.one_hot(y, C).to(dtype)
+        self.m = self.m_full[self.full_idx].clone()
+        self.mu0_a = self.mu0[self.full_idx]
+        self.S = torch.eye(Pa, dtype=dtype, device=device) * s0
+        self.H = torch.empty(Pa, Pa, dtype=dtype, device=device)
+        self.eye = torch.eye(Pa, dtype=dtype, device=device)
+        self.gen = torch.Generator(device=device).manual_seed(int(s.seed))
+        self.chol = torch.linalg.cholesky(self.S)
+        self.s_inactive = s0  # every split-off coordinate has precision s_inactive and its own mean
+        self.inactive = torch.ones(self.mu0.numel(), dtype=torch.bool, device=device)
+        self.inactive[self.full_idx] = False
 
-    for _ in range(num_iters):
-        if batch_size is not None and batch_size < N:
-            sel = torch.randperm(N, generator=gen, device=device)[:batch_size]
-            xb, yb, scale = xa[sel], onehot[sel], N / batch_size
-        else:
-            xb, yb, scale = xa, onehot, 1.0
-        if mc_samples == 0:
-            thetas = m[None]
-        else:
-            eps = torch.randn(mc_samples, Pa, generator=gen, dtype=dtype, device=device)
-            # θ = m + L⁻ᵀ ε has covariance (L Lᵀ)⁻¹ = S⁻¹
-            z = torch.linalg.solve_triangular(chol.T, eps.T, upper=True).T
-            thetas = m[None] + z
-        g = torch.zeros(Pa, dtype=dtype, device=device)
-        A = torch.zeros(xb.shape[0], C, C, dtype=dtype, device=device)
+    @torch.no_grad()
+    def step(self) -> None:
+        """One VON iteration (a fresh minibatch and fresh samples)."""
+        s, delta, lr = self.settings, self.delta, self.settings.lr
+        xb, yb, scale = _minibatch(self.xa, self.onehot, s.batch_size, self.gen)
+        thetas = _samples(self.m, self.chol, s.mc_samples, self.gen)
+        g, A = self._expected_gradient(thetas, xb, yb, scale)
+        softmax_regression_hessian(xb, A, chunk_size=s.chunk_size, out=self.H)
+        self.H.add_(self.eye, alpha=delta)
+        self.S = self._new_precision(self.S, self.H, lr)
+        chol, info = torch.linalg.cholesky_ex(self.S)
+        if int(info) != 0:
+            raise RuntimeError("VON precision lost positive definiteness; lower lr or use float64")
+        self.chol = chol
+        step = torch.cholesky_solve((g + delta * (self.m - self.mu0_a))[:, None], chol).flatten()
+        self.m = self.m - lr * step
+        # split-off coordinates: zero likelihood gradient/Hessian, scalar recursion
+        self.s_inactive = (1 - lr) * self.s_inactive + lr * delta
+        idx = self.inactive
+        self.m_full[idx] -= lr * delta * (self.m_full[idx] - self.mu0[idx]) / self.s_inactive
+
+    def _expected_gradient(self, thetas: Tensor, xb: Tensor, yb: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """ĝ (Pa,) of the NLL and the (B, C, C) weights of Ĥ, averaged over ``thetas``, times ``scale``."""
+        C = self.C
+        g = torch.zeros(thetas.shape[1], dtype=xb.dtype, device=xb.device)
+        A = torch.zeros(xb.shape[0], C, C, dtype=xb.dtype, device=xb.device)
         for th in thetas:
-            logits = xb @ th.view(C, Da).T
-            p = torch.softmax(logits, dim=-1)
+            p = torch.softmax(xb @ th.view(C, self.Da).T, dim=-1)
             g += ((p - yb).T @ xb).flatten()
-            A += torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+            A += _softmax_weights(p)
         k = thetas.shape[0]
         g *= scale / k
         A *= scale / k
-        softmax_regression_hessian(xb, A, chunk_size=chunk_size, out=H)
-        H.add_(eye, alpha=delta)
-        S.mul_(1 - lr).add_(H, alpha=lr)
-        S = 0.5 * (S + S.T)
-        chol, info = torch.linalg.cholesky_ex(S)
-        if int(info) != 0:
-            raise RuntimeError("VON precision lost positive definiteness; lower lr or use float64")
-        step = torch.cholesky_solve((g + delta * (m - mu0_a))[:, None], chol).flatten()
-        m = m - lr * step
-        # split-off coordinates: zero likelihood gradient/Hessian, scalar recursion
-        s_inactive = (1 - lr) * s_inactive + lr * delta
-        m_full[inactive] -= lr * delta * (m_full[inactive] - mu0[inactive]) / s_inactive
+        return g, A
 
-    m_full[full_idx] = m
-    S_full = torch.zeros(P, P, dtype=dtype, device=device)
-    S_full[inactive, inactive] = s_inactive
-    S_full[full_idx[:, None], full_idx[None, :]] = S
-    return m_full, S_full
+    @staticmethod
+    def _new_precision(S: Tensor, H: Tensor, lr: float) -> Tensor:
+        """(1 − ρ) S + ρ H (in place on S), symmetrised."""
+        S.mul_(1 - lr).add_(H, alpha=lr)
+        return 0.5 * (S + S.T)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """The current ``(m, S)`` over all C·D + C parameters."""
+        m_full = self.m_full.clone()
+        m_full[self.full_idx] = self.m
+        P = m_full.numel()
+        S_full = torch.zeros(P, P, dtype=m_full.dtype, device=m_full.device)
+        S_full[self.inactive, self.inactive] = self.s_inactive
+        S_full[self.full_idx[:, None], self.full_idx[None, :]] = self.S
+        return m_full, S_full
+
+
+@torch.no_grad()
+def full_von(
+    x: Tensor, y: Tensor, num_classes: int, settings: VONSettings | None = None, **start: Tensor | float | None
+) -> tuple[Tensor, Tensor]:
+    """``settings.num_iters`` steps of :class:`FullVON` on ``(x, y)``; returns ``(m, S)``.
+
+    ``start``: :class:`FullVON`'s ``init_mean``, ``init_precision`` and ``prior_mean``.
+    """
+    opt = FullVON(x, y, num_classes, settings, **start)
+    for _ in range(opt.settings.num_iters):
+        opt.step()
+    return opt.result()
+
+
+def _logreg_layer(model: nn.Module, x: Tensor, what: str) -> tuple[str, nn.Linear, Tensor]:
+    """``(prefix, the model's single nn.Linear, x flattened to (N, D))``, checked."""
+    prefix, lin = _find_linear(model)
+    if lin.bias is None:
+        raise ValueError(f"{what} expects an nn.Linear with a bias")
+    xf = x.reshape(x.shape[0], -1)
+    if xf.shape[1] != lin.weight.shape[1]:
+        raise ValueError(f"x flattens to {xf.shape[1]} features but the linear layer takes {lin.weight.shape[1]}")
+    return prefix, lin, xf
+
+
+def _theta(lin: nn.Linear) -> Tensor:
+    """[W.flatten(), b] of ``lin`` in float64 on the CPU."""
+    return torch.cat([lin.weight.detach().flatten(), lin.bias.detach().flatten()]).to("cpu", torch.float64)
+
+
+@torch.no_grad()
+def _load_theta(lin: nn.Linear, theta: Tensor) -> None:
+    C, D = lin.weight.shape
+    lin.weight.copy_(theta[: C * D].view(C, D).to(lin.weight.dtype))
+    lin.bias.copy_(theta[C * D :].to(lin.bias.dtype))
+
+
+def _posterior_meta(meta: PosteriorMeta | None, optimizer: str, seed: int, n: int, extra: dict) -> PosteriorMeta:
+    """A copy of ``meta`` with the optimizer, the seed and ess (N: the precision sums N examples' Hessians)."""
+    meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta()
+    meta.optimizer = optimizer
+    meta.seed = seed if meta.seed is None else meta.seed
+    meta.ess = float(n) if meta.ess is None else meta.ess
+    meta.extra = {**meta.extra, **extra}
+    return meta
 
 
 def fit_full_von(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    lr: float = 0.1,
-    mc_samples: int = 3,
-    num_iters: int = 25,
-    prior_precision: float = 1.0,
-    batch_size: int | None = None,
-    seed: int = 0,
-    meta: PosteriorMeta | None = None,
+    model: nn.Module, x: Tensor, y: Tensor, settings: VONSettings | None = None, *, meta: PosteriorMeta | None = None
 ) -> FullGaussian:
     """Full-Gaussian VON posterior of the model's single ``nn.Linear`` (softmax regression).
 
     ``model`` must be logistic regression: exactly one ``nn.Linear`` with weight (C, D) and bias
     (C,), applied to ``x`` flattened to (N, D) (this is checked on a few examples). The VON mean
-    starts from the model's weights, the prior is ``N(0, δ⁻¹ I)`` (δ = ``prior_precision``) and
-    ``batch_size`` gives stochastic VON (None: full batch). The model's weights are set to the
-    final mean (in place) and a :class:`FullGaussian` with shapes ``{"<lin>.weight": (C, D),
-    "<lin>.bias": (C,)}`` and meta optimizer ``full_von`` is returned (float64, on CPU). See
-    :func:`full_von`.
+    starts from the model's weights and the prior is ``N(0, δ⁻¹ I)``. The model's weights are set
+    to the final mean (in place) and a :class:`FullGaussian` with shapes ``{"<lin>.weight": (C,
+    D), "<lin>.bias": (C,)}`` and meta optimizer ``full_von`` is returned (on CPU, in
+    ``settings.dtype``). See :class:`FullVON`.
     """
-    prefix, lin = _find_linear(model)
-    if lin.bias is None:
-        raise ValueError("full VON expects an nn.Linear with a bias")
+    s = settings if settings is not None else VONSettings()
+    prefix, lin, xf = _logreg_layer(model, x, "full VON")
     C, D = lin.weight.shape
-    xf = x.reshape(x.shape[0], -1)
-    if xf.shape[1] != D:
-        raise ValueError(f"x flattens to {xf.shape[1]} features but the linear layer takes {D}")
     with torch.no_grad():
         probe = x[: min(8, x.shape[0])].to(lin.weight.device, lin.weight.dtype)
         direct = probe.reshape(probe.shape[0], -1) @ lin.weight.T + lin.bias
@@ -258,23 +386,17 @@ def fit_full_von(
                 "the model is not plain logistic regression on flattened inputs (its logits differ "
                 "from x.flatten() @ Wᵀ + b); full VON needs exactly that"
             )
-        theta0 = torch.cat([lin.weight.detach().flatten(), lin.bias.detach().flatten()]).to("cpu", torch.float64)
-    # the VON settings: passed to full_von and recorded in the posterior's meta
-    settings = {"lr": lr, "mc_samples": mc_samples, "num_iters": num_iters, "prior_precision": prior_precision}
-    m, S = full_von(xf, y, C, init_mean=theta0, batch_size=batch_size, seed=seed, **settings)
+    m, S = full_von(xf, y, C, s, init_mean=_theta(lin))
     m, S = m.cpu(), S.cpu()
-    with torch.no_grad():
-        lin.weight.copy_(m[: C * D].view(C, D).to(lin.weight.dtype))
-        lin.bias.copy_(m[C * D :].to(lin.bias.dtype))
-    meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta()
-    meta.optimizer = "full_von"
-    meta.seed = seed if meta.seed is None else meta.seed
-    meta.ess = float(xf.shape[0]) if meta.ess is None else meta.ess  # the precision sums N examples' Hessians
-    meta.extra = {**meta.extra, **settings}
-    shapes = {f"{prefix}weight": (C, D), f"{prefix}bias": (C,)}
-    return FullGaussian(m, S, shapes, meta)
+    _load_theta(lin, m)
+    recorded = {"lr": s.lr, "mc_samples": s.mc_samples, "num_iters": s.num_iters, "prior_precision": s.prior_precision}
+    meta = _posterior_meta(meta, "full_von", s.seed, xf.shape[0], recorded)
+    return FullGaussian(m, S, {f"{prefix}weight": (C, D), f"{prefix}bias": (C,)}, meta)
 
 
+# --------------------------------------------------------------------------------------------
+# mixtures of full Gaussians
+# --------------------------------------------------------------------------------------------
 @dataclass
 class MixtureFit:
     """What :func:`mixture_full_von` returns: ``means`` (K, P), ``precisions`` (K, P, P) and
@@ -302,29 +424,11 @@ def _log_mixture_derivatives(theta: Tensor, mu: Tensor, S: Tensor, log_pi: Tenso
     return logq, g, hess
 
 
-@torch.no_grad()
-def mixture_full_von(
-    x: Tensor,
-    y: Tensor,
-    num_classes: int,
-    components: int,
-    *,
-    lr: float = 0.02,
-    lr_weights: float = 3e-6,
-    mc_samples: int = 3,
-    num_iters: int = 25,
-    prior_precision: float = 1.0,
-    init_mean: Tensor | None = None,
-    init_precision: Tensor | None = None,
-    init_spread: float = 1.0,
-    batch_size: int | None = None,
-    dtype: torch.dtype = torch.float64,
-    seed: int = 0,
-) -> MixtureFit:
-    """A mixture of K full Gaussians fitted by natural-gradient VI (Lin, Khan & Schmidt 2019, §4.1)
-    to softmax regression with the prior N(0, δ⁻¹ I); returns a :class:`MixtureFit`.
+class MixtureFullVON:
+    """A mixture of K full Gaussians fitted by natural-gradient VI (Lin, Khan & Schmidt 2019, §4.1) to
+    softmax regression with the prior N(0, δ⁻¹ I), one iteration per :meth:`step`.
 
-    With f(θ) = log p(D | θ) + log p(θ) − log q(θ), each iteration draws ``mc_samples`` θ from each
+    With f(θ) = log p(D | θ) + log p(θ) − log q(θ), each step draws ``mc_samples`` θ from each
     component N(μ_k, S_k⁻¹) and updates, with step β = ``lr``,
 
         S_k ← S_k − β E_k[∇² f],      μ_k ← μ_k + β S_k⁻¹ E_k[∇ f],
@@ -335,96 +439,111 @@ def mixture_full_von(
     −∇² log q is not positive semi-definite where components overlap: a step that would make S_k
     indefinite uses −∇² log q ≈ S_k for that component (the non-overlapping limit, which is full
     VON's update) and is counted in ``fallbacks``. With K = 1 and ``mc_samples=0`` this is
-    :func:`full_von` at the mean step for step.
+    :class:`FullVON` at the mean step for step. ``batch_size`` draws one minibatch per step, shared
+    by the components.
 
-    ``batch_size`` draws one minibatch per iteration (shared by the components) and scales its
-    likelihood terms by N/B, as stochastic :func:`full_von` does; None is full batch.
-
-    Start: precisions ``init_precision`` (a (P, P) matrix, e.g. a converged full-VON precision;
-    default δ I) and means ``init_mean`` (default 0) plus offsets drawn from N(0, ``init_spread``² ·
-    init_precision⁻¹) (the first component at ``init_mean`` itself), weights 1/K.
+    θ is in (class, feature) order with the bias last per class. Start: precisions
+    ``init_precision`` ((P, P); default δ I) and means ``init_mean`` (default 0) plus offsets drawn
+    from N(0, ``init_spread``² · init_precision⁻¹) (the first component at ``init_mean`` itself),
+    weights 1/K. ``settings.warm_start`` > 0 first runs that many :class:`FullVON` steps from
+    ``init_mean`` (same ``lr``, ``mc_samples``, prior, minibatches and seed; not with
+    ``init_precision``) and starts from the Gaussian they reach: its precision, and its mean.
     """
-    if components < 1:
-        raise ValueError(f"components must be >= 1, got {components}")
-    if not 0 < lr <= 1 or not 0 <= lr_weights:
-        raise ValueError(f"step sizes must satisfy 0 < lr <= 1 and lr_weights >= 0, got {lr}, {lr_weights}")
-    if not prior_precision > 0:
-        raise ValueError(f"prior precision δ must be > 0, got {prior_precision}")
-    N, D = x.shape
-    C, K = int(num_classes), int(components)
-    xa = torch.cat([x.to(dtype), torch.ones(N, 1, dtype=dtype)], dim=1)  # bias as a last feature
-    Da, P = D + 1, C * (D + 1)
-    onehot = F.one_hot(y.long(), C).to(dtype)
-    delta = float(prior_precision)
-    gen = torch.Generator().manual_seed(int(seed))
-    # θ in (class, feature) order with the bias last per class; the caller maps it to [W, b]
-    m0 = torch.zeros(P, dtype=dtype) if init_mean is None else init_mean.to(dtype).flatten()
-    if m0.numel() != P:
-        raise ValueError(f"init_mean must have C·(D+1) = {P} entries, got {m0.numel()}")
-    S0 = torch.eye(P, dtype=dtype) * delta if init_precision is None else init_precision.to(dtype)
-    if S0.shape != (P, P):
-        raise ValueError(f"init_precision must be ({P}, {P}), got {tuple(S0.shape)}")
-    eps = torch.randn(K, P, generator=gen, dtype=dtype) * init_spread
-    offsets = torch.linalg.solve_triangular(torch.linalg.cholesky(S0).T, eps.T, upper=True).T
-    offsets[0] = 0
-    mu = m0[None] + offsets
-    S = S0.expand(K, P, P).clone()
-    eta = torch.zeros(K, dtype=dtype)  # log π up to a constant
-    eye = torch.eye(P, dtype=dtype)
-    fallbacks = 0
 
-    def log_lik_grad(th: Tensor, xb: Tensor, yb: Tensor, scale: float):
-        logits = xb @ th.view(C, Da).T
-        p = torch.softmax(logits, -1)
-        ll = scale * (yb * torch.log_softmax(logits, -1)).sum()
-        g = scale * ((yb - p).T @ xb).flatten()  # ∇ log p(D | θ)
-        return ll, g, p
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        num_classes: int,
+        settings: MixtureVONSettings,
+        *,
+        init_mean: Tensor | None = None,
+        init_precision: Tensor | None = None,
+    ):
+        s, dtype = settings, settings.dtype
+        self.settings = s
+        if s.warm_start:
+            if init_precision is not None:
+                raise ValueError("a warm start begins at full VON's precision; pass no init_precision with it")
+            init_mean, init_precision = _warm_start(x, y, num_classes, s, init_mean)
+        N, D = x.shape
+        self.C, self.Da, K, P = int(num_classes), D + 1, int(s.components), int(num_classes) * (D + 1)
+        self.xa = torch.cat([x.to(dtype), torch.ones(N, 1, dtype=dtype)], dim=1)  # bias as a last feature
+        self.onehot = F.one_hot(y.long(), self.C).to(dtype)
+        self.delta = float(s.prior_precision)
+        self.gen = torch.Generator().manual_seed(int(s.seed))
+        m0 = torch.zeros(P, dtype=dtype) if init_mean is None else init_mean.to(dtype).flatten()
+        if m0.numel() != P:
+            raise ValueError(f"init_mean must have C·(D+1) = {P} entries, got {m0.numel()}")
+        S0 = torch.eye(P, dtype=dtype) * self.delta if init_precision is None else init_precision.to(dtype)
+        if S0.shape != (P, P):
+            raise ValueError(f"init_precision must be ({P}, {P}), got {tuple(S0.shape)}")
+        eps = torch.randn(K, P, generator=self.gen, dtype=dtype) * s.init_spread
+        offsets = torch.linalg.solve_triangular(torch.linalg.cholesky(S0).T, eps.T, upper=True).T
+        offsets[0] = 0
+        self.mu = m0[None] + offsets
+        self.S = S0.expand(K, P, P).clone()
+        self.eta = torch.zeros(K, dtype=dtype)  # log π up to a constant
+        self.eye = torch.eye(P, dtype=dtype)
+        self.fallbacks = 0
+        self.chol = torch.linalg.cholesky(self.S)
+        self.elbo: list[float] = []
 
-    chol = torch.linalg.cholesky(S)
-    elbo: list[float] = []
-    for _ in range(num_iters):
-        if batch_size is not None and batch_size < N:  # one minibatch per iteration, shared by the components
-            sel = torch.randperm(N, generator=gen)[:batch_size]
-            xb, yb, scale = xa[sel], onehot[sel], N / batch_size
-        else:
-            xb, yb, scale = xa, onehot, 1.0
-        log_pi = torch.log_softmax(eta, 0)
-        half_logdet = torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)
-        new_S, new_chol, new_mu, fbar = S.clone(), chol.clone(), mu.clone(), torch.zeros(K, dtype=dtype)
+    @torch.no_grad()
+    def step(self) -> None:
+        """One iteration: every component's natural-gradient step, then the weights'."""
+        s, K = self.settings, self.mu.shape[0]
+        xb, yb, scale = _minibatch(self.xa, self.onehot, s.batch_size, self.gen)
+        log_pi = torch.log_softmax(self.eta, 0)
+        half_logdet = torch.diagonal(self.chol, dim1=-2, dim2=-1).log().sum(-1)
+        new_S, new_chol, new_mu = self.S.clone(), self.chol.clone(), self.mu.clone()
+        fbar = torch.zeros(K, dtype=self.mu.dtype)
         for k in range(K):
-            if mc_samples == 0:
-                thetas = mu[k][None]
-            else:
-                eps = torch.randn(mc_samples, P, generator=gen, dtype=dtype)
-                thetas = mu[k][None] + torch.linalg.solve_triangular(chol[k].T, eps.T, upper=True).T
-            g_f = torch.zeros(P, dtype=dtype)
-            h_q = torch.zeros(P, P, dtype=dtype)  # E[−∇² log q]
-            A = torch.zeros(xb.shape[0], C, C, dtype=dtype)
-            for th in thetas:
-                ll, g_lik, p = log_lik_grad(th, xb, yb, scale)
-                logq, g_q, hess_q = _log_mixture_derivatives(th, mu, S, log_pi, half_logdet)
-                g_f += g_lik - delta * th - g_q
-                h_q -= hess_q
-                A += torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-                fbar[k] += ll - 0.5 * delta * th.dot(th) - logq
-            n = thetas.shape[0]
-            g_f, h_q, A, fbar[k] = g_f / n, h_q / n, A / n, fbar[k] / n
-            h_lik = softmax_regression_hessian(xb, A * scale)  # E[−∇² log p(D | θ)]
-            cand = S[k] + lr * (h_lik + delta * eye - h_q)  # S_k − β E_k[∇² f]
-            cand = 0.5 * (cand + cand.T)
-            L, info = torch.linalg.cholesky_ex(cand)
-            if int(info) != 0:
-                fallbacks += 1
-                cand = (1 - lr) * S[k] + lr * (h_lik + delta * eye)
-                L = torch.linalg.cholesky(cand)
-            new_S[k], new_chol[k] = cand, L
-            new_mu[k] = mu[k] + lr * torch.cholesky_solve(g_f[:, None], L).flatten()
+            thetas = _samples(self.mu[k], self.chol[k], s.mc_samples, self.gen)
+            g_f, h_q, A, fbar[k] = self._expectations(thetas, (xb, yb, scale), log_pi, half_logdet)
+            h_lik = softmax_regression_hessian(xb, A * scale, chunk_size=s.chunk_size)  # E[−∇² log p(D | θ)]
+            new_S[k], new_chol[k] = self._new_precision(self.S[k], h_lik, h_q, self.delta * self.eye, s.lr)
+            new_mu[k] = self.mu[k] + s.lr * torch.cholesky_solve(g_f[:, None], new_chol[k]).flatten()
         # the ELBO estimate at the iterate the samples came from (up to log p's constant)
-        elbo.append(float((log_pi.exp() * fbar).sum()))
+        self.elbo.append(float((log_pi.exp() * fbar).sum()))
         if K > 1:
-            eta = eta + lr_weights * (fbar - fbar[-1])
-        S, chol, mu = new_S, new_chol, new_mu
-    return MixtureFit(mu, S, torch.softmax(eta, 0), fallbacks, elbo)
+            self.eta = self.eta + s.lr_weights * (fbar - fbar[-1])
+        self.S, self.chol, self.mu = new_S, new_chol, new_mu
+
+    def _expectations(self, thetas: Tensor, batch: tuple, log_pi: Tensor, half_logdet: Tensor):
+        """E[∇ f], E[−∇² log q], the (B, C, C) weights of E[−∇² log p(D | θ)] / scale and E[f] over ``thetas``."""
+        xb, yb, scale = batch
+        P, dtype, delta = thetas.shape[1], thetas.dtype, self.delta
+        g_f = torch.zeros(P, dtype=dtype)
+        h_q = torch.zeros(P, P, dtype=dtype)  # E[−∇² log q]
+        A = torch.zeros(xb.shape[0], self.C, self.C, dtype=dtype)
+        f = torch.zeros((), dtype=dtype)
+        for th in thetas:
+            logits = xb @ th.view(self.C, self.Da).T
+            p = torch.softmax(logits, -1)
+            ll = scale * (yb * torch.log_softmax(logits, -1)).sum()
+            g_lik = scale * ((yb - p).T @ xb).flatten()  # ∇ log p(D | θ)
+            logq, g_q, hess_q = _log_mixture_derivatives(th, self.mu, self.S, log_pi, half_logdet)
+            g_f += g_lik - delta * th - g_q
+            h_q -= hess_q
+            A += _softmax_weights(p)
+            f += ll - 0.5 * delta * th.dot(th) - logq
+        n = thetas.shape[0]
+        return g_f / n, h_q / n, A / n, f / n
+
+    def _new_precision(self, S_k: Tensor, h_lik: Tensor, h_q: Tensor, prior: Tensor, lr: float):
+        """``(S_k − β E_k[∇² f], its Cholesky factor)``, or VON's update where that is not PD (a fallback)."""
+        cand = S_k + lr * (h_lik + prior - h_q)
+        cand = 0.5 * (cand + cand.T)
+        L, info = torch.linalg.cholesky_ex(cand)
+        if int(info) != 0:
+            self.fallbacks += 1
+            cand = (1 - lr) * S_k + lr * (h_lik + prior)
+            L = torch.linalg.cholesky(cand)
+        return cand, L
+
+    def result(self) -> MixtureFit:
+        return MixtureFit(self.mu, self.S, torch.softmax(self.eta, 0), self.fallbacks, self.elbo)
 
 
 def _class_major(C: int, D: int) -> Tensor:
@@ -437,87 +556,73 @@ def _class_major(C: int, D: int) -> Tensor:
     return idx
 
 
+def _warm_start(x: Tensor, y: Tensor, C: int, settings: MixtureVONSettings, init_mean: Tensor | None):
+    """``(mean, precision)`` in the mixture's order after ``settings.warm_start`` full-VON steps from ``init_mean``."""
+    idx = _class_major(C, x.shape[1])
+    theta0 = None
+    if init_mean is not None:
+        flat = init_mean.flatten()
+        if flat.numel() != idx.numel():
+            raise ValueError(f"init_mean must have C·(D+1) = {idx.numel()} entries, got {flat.numel()}")
+        theta0 = torch.empty_like(flat)
+        theta0[idx] = flat
+    m, S = full_von(x, y, C, settings.warm_start_settings(), init_mean=theta0)
+    return m[idx], S[idx][:, idx]
+
+
+@torch.no_grad()
+def mixture_full_von(
+    x: Tensor, y: Tensor, num_classes: int, settings: MixtureVONSettings, **start: Tensor | None
+) -> MixtureFit:
+    """``settings.num_iters`` steps of :class:`MixtureFullVON` on ``(x, y)`` (on the CPU).
+
+    ``start``: :class:`MixtureFullVON`'s ``init_mean`` and ``init_precision``.
+    """
+    opt = MixtureFullVON(x, y, num_classes, settings, **start)
+    for _ in range(settings.num_iters):
+        opt.step()
+    return opt.result()
+
+
 def fit_mixture_full_von(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    components: int,
-    lr: float = 0.02,
-    lr_weights: float = 3e-6,
-    mc_samples: int = 3,
-    num_iters: int = 25,
-    prior_precision: float = 1.0,
-    init_spread: float = 1.0,
-    warm_start: int = 0,
-    batch_size: int | None = None,
-    seed: int = 0,
-    meta: PosteriorMeta | None = None,
+    model: nn.Module, x: Tensor, y: Tensor, settings: MixtureVONSettings, *, meta: PosteriorMeta | None = None
 ) -> MixtureFullGaussian:
     """:func:`mixture_full_von` on the model's single ``nn.Linear``: a :class:`MixtureFullGaussian`
-    (float64, on CPU) whose components are in the [W, b] order of :func:`fit_full_von`; the model's
-    weights become the mean of the heaviest component.
+    (on CPU) whose components are in the [W, b] order of :func:`fit_full_von`; the model's weights
+    become the mean of the heaviest component.
 
-    The first component starts at the model's weights, with precision δ I. ``warm_start`` > 0 runs
-    that many full-VON iterations first (:func:`full_von`, same ``lr`` and ``mc_samples``) and
-    starts every component from the Gaussian they reach: its precision, and means at its mean plus
-    N(0, ``init_spread``² · covariance) offsets. With a small spread the components start
-    overlapping where the posterior is, so the mixture's own iterations go to shaping it rather
-    than to the walk from the prior that every component would otherwise repeat. ``batch_size``:
-    minibatches of that size in both (None: full batch)."""
-    prefix, lin = _find_linear(model)
-    if lin.bias is None:
-        raise ValueError("mixture VON expects an nn.Linear with a bias")
+    The components start at the model's weights (the first exactly, the others offset), with
+    precision δ I, or, with ``settings.warm_start`` > 0, from the full-VON Gaussian reached from
+    there. With a small ``init_spread`` the components then start overlapping where the posterior
+    is, so the mixture's own iterations go to shaping it rather than to the walk from the prior
+    that every component would otherwise repeat.
+    """
+    s = settings
+    prefix, lin, xf = _logreg_layer(model, x, "mixture VON")
     C, D = lin.weight.shape
-    xf = x.reshape(x.shape[0], -1)
-    if xf.shape[1] != D:
-        raise ValueError(f"x flattens to {xf.shape[1]} features but the linear layer takes {D}")
     idx = _class_major(C, D)
-    theta0 = torch.cat([lin.weight.detach().flatten(), lin.bias.detach().flatten()]).to("cpu", torch.float64)
-    settings = {
-        "lr": lr,
-        "lr_weights": lr_weights,
-        "mc_samples": mc_samples,
-        "num_iters": num_iters,
-        "prior_precision": prior_precision,
-    }
-    if warm_start < 0:
-        raise ValueError(f"warm_start must be >= 0 full-VON iterations, got {warm_start}")
-    start = {"init_mean": theta0[idx]}
-    if warm_start:
-        m, S = full_von(
-            xf.cpu(), y.cpu(), C, lr=lr, mc_samples=mc_samples, num_iters=warm_start,
-            prior_precision=prior_precision, init_mean=theta0, batch_size=batch_size, seed=seed,
-        )  # fmt: skip
-        start = {"init_mean": m[idx], "init_precision": S[idx][:, idx]}
-    meta = copy.deepcopy(meta) if meta is not None else PosteriorMeta()
-    fit = mixture_full_von(
-        xf.cpu(), y.cpu(), C, components, init_spread=init_spread, batch_size=batch_size, seed=seed, **start, **settings
-    )
-    mu, S, w, fallbacks = fit.means, fit.precisions, fit.weights, fit.fallbacks
+    fit = mixture_full_von(xf.cpu(), y.cpu(), C, s, init_mean=_theta(lin)[idx])
     inv = torch.empty_like(idx)
     inv[idx] = torch.arange(idx.numel())
-    shapes = {f"{prefix}weight": (C, D), f"{prefix}bias": (C,)}
-    meta.optimizer = "mixture_full_von"
-    meta.seed = seed if meta.seed is None else meta.seed
-    meta.ess = float(xf.shape[0]) if meta.ess is None else meta.ess
-    meta.extra = {
-        **meta.extra,
-        **settings,
-        "components": components,
-        "init_spread": init_spread,
-        "warm_start": warm_start,
-        "batch_size": batch_size,
-        "fallbacks": fallbacks,
+    recorded = {
+        "lr": s.lr,
+        "lr_weights": s.lr_weights,
+        "mc_samples": s.mc_samples,
+        "num_iters": s.num_iters,
+        "prior_precision": s.prior_precision,
+        "components": s.components,
+        "init_spread": s.init_spread,
+        "warm_start": s.warm_start,
+        "batch_size": s.batch_size,
+        "fallbacks": fit.fallbacks,
         "elbo": fit.elbo[-1] if fit.elbo else None,
     }
+    meta = _posterior_meta(meta, "mixture_full_von", s.seed, xf.shape[0], recorded)
+    shapes = {f"{prefix}weight": (C, D), f"{prefix}bias": (C,)}
     comps = [
-        FullGaussian(mu[k][inv], S[k][inv][:, inv], shapes, PosteriorMeta(task=meta.task, ess=meta.ess))
-        for k in range(components)
+        FullGaussian(mu[inv], S[inv][:, inv], shapes, PosteriorMeta(task=meta.task, ess=meta.ess))
+        for mu, S in zip(fit.means, fit.precisions, strict=True)
     ]
-    w = (w / w.sum()).tolist()
-    best = comps[max(range(components), key=lambda k: w[k])].mean
-    with torch.no_grad():
-        lin.weight.copy_(best[: C * D].view(C, D).to(lin.weight.dtype))
-        lin.bias.copy_(best[C * D :].to(lin.bias.dtype))
+    w = (fit.weights / fit.weights.sum()).tolist()
+    _load_theta(lin, comps[max(range(s.components), key=lambda k: w[k])].mean)
     return MixtureFullGaussian(comps, w, meta)
