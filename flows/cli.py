@@ -248,12 +248,12 @@ def run_flow(
 def sweep(
     config: Path = typer.Argument(..., help="experiment YAML"),
     spacing: float = typer.Option(0.1, help="α grid spacing of the ground truth (coarser than the merges)"),
+    quiet: bool = QUIET,
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI"),
     output: Path = typer.Option(None, help="output folder (default: the config's output_dir)"),
     runner: str = RUNNER,
     address: str = ADDRESS,
     workers: int = WORKERS,
-    quiet: bool = QUIET,
 ) -> None:
     """Ground truth: real multitask finetunes over an α grid; front quality of every merge method."""
     from varmerge.grid import grid_size

@@ -31,31 +31,23 @@ from varmerge.sequence import FrontResult, estimate_front
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def resolve_plan(
-    config: str | dict | RunPlan,
-    *,
-    tracking_uri: str | None = None,
-    output_dir: str | None = None,
-    data_dir: str | None = None,
-    runner: dict | None = None,
-) -> RunPlan:
+def resolve_plan(config: str | dict | RunPlan, runner: dict | None = None, **where: str | None) -> RunPlan:
     """The plan a flow runs. A :class:`RunPlan` (``varmerge run`` resolved it) is used as is; a
     config path or mapping (a deployment's parameter) is read and validated once, its ``runner``
-    section replaced by ``runner`` if given, and checked by preflight, so a run that would fail
-    (bad data, model, tracking store, ...) writes nothing."""
+    section replaced by ``runner`` if given, and checked by preflight with ``where`` (its
+    ``tracking_uri``, ``output_dir`` and ``data_dir``), so a run that would fail (bad data, model,
+    tracking store, ...) writes nothing."""
     from varmerge.preflight import preflight
 
+    given = [k for k, v in where.items() if v is not None] + (["runner"] if runner is not None else [])
     if isinstance(config, RunPlan):
-        given = [
-            k for k, v in (("tracking_uri", tracking_uri), ("output_dir", output_dir), ("data_dir", data_dir)) if v
-        ]
-        if given or runner is not None:
-            raise ValueError(f"{(given or ['runner'])[0]} is part of the run plan: pass a config to change it")
+        if given:
+            raise ValueError(f"{given[0]} is part of the run plan: pass a config to change it")
         return config
     cfg = parse_config(config, "<flow parameter>") if isinstance(config, dict) else load_config(config)
     if runner is not None:
         cfg = with_runner(cfg, runner, "<runner parameter>")
-    return preflight(cfg, tracking_uri, output_dir=output_dir, data_dir=data_dir)
+    return preflight(cfg, **where)
 
 
 @flow(name="varmerge-front", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -69,7 +61,7 @@ def front_flow(
     """Estimate the Pareto front of ``config`` (a run plan, or a config to resolve one from: see
     :func:`resolve_plan`) and finetune at the chosen α; returns the summary. ``runner`` replaces
     the config's ``runner`` section (where the tasks run: thread or Dask)."""
-    plan = resolve_plan(config, tracking_uri=tracking_uri, output_dir=output_dir, data_dir=data_dir, runner=runner)
+    plan = resolve_plan(config, runner, tracking_uri=tracking_uri, output_dir=output_dir, data_dir=data_dir)
     with task_pool(plan.cfg.runner) as pool:
         get_run_logger().info("tasks run on %s", pool.description)
         runner_ = PrefectRunner(plan, pool)

@@ -34,10 +34,10 @@ def prefect_env(debug: bool) -> None:
 def prefect_api(debug: bool = False):
     """A Prefect API server of this command's own, for the flows it runs, started first thing: it
     boots in its own process (``prefect server start --no-services --no-ui`` on a free loopback
-    port; 3.9 s to answer on an idle 2-core machine) while this one imports torch and checks the
-    inputs, where Prefect's ephemeral server would start only at the flow's first API call, after
-    importing the server's code here too. Like that server, it lives as long as the command: stopped on the way out, and
-    it gets SIGTERM if this process dies (Linux). Yields the :class:`OwnPrefectAPI`, or None when
+    port) while this one imports torch and checks the inputs, where Prefect's ephemeral server
+    would start only at the flow's first API call, after importing the server's code here too.
+    Like that server, it lives as long as the command: stopped on the way out, and it gets
+    SIGTERM if this process dies (Linux). Yields the :class:`OwnPrefectAPI`, or None when
     ``PREFECT_API_URL`` names a server (in the environment, or in Prefect's settings once Prefect
     is imported: tests)."""
     prefect_env(debug)

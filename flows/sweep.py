@@ -35,7 +35,7 @@ def ground_truth_flow(
     ground-truth front. ``config``: a run plan, or a config to resolve one from (with
     ``tracking_uri``, ``output_dir`` and ``runner``, as :func:`flows.front.resolve_plan` does).
     """
-    plan = resolve_plan(config, tracking_uri=tracking_uri, output_dir=output_dir, runner=runner)
+    plan = resolve_plan(config, runner, tracking_uri=tracking_uri, output_dir=output_dir)
     with task_pool(plan.cfg.runner) as pool:
         runner_ = PrefectRunner(plan, pool)
         data_ref = runner_.data()

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("prefect")
 
@@ -17,7 +18,7 @@ def harness(prefect_harness):  # the session's Prefect test API (tests/conftest.
 
 
 @pytest.mark.slow
-def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, monkeypatch):
+def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, monkeypatch, restore_env):
     from flows.front import front_flow
     from varmerge import pipeline
 
@@ -76,16 +77,16 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     from varmerge import files
 
     loaded = mlflow.pyfunc.load_model(f"models:/varmerge-tiny/{versions[0].version}")
-    tasks_, n_classes = pipeline.tasks_from_tensors(
+    task_data, n_classes = pipeline.tasks_from_tensors(
         *files.load_tensors(next((run_dir / "data").glob("tasks-*.safetensors")))
     )
     final = next(r for r in children if r.info.run_name == "multitask/final")
-    for t in tasks_:
+    for t in task_data:
         x, y = t.test
         logits = loaded.predict(x.numpy())
         accuracy = float((torch.as_tensor(logits).argmax(1) == y).double().mean())
         assert accuracy == pytest.approx(final.data.metrics[f"test/{t.name}/accuracy"], abs=1e-9), t.name
-    assert torch.as_tensor(loaded.predict(tasks_[0].test[0][:3].numpy())).shape == (3, n_classes)
+    assert torch.as_tensor(loaded.predict(task_data[0].test[0][:3].numpy())).shape == (3, n_classes)
 
     # `varmerge front RUN_ID` reads the front back from MLflow
     from typer.testing import CliRunner
@@ -120,15 +121,41 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     assert "mixture/alpha_map_error" in metrics and "chosen/selection_regret_top1" in metrics
     assert {f"chosen/realised/{t}" for t in "abc"} <= metrics.keys()
 
-    # a re-run trains nothing: every finetune, sweep and multitask finetune is reused
+    # a re-run with `varmerge run` trains nothing (every finetune, sweep and multitask finetune is
+    # reused) and validates the config once: the flow and its tasks get the resolved run plan
     def boom(*a, **k):
         raise AssertionError("a finetune ran again")
 
     monkeypatch.setattr(pipeline, "finetune_task", boom)
     monkeypatch.setattr(pipeline, "multitask_finetune", boom)
-    again = front_flow(TINY, tracking_uri=uri, output_dir=str(tmp_path / "runs"))
+    validations = _count_validations(monkeypatch)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    rerun = ["run", str(config), "--tracking-uri", uri, "--output", str(tmp_path / "runs"), "--quiet"]
+    result = CliRunner().invoke(app, rerun, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert validations == [1]
+    again = json.loads((run_dir / "front.json").read_text())
     assert again["methods"] == summary["methods"]
     assert again["chosen"] == summary["chosen"]
+
+
+def _count_validations(monkeypatch) -> list[int]:
+    """A one-element list counting every validation of an experiment config from now on."""
+    from varmerge.config import ExperimentConfig
+
+    count, real = [0], ExperimentConfig.__pydantic_validator__
+
+    class Counting:
+        def validate_python(self, *args, **kwargs):
+            count[0] += 1
+            return real.validate_python(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(ExperimentConfig, "__pydantic_validator__", Counting())
+    return count
 
 
 def test_prepare_data_from_a_prepared_folder(tmp_path):

@@ -375,7 +375,7 @@ def test_full_merge_bad_inputs():
 
 def test_registry():
     assert {"simple", "task_arithmetic", "hessian", "mixture", "hessian_full"} <= set(merge.merge_names())
-    assert merge.get_method("mixture").needs_mixture
+    assert merge.get_method("mixture").posterior == "mixture"
     with pytest.raises(ValueError, match="unknown merge method 'nope'"):
         merge.get_method("nope")
 

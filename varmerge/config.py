@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -98,15 +98,14 @@ class ModelConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class PosteriorConfig(_Strict):
-    method: str = Field(
-        "ivon", description="adamw_sg | ivon | multi_ivon | soup_ivon | full_von | mixture_full_von (the registry)"
-    )
+class _Training(_Strict):
+    """The training fields of a section that trains with IVON (``posterior``, ``pretrain``)."""
+
     steps: int = Field(500, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.1, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    ess: float | None = Field(None, gt=0, description="IVON effective sample size (default: #train examples)")
+    ess: float | None = Field(None, gt=0, description="IVON effective sample size (default: #training examples)")
     hess_init: float = Field(0.1, gt=0)
     beta2: float = Field(0.99999, gt=0, lt=1, description="IVON Hessian EMA; 0.999 lets short runs learn h")
     mc_samples: int = Field(1, ge=1)
@@ -114,6 +113,23 @@ class PosteriorConfig(_Strict):
         default_factory=dict,
         description="IVON's other keyword arguments, passed to ivon.IVON (beta1, clip_radius, hess_approx, "
         "rescale_lr, debias, sync)",
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ivon_arguments(self):
+        """``ivon`` holds IVON's arguments that have no field here; the optimizer settings (what
+        the run builds from this section) check them, and IVON checks their values."""
+        if self.ivon:
+            ivon_settings(self, type(self).section)
+        return self
+
+
+class PosteriorConfig(_Training):
+    section: ClassVar[str] = "posterior"
+
+    method: str = Field(
+        "ivon", description="adamw_sg | ivon | multi_ivon | soup_ivon | full_von | mixture_full_von (the registry)"
     )
     prior_precision: float = Field(1e-4, ge=0, description="δ added to squared-gradient precisions")
     precision: Literal["32-true", "64-true", "bf16-mixed", "16-mixed"] = Field(
@@ -132,7 +148,6 @@ class PosteriorConfig(_Strict):
         0, ge=0, description="mixture_full_von: full-VON iterations whose Gaussian the components start from"
     )
     checkpoint_steps: list[int] = Field(default_factory=list, description="soup_ivon checkpoints")
-    seed: int = 0
 
     @field_validator("method")
     @classmethod
@@ -151,14 +166,6 @@ class PosteriorConfig(_Strict):
                 f"precision 16-mixed needs a gradient scaler, which {self.method} ({spec.optimizer}) cannot use; "
                 "use 32-true or bf16-mixed"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _ivon_arguments(self):
-        """``ivon`` holds IVON's arguments that have no field here; the optimizer settings (what
-        the run builds from this section) check them, and IVON checks their values."""
-        if self.ivon:
-            ivon_settings(self, "posterior")
         return self
 
 
@@ -180,30 +187,17 @@ class PretrainDataConfig(_Strict):
         return self
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(_Training):
     """θ0 and its posterior: IVON on data no task's test set sees, from ``base`` or a seeded init.
 
     The finetunes (and multitask finetunes) start from the pretrained weights and, when they train
     with IVON, from its Hessian (``carry_hessian``): the paper's "IVON initialised at the
     pretrained posterior" (App. B.3)."""
 
-    data: PretrainDataConfig = PretrainDataConfig()
-    steps: int = Field(500, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(0.1, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    ess: float | None = Field(None, gt=0, description="default: #pretraining examples")
-    hess_init: float = Field(0.1, gt=0)
-    beta2: float = Field(0.99999, gt=0, lt=1)
-    mc_samples: int = Field(1, ge=1)
-    ivon: dict[str, Any] = Field(default_factory=dict, description="IVON's other arguments (see posterior.ivon)")
-    seed: int = 0
-    carry_hessian: bool = Field(True, description="IVON finetunes start from the pretrained Hessian")
+    section: ClassVar[str] = "pretrain"
 
-    @model_validator(mode="after")
-    def _ivon_arguments(self):
-        ivon_settings(self, "pretrain")
-        return self
+    data: PretrainDataConfig = PretrainDataConfig()
+    carry_hessian: bool = Field(True, description="IVON finetunes start from the pretrained Hessian")
 
 
 class BaseConfig(_Strict):
@@ -280,23 +274,17 @@ class MergeConfig(_Strict):
             raise ValueError(f"α spacing {v} does not divide 1 (try 0.5, 0.25, 0.2, 0.1, 0.05, 0.02)")
         return v
 
-    @field_validator("methods")
+    @field_validator("methods", "options")
     @classmethod
-    def _methods(cls, v):
+    def _known(cls, v, info):
+        """Registered names only (the options' values: check_method_options, once the number of
+        tasks is known)."""
         known = _registry().names()
         unknown = [m for m in v if m not in known]
-        if unknown or not v:
-            raise ValueError(f"unknown merge methods {unknown}; known: {known}")
+        where = "unknown merge methods" if info.field_name == "methods" else "options name unknown merge methods"
+        if unknown or not (v or info.field_name == "options"):
+            raise ValueError(f"{where} {unknown}; known: {known}")
         return v
-
-    @field_validator("options")
-    @classmethod
-    def _options(cls, v):
-        known = _registry().names()
-        unknown = [m for m in v if m not in known]
-        if unknown:
-            raise ValueError(f"options name unknown merge methods {unknown}; known: {known}")
-        return v  # the values: check_method_options, once the number of tasks is known
 
 
 class Constraint(_Strict):

@@ -1,4 +1,4 @@
-"""Merging rules: each is the mode of a product of (powered) task posteriors, see METHOD.md.
+"""Merging rules: each is the mode of a product of (powered) task posteriors (arXiv 2412.08147).
 
 The public facade of :mod:`varmerge.merging`: ``merge.hessian_weighted(...)``, ``merge.ties(...)``,
 ``merge.get_method(name)``, ``merge.apply(name, posteriors, base, alpha, options)`` and the

@@ -24,7 +24,7 @@ import torch
 from varmerge import merge, posterior_methods
 from varmerge.config import ExperimentConfig, ivon_settings
 from varmerge.grid import simplex_grid
-from varmerge.train.settings import OptimizerSettings, TrainerSettings
+from varmerge.train.settings import TrainerSettings, Training
 
 #: The variational merge rules, whose fronts form the closed-loop search's prior by default.
 VARIATIONAL_PRIORS = ("simple", "hessian", "hessian_full", "mixture", "mixture_full")
@@ -38,24 +38,6 @@ class TaskPlan:
     index: int
     train_examples: int | None = None
     test_examples: int | None = None
-
-
-@dataclass(frozen=True)
-class Training:
-    """One training stage: how to optimise, how Lightning runs, and the seed."""
-
-    optimizer: OptimizerSettings
-    trainer: TrainerSettings
-    seed: int
-
-    def key(self) -> dict:
-        """Everything of the stage a trained model depends on (for the run store's keys): the
-        optimizer's settings, the trainer's steps, batch size, device and precision, the seed."""
-        opt = {f.name: getattr(self.optimizer, f.name) for f in dataclasses.fields(self.optimizer)}
-        opt = {**opt, "ivon": dict(self.optimizer.ivon)}
-        opt.pop("initial_hess")  # θ0's prior: keyed by its file's hash
-        tr = self.trainer
-        return {"optimizer": opt, "trainer": [tr.steps, tr.batch_size, tr.accelerator, tr.precision], "seed": self.seed}
 
 
 @dataclass(frozen=True)

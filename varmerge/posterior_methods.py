@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # annotations only: the pipeline imports this module
 
     from varmerge.pipeline import TaskData
     from varmerge.posterior import DiagonalGaussian
-    from varmerge.train import OptimizerSettings, TrainerSettings
+    from varmerge.train import OptimizerSettings, TrainerSettings, Training
 
 Structure = Literal["diagonal", "mixture", "full", "mixture_full"]
 
@@ -90,18 +90,28 @@ class MixtureVONOptions(Options):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FitJob:
-    """One task's finetune: a copy of θ0 (trained in place), the task's data, the optimizer and
-    trainer settings (logger and progress set), the seed, the method's parsed options, θ0's
-    posterior (``prior``, None without one) and a folder for pieces that finish before the
-    posterior (``resume_dir``: reused after a crash; None: nothing persisted)."""
+    """One task's finetune: a copy of θ0 (trained in place), the task's data, the training stage
+    (optimizer with θ0's Hessian where IVON starts from it, trainer with logger and progress set,
+    seed), the method's parsed options and a folder for pieces that finish before the posterior
+    (``resume_dir``: reused after a crash; None: nothing persisted)."""
 
     model: nn.Module
     task: TaskData
-    optimizer: OptimizerSettings
-    trainer: TrainerSettings
-    seed: int
+    training: Training
     options: Options
     resume_dir: Path | None = None
+
+    @property
+    def optimizer(self) -> OptimizerSettings:
+        return self.training.optimizer
+
+    @property
+    def trainer(self) -> TrainerSettings:
+        return self.training.trainer
+
+    @property
+    def seed(self) -> int:
+        return self.training.seed
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Baseline merging rules from the model-merging literature (METHOD.md, "Other mergers").
+"""Baseline merging rules from the model-merging literature (each cites its paper).
 
 Each rule is registered (:mod:`varmerge.merging.registry`) under its name with a pydantic model
 of its settings and, like the posterior-based rules, takes ``alpha`` as a (T,) vector (one merged
@@ -29,7 +29,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from pydantic import model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -71,23 +70,11 @@ class TiesOptions(ChunkedOptions):
     scale: float = 1.0
     trim: str = "global"  # global | tensor
 
-    @model_validator(mode="after")
-    def _values(self):
-        _check_ties(self.density, self.trim)
-        _scale(self.scale)
-        return self
-
 
 class DareOptions(ChunkedOptions):
     drop: float = 0.9  # drop probability p
     seed: int = 0
     scale: float = 1.0
-
-    @model_validator(mode="after")
-    def _values(self):
-        _check_dare(self.drop, self.seed)
-        _scale(self.scale)
-        return self
 
 
 class SlerpOptions(Options):
@@ -101,22 +88,11 @@ class RegmeanOptions(CalibrationOptions):
     off_diagonal: float = 1.0
     max_batch_bytes: int = 1 << 28
 
-    @model_validator(mode="after")
-    def _values(self):
-        _check_regmean(self.ridge, self.off_diagonal)
-        return self
-
 
 class EsmOptions(ChunkedOptions):
     rank: int | None = None  # singular directions kept per task (default ⌊min(out, rest)/T⌋)
     energy: float | None = None  # or the fewest reaching this fraction of Σ s²
     scale: float = 1.0
-
-    @model_validator(mode="after")
-    def _values(self):
-        _esm_energy(self.rank, self.energy)
-        _scale(self.scale)
-        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,22 +108,24 @@ def _scale(scale) -> float:
     return _number(scale, "scale")
 
 
-def _check_ties(density, trim) -> float:
+def _check_ties(density, trim, scale) -> tuple[float, float]:
+    """TIES's density, trim and scale checked; returns ``(density, scale)`` as floats."""
     density = _number(density, "TIES density")
     if not 0 < density <= 1:
         raise ValueError(f"TIES density must be in (0, 1], got {density!r}")
     if trim not in ("global", "tensor"):
         raise ValueError(f"TIES trim must be 'global' or 'tensor', got {trim!r}")
-    return density
+    return density, _scale(scale)
 
 
-def _check_dare(drop, seed) -> float:
+def _check_dare(drop, seed, scale) -> tuple[float, float]:
+    """DARE's drop probability, seed and scale checked; returns ``(drop, scale)`` as floats."""
     p = _number(drop, "DARE drop")
     if not 0 <= p < 1:
         raise ValueError(f"DARE drop must be in [0, 1), got {drop!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"DARE seed must be an integer, got {seed!r}")
-    return p
+    return p, _scale(scale)
 
 
 def _check_regmean(ridge, off_diagonal) -> tuple[float, float]:
@@ -193,7 +171,7 @@ def _ties_thresholds(base, means, keys, density: float, trim: str) -> dict[str, 
     return {k: thr for k in keys}
 
 
-@register("ties", needs_base=True, options=TiesOptions)
+@register("ties", needs_base=True, options=TiesOptions, check=lambda o, T: _check_ties(o.density, o.trim, o.scale))
 @torch.no_grad()
 def ties(
     base: StateDict,
@@ -226,8 +204,7 @@ def ties(
     """
     keys = check_state_dicts(means, "means")
     check_base(base, means[0])
-    density = _check_ties(density, trim)
-    lam = _scale(scale)
+    density, lam = _check_ties(density, trim, scale)
     a, batched = check_alpha(alpha, len(means))
     thresholds = _ties_thresholds(base, means, keys, density, trim)
 
@@ -254,7 +231,7 @@ def ties(
 # --------------------------------------------------------------------------------------------
 # DARE
 # --------------------------------------------------------------------------------------------
-@register("dare", needs_base=True, options=DareOptions)
+@register("dare", needs_base=True, options=DareOptions, check=lambda o, T: _check_dare(o.drop, o.seed, o.scale))
 @torch.no_grad()
 def dare(
     base: StateDict,
@@ -278,8 +255,7 @@ def dare(
     """
     keys = check_state_dicts(means, "means")
     check_base(base, means[0])
-    p = _check_dare(drop, seed)
-    lam = _scale(scale)
+    p, lam = _check_dare(drop, seed, scale)
     a, batched = check_alpha(alpha, len(means))
     gen = torch.Generator().manual_seed(seed)
     # Draw every mask up front in key order: the result cannot depend on chunking.
@@ -469,7 +445,12 @@ def _esm_energy(rank, energy) -> float | None:
     return energy
 
 
-@register("esm", needs_base=True, options=EsmOptions)
+def _esm_values(o: EsmOptions, num_tasks: int) -> None:
+    _esm_energy(o.rank, o.energy)
+    _scale(o.scale)
+
+
+@register("esm", needs_base=True, options=EsmOptions, check=_esm_values)
 @torch.no_grad()
 def esm(
     base: StateDict,
@@ -627,7 +608,12 @@ def _regmean_solve(A: torch.Tensor, R: torch.Tensor, a: torch.Tensor, key: str, 
     return sol
 
 
-@register("regmean", needs_calibration=True, options=RegmeanOptions)
+@register(
+    "regmean",
+    needs_calibration=True,
+    options=RegmeanOptions,
+    check=lambda o, num_tasks: _check_regmean(o.ridge, o.off_diagonal),
+)
 @torch.no_grad()
 def regmean(
     means: Sequence[StateDict],

@@ -1,6 +1,6 @@
 """The posterior-based rules: each is the mode of a product of (powered) task posteriors.
 
-See METHOD.md. Isotropic Gaussians give simple averaging and task arithmetic, diagonal Gaussians
+(Monzón Maldonado et al., arXiv 2412.08147, Section 3.) Isotropic Gaussians give simple averaging and task arithmetic, diagonal Gaussians
 the Hessian-weighted merge, mixtures of diagonal Gaussians the EM fixed point of Algorithm 1 and
 full Gaussians the full-precision Hessian-weighted merge.
 
@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import model_validator
 
 from varmerge._checks import check_alpha, check_precision_tensor, check_precisions, check_state_dicts
 from varmerge.merging.kernels import (
@@ -83,11 +82,6 @@ def _check_iterations(iterations) -> None:
 class TaskArithmeticOptions(ChunkedOptions):
     scale: float = 1.0  # λ of θ0 + λ Σ_t α_t τ_t
 
-    @model_validator(mode="after")
-    def _values(self):
-        _check_scale(self.scale)
-        return self
-
 
 class HessianOptions(ChunkedOptions):
     precision_floor: float = DEFAULT_PRECISION_FLOOR
@@ -99,11 +93,6 @@ class MixtureOptions(ChunkedOptions):
     iterations: int = 10  # EM steps after the Hessian-weighted start
     precision_floor: float = DEFAULT_PRECISION_FLOOR
     tol: float | None = None  # stop once no responsibility moves more than this
-
-    @model_validator(mode="after")
-    def _values(self):
-        _check_iterations(self.iterations)
-        return self
 
 
 class FullOptions(Options):
@@ -126,11 +115,6 @@ class MixtureFullOptions(FullOptions):
     anchor_spacing: float = 0.2  # pcg: the preconditioners' coarse grid
     start_spacing: float | None = None  # EM on this coarse grid first; each α starts at its nearest anchor
 
-    @model_validator(mode="after")
-    def _values(self):
-        _check_em_options(self)
-        return self
-
 
 # --------------------------------------------------------------------------------------------
 # isotropic posteriors
@@ -151,7 +135,7 @@ def simple_average(means: Sequence[StateDict], alpha, *, chunk_elems: int | None
     return chunked_merge(keys, means[0], a, batched, sources, kernel, chunk_elems, out)
 
 
-@register("task_arithmetic", needs_base=True, options=TaskArithmeticOptions)
+@register("task_arithmetic", needs_base=True, options=TaskArithmeticOptions, check=lambda o, T: _check_scale(o.scale))
 @torch.no_grad()
 def task_arithmetic(
     base: StateDict, means: Sequence[StateDict], alpha, scale: float = 1.0, *, chunk_elems: int | None = None, out=None
@@ -369,7 +353,7 @@ def _responsibilities(log_joint: torch.Tensor, task_of: torch.Tensor, T: int) ->
     return resp
 
 
-@register("mixture", posterior="mixture", options=MixtureOptions)
+@register("mixture", posterior="mixture", options=MixtureOptions, check=lambda o, T: _check_iterations(o.iterations))
 @torch.no_grad()
 def mixture_weighted(
     means: Sequence[Sequence[StateDict]],
@@ -637,7 +621,13 @@ class _FullMixture:
         return torch.stack(parts)
 
 
-@register("mixture_full", posterior="mixture_full", options=MixtureFullOptions, dtype=torch.float32)
+@register(
+    "mixture_full",
+    posterior="mixture_full",
+    options=MixtureFullOptions,
+    dtype=torch.float32,
+    check=lambda o, T: _check_em_options(o),
+)
 @torch.no_grad()
 def mixture_weighted_full(
     means: Sequence[Sequence[torch.Tensor]],

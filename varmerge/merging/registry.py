@@ -145,10 +145,6 @@ class MergeMethod:
     check: Callable[[Options, int], None] | None = None
     description: str = ""
 
-    @property
-    def needs_mixture(self) -> bool:
-        return self.posterior == "mixture"
-
     def option_names(self) -> list[str]:
         return sorted(self.options.model_fields)
 

@@ -20,6 +20,7 @@ from varmerge.plan import RunPlan
 from varmerge.posterior import DiagonalGaussian
 from varmerge.posterior_methods import FitJob, get_method
 from varmerge.progress import Report, lightning_callbacks
+from varmerge.train import Training
 
 
 def check_accelerator(accelerator: str) -> None:
@@ -58,7 +59,7 @@ def finetune_task(
     optimizer = dataclasses.replace(ft.optimizer, initial_hess=carried_hessian(plan.cfg, prior, ft.optimizer.name))
     trainer = dataclasses.replace(ft.trainer, logger=logger, callbacks=lightning_callbacks(report))
     resume = Path(resume_dir) if resume_dir is not None else None
-    job = FitJob(copy.deepcopy(base), task, optimizer, trainer, ft.seed, plan.posterior_options, resume)
+    job = FitJob(copy.deepcopy(base), task, Training(optimizer, trainer, ft.seed), plan.posterior_options, resume)
     return get_method(plan.cfg.posterior.method).fit(job)
 
 

@@ -3,6 +3,7 @@ scored on every task, and MAP's surrogate predictions."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -120,21 +121,28 @@ def sweep_and_score(
             return {"accuracy": s["accuracy"], "loss": s["loss"]}
 
         return map_sweep(options, alpha, score_task_arithmetic)
+    t0 = time.perf_counter()
+    grams = (
+        calibration_grams(model, posteriors, tasks, options.calibration_examples) if spec.needs_calibration else None
+    )
+    grams_seconds = time.perf_counter() - t0
+    merge = functools.partial(merge_sweep, method, posteriors, options=options, grams=grams)
+    res = _blocks(merge, model, tasks, alpha, block, report)
+    return {**res, "merge_seconds": grams_seconds + res["merge_seconds"]}
+
+
+def _blocks(merge: Callable, model: nn.Module, tasks, alpha: torch.Tensor, block: int | None, report) -> dict:
+    """``merge(θ0, α block)`` and scoring over ``alpha`` block by block (see :func:`sweep_and_score`)."""
     base = models.trainable_state_dict(model)
     device = next(iter(base.values())).device  # the model's: the posteriors are there too
     block = block or sweep_block_size(sum(v.numel() for v in base.values()))
-    t0 = time.perf_counter()
-    grams = None
-    if spec.needs_calibration:
-        grams = calibration_grams(model, posteriors, tasks, options.calibration_examples)
-    merge_s = time.perf_counter() - t0
-    eval_s = 0.0
+    merge_s = eval_s = 0.0
     acc, loss = [], []
     if report is not None:
         report(0, len(alpha))
     for lo in range(0, len(alpha), block):
         t0 = time.perf_counter()
-        merged = merge_sweep(method, posteriors, base, alpha[lo : lo + block].to(device), options=options, grams=grams)
+        merged = merge(base, alpha[lo : lo + block].to(device))
         t1 = time.perf_counter()
         s = score_sweep(model, merged, tasks)
         merge_s, eval_s = merge_s + t1 - t0, eval_s + time.perf_counter() - t1
@@ -142,13 +150,8 @@ def sweep_and_score(
         loss.append(s["loss"].cpu())
         if report is not None:
             report(min(lo + block, len(alpha)), len(alpha))
-    return {
-        "alpha": alpha,
-        "accuracy": torch.cat(acc),
-        "loss": torch.cat(loss),
-        "merge_seconds": merge_s,
-        "eval_seconds": eval_s,
-    }
+    acc, loss = torch.cat(acc), torch.cat(loss)
+    return {"alpha": alpha, "accuracy": acc, "loss": loss, "merge_seconds": merge_s, "eval_seconds": eval_s}
 
 
 def map_sweep(

@@ -29,7 +29,7 @@ from varmerge.train.batches import (
 from varmerge.train.ensembles import IVONRuns, fit_multi_ivon, fit_soup_ivon
 from varmerge.train.fitting import adamw_sg_posterior, fit, fit_multitask, trained_sg_posterior
 from varmerge.train.modules import IVONSnapshots, SingleTaskModule, WeightedMultitaskModule
-from varmerge.train.settings import OPTIMIZERS, OptimizerSettings, TrainerSettings
+from varmerge.train.settings import OPTIMIZERS, OptimizerSettings, TrainerSettings, Training
 from varmerge.train.von import (
     MixtureVONSettings,
     VONSettings,
@@ -48,6 +48,7 @@ __all__ = [
     "OptimizerSettings",
     "SingleTaskModule",
     "TrainerSettings",
+    "Training",
     "VONSettings",
     "WeightedMultitaskModule",
     "adamw_sg_posterior",

@@ -19,7 +19,15 @@ from typing import Any
 import ivon
 import torch
 
-__all__ = ["ACCELERATORS", "IVON_OWN_ARGUMENTS", "OPTIMIZERS", "PRECISIONS", "OptimizerSettings", "TrainerSettings"]
+__all__ = [
+    "ACCELERATORS",
+    "IVON_OWN_ARGUMENTS",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "OptimizerSettings",
+    "TrainerSettings",
+    "Training",
+]
 
 OPTIMIZERS = ("adamw", "ivon", "full_von")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -162,3 +170,21 @@ class TrainerSettings:
         if not isinstance(self.progress, bool):
             raise ValueError(f"progress must be a bool, got {self.progress!r}")
         object.__setattr__(self, "callbacks", tuple(self.callbacks))
+
+
+@dataclass(frozen=True)
+class Training:
+    """One training stage: how to optimise, how Lightning runs, and the seed."""
+
+    optimizer: OptimizerSettings
+    trainer: TrainerSettings
+    seed: int
+
+    def key(self) -> dict:
+        """Everything of the stage a trained model depends on (for the run store's keys): the
+        optimizer's settings, the trainer's steps, batch size, device and precision, the seed."""
+        opt = {f.name: getattr(self.optimizer, f.name) for f in dataclasses.fields(self.optimizer)}
+        opt = {**opt, "ivon": dict(self.optimizer.ivon)}
+        opt.pop("initial_hess")  # θ0's prior: keyed by its file's hash
+        tr = self.trainer
+        return {"optimizer": opt, "trainer": [tr.steps, tr.batch_size, tr.accelerator, tr.precision], "seed": self.seed}
