@@ -1,8 +1,9 @@
 """The posterior-based rules: each is the mode of a product of (powered) task posteriors.
 
-(Monzón Maldonado et al., arXiv 2412.08147, Section 3.) Isotropic Gaussians give simple averaging and task arithmetic, diagonal Gaussians
-the Hessian-weighted merge, mixtures of diagonal Gaussians the EM fixed point of Algorithm 1 and
-full Gaussians the full-precision Hessian-weighted merge.
+(Monzón Maldonado et al., arXiv 2412.08147, Section 3.) Isotropic Gaussians give simple
+averaging and task arithmetic, diagonal Gaussians the Hessian-weighted merge, mixtures of
+diagonal Gaussians the EM fixed point of Algorithm 1 and full Gaussians the full-precision
+Hessian-weighted merge.
 
 Every rule takes ``alpha`` as a (T,) vector, returning one merged state dict, or as a (G, T)
 batch, returning a state dict whose tensors carry a leading G dimension. A batch is computed in
