@@ -129,9 +129,9 @@ def _flow_command(config: Path, runner: tuple, quiet: bool, **where):
     read and validated once, preflight (the run plan: nothing is written before it passes), the
     MLflow store created while the flow module imports, then progress bars for the block, which
     gets the plan. Errors end the command with one line."""
-    from varmerge.preflight import preflight
+    with services.prefect_api(_STATE["debug"]) as api:  # first: the server boots while the rest imports
+        from varmerge.preflight import preflight
 
-    with services.prefect_api(_STATE["debug"]) as api:
         cfg = _with_runner(_load(config), *runner)
         with _user_errors(PREFLIGHT_STATUS):
             plan = preflight(cfg, **where)

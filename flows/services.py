@@ -13,9 +13,12 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from varmerge.plan import RunPlan
 from varmerge.services import LOOPBACK
+
+if TYPE_CHECKING:  # the plan imports torch and Lightning: the API server starts before that
+    from varmerge.plan import RunPlan
 
 
 def prefect_env(debug: bool) -> None:

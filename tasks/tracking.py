@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
+
+from varmerge.services import cache_dir
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -40,17 +43,51 @@ _READY: set[str] = set()
 
 
 def client(uri: str) -> MlflowClient:
-    """An MLflow client; a SQLite store is created (its schema migrated) under a file lock first, so
-    two runs starting at once on a new store do not race in MLflow's migrations."""
+    """An MLflow client. A new SQLite store is a copy of an empty migrated one (:func:`empty_store`),
+    made under a file lock, so two runs starting at once on a new store do not race."""
     if uri.startswith("sqlite:///") and uri not in _READY:
-        from filelock import FileLock
-
         db = Path(uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(db) + ".lock"):
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates and migrates the store
+            if not db.exists():
+                _copy_atomic(empty_store(), db)
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # migrates an older store
         _READY.add(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def empty_store() -> Path:
+    """An empty SQLite tracking store with MLflow's schema, made once per MLflow version in the
+    user's cache folder (``$XDG_CACHE_HOME/varmerge``, default ``~/.cache/varmerge``): creating a
+    store runs MLflow's schema migrations, seconds of work a copy of this file skips. Its
+    ``Default`` experiment keeps MLflow's own default artifact folder, as a new store would."""
+    cache = cache_dir()
+    path = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if not path.exists():
+                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+                MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+                os.replace(tmp, path)
+    return path
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """``src`` copied to ``dst`` (whole or not at all), with the Default experiment's artifact
+    folder set as MLflow sets it for a store created here."""
+    import shutil
+    import sqlite3
+
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.utils.uri import append_to_uri_path, resolve_uri_if_local
+
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    default = append_to_uri_path(resolve_uri_if_local(DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH), "0")
+    with contextlib.closing(sqlite3.connect(tmp)) as con, con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (default,))
+    os.replace(tmp, dst)
 
 
 #: MLflow 3's UI opens an experiment with this tag in its model-training view (runs, metrics,

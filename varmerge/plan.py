@@ -111,7 +111,9 @@ def run_folder(cfg: ExperimentConfig, output_dir: str | Path | None = None) -> P
 
 
 def _log_every(steps: int) -> int:
-    return max(1, min(50, steps // 20))
+    """Training curves of about ten points (at most every 50 steps): each point is a write to the
+    tracking store."""
+    return max(1, min(50, steps // 10))
 
 
 def _training(cfg: ExperimentConfig, optimizer: str, steps: int) -> Training:

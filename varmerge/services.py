@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import MutableMapping
+from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 
@@ -27,6 +28,13 @@ SERVICE_ENV: dict[str, str] = {
     # a Prefect server started from this environment listens on loopback only
     "PREFECT_SERVER_API_HOST": LOOPBACK,
 }
+
+
+def cache_dir() -> Path:
+    """The user's cache folder of varmerge (``$XDG_CACHE_HOME/varmerge``, default
+    ``~/.cache/varmerge``): what is slow to make and the same every time (an empty MLflow store,
+    the digests of source files)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "varmerge"
 
 
 def apply_service_env(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:

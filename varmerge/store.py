@@ -53,15 +53,15 @@ _CACHE_SIZE = 32
 
 
 def _module_files(modules: Iterable[ModuleType | str | Path]) -> list[Path]:
-    files: list[Path] = []
+    found: list[Path] = []
     for m in modules:
         if isinstance(m, ModuleType):
             path = Path(m.__file__)
-            files += sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+            found += sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
         else:
             p = Path(m)
-            files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
-    return files
+            found += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    return found
 
 
 # CPython 3.11's ast.parse is not safe in two threads at once ("SystemError: AST constructor
@@ -69,13 +69,45 @@ def _module_files(modules: Iterable[ModuleType | str | Path]) -> list[Path]:
 _PARSE_LOCK = threading.Lock()
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)
 def _tree_digest(path: str, mtime_ns: int, size: int) -> str:
     """SHA-256 of a module's syntax tree (comments and layout do not count)."""
     text = Path(path).read_text(encoding="utf-8")
     with _PARSE_LOCK:
         tree = ast.dump(ast.parse(text), include_attributes=False)
     return hashlib.sha256(tree.encode()).hexdigest()
+
+
+#: Digests of source files by ``path:mtime:size``, kept across processes (as ``__pycache__``
+#: keeps bytecode): parsing every module takes most of a second.
+DIGESTS_FILE = "source-digests.json"
+_DIGESTS_KEPT = 4096
+
+
+def _file_digests(paths: list[Path]) -> list[str]:
+    """:func:`_tree_digest` of each file, from the user's cache where it has them."""
+    from varmerge.services import cache_dir
+
+    cache = cache_dir() / DIGESTS_FILE
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    out, new = [], {}
+    for f in paths:
+        st = f.stat()
+        key = f"{f}:{st.st_mtime_ns}:{st.st_size}"
+        if key not in known:
+            new[key] = _tree_digest(str(f), st.st_mtime_ns, st.st_size)
+        out.append(known.get(key) or new[key])
+    if new:
+        kept = dict(list({**known, **new}.items())[-_DIGESTS_KEPT:])
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            files.write_text_atomic(cache, json.dumps(kept))
+        except OSError:  # a read-only home: the digests are recomputed next time
+            pass
+    return out
 
 
 def source_files(modules: Iterable[ModuleType | str | Path] = ()) -> list[Path]:
@@ -91,10 +123,10 @@ def source_digest(modules: Iterable[ModuleType | str | Path] = ()) -> str:
 
     top = Path(varmerge.__file__).parent.parent.resolve()
     h = hashlib.sha256()
-    for f in source_files(modules):
-        st = f.stat()
+    paths = source_files(modules)
+    for f, digest in zip(paths, _file_digests(paths), strict=True):
         h.update(str(f.relative_to(top) if f.is_relative_to(top) else f.name).encode())
-        h.update(_tree_digest(str(f), st.st_mtime_ns, st.st_size).encode())
+        h.update(digest.encode())
     return h.hexdigest()[:16]
 
 
