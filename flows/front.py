@@ -270,11 +270,7 @@ def _register(plan: RunPlan, runner: PrefectRunner, mt_ref: dict, name: str) -> 
 
 def log_model(plan: RunPlan, runner: PrefectRunner, mt_ref: dict):
     """The multitask model in the active MLflow run: image models as ``pt2`` (torch.export, never
-    pickle), text models as the pyfunc of ``tasks/text_model.py`` logged as code (no pickle
-    either), with the weights as safetensors and the config as the model config."""
-    import importlib.util
-
-    import mlflow
+    pickle), text models as the pyfunc of ``tasks/text_model.py`` (:func:`log_text_model`)."""
     import mlflow.pytorch
 
     example = steps.example_input(plan, runner.data_ref)
@@ -288,14 +284,24 @@ def log_model(plan: RunPlan, runner: PrefectRunner, mt_ref: dict):
             pip_requirements=["torch", "varmerge"],
         )
     _, num_classes = steps.load_tasks(plan, runner.data_ref)
+    config = json.dumps(plan.cfg.model_dump(mode="json"), sort_keys=True)
+    weights = steps.store_for(plan.run_dir).resolve(mt_ref)
+    return log_text_model(config, num_classes, weights, steps.example_text(plan, runner.data_ref))
+
+
+def log_text_model(config_json: str, num_classes: int, weights: Path, example_text: str):
+    """Log a text model in the active MLflow run as the pyfunc of ``tasks/text_model.py``: its code
+    (MLflow's models-from-code, no pickle), the weights file (safetensors) and the config. Its
+    signature comes from ``predict``'s type hints (a list of texts in, one dict per text out)."""
+    import importlib.util
+
+    import mlflow
+
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=importlib.util.find_spec("tasks.text_model").origin,
-        artifacts={"weights": str(steps.store_for(plan.run_dir).resolve(mt_ref))},
-        model_config={
-            "config": json.dumps(plan.cfg.model_dump(mode="json"), sort_keys=True),
-            "num_classes": num_classes,
-        },
-        input_example=[steps.example_text(plan, runner.data_ref)],
+        artifacts={"weights": str(weights)},
+        model_config={"config": config_json, "num_classes": int(num_classes)},
+        input_example=[example_text],
         pip_requirements=["torch", "transformers", "peft", "varmerge"],
     )

@@ -27,7 +27,7 @@ class TextClassifier(PythonModel):
 
         settings = context.model_config
         self.cfg = parse_config(json.loads(settings["config"]))
-        self.model = pipeline.base_model(self.cfg, int(settings["num_classes"]))
+        self.model = pipeline.seeded_model(self.cfg, int(settings["num_classes"]))
         self.model.load_state_dict(load_file(context.artifacts["weights"]))
         self.model.eval()
         self.tokenizer = models.text_tokenizer(pipeline.model_path(self.cfg))

@@ -33,7 +33,11 @@ class RecordCalls(WorkerPlugin):
             setattr(module, name, wrapper)
 
         wrap(train, "fit", lambda a, k: {"task": k.get("task"), "seed": k.get("seed")})
-        wrap(pipeline, "sweep_and_score", lambda a, k: {"method": a[1], "rows": len(a[5]) if len(a) > 5 else None})
+        wrap(
+            pipeline,
+            "sweep_and_score",
+            lambda a, k: {"method": a[1], "rows": len(a[5]) if len(a) > 5 and a[5] is not None else None},
+        )
         wrap(pipeline, "multitask_finetune", lambda a, k: {"alpha": [float(v) for v in a[3]]})
 
 
