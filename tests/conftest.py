@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,32 +30,37 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    """One Prefect test API for the whole session (starting one costs ~12 s on 2 cores).
-
-    Yields its URL: subprocesses given ``PREFECT_API_URL`` use it too instead of starting their
-    own ephemeral API.
-    """
+def prefect_server(tmp_path_factory):
+    """One Prefect server for the whole session, as users run it: ``prefect server start`` on
+    127.0.0.1 with its UI and its services (the scheduler). The in-process flows (through
+    Prefect's settings), flow and CLI subprocesses (given ``PREFECT_API_URL``), the deployment
+    test's work pools and worker, and the browser test all use it. Yields its API URL."""
     pytest.importorskip("prefect")
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from servers import Procs, free_port, prefect_env, wait_healthy
 
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    root = tmp_path_factory.mktemp("prefect_server")
+    port = free_port()
+    env = prefect_env(root / "home", port, ui=True)
+    procs = Procs(root)
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    server = procs.start("server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env)
+    saved = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(root / "client")  # this process's Prefect home (not the user's)
     try:
-        with prefect_test_harness(server_startup_timeout=90):
-            yield PREFECT_API_URL.value()
+        wait_healthy(f"{env['PREFECT_API_URL']}/health", server, root / "server.log")
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            yield env["PREFECT_API_URL"]
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        procs.stop_all()
+        if saved is None:
+            os.environ.pop("PREFECT_HOME", None)
+        else:
+            os.environ["PREFECT_HOME"] = saved
 
 
 @pytest.fixture(scope="session")
-def reference_run(prefect_harness, tmp_path_factory):
+def reference_run(prefect_server, tmp_path_factory):
     """One uninterrupted front flow of ``helpers.RESUME`` (shared by the resume and
     determinism tests): ``{"config", "out", "run_dir", "uri", "summary"}``."""
     import yaml

@@ -478,7 +478,7 @@ def test_tampered_posterior_is_rejected_by_the_tasks(prepared, tmp_path):
 
 # ------------------------------------------------------------------------------- runtime case
 @pytest.mark.slow
-def test_no_alpha_meets_the_constraints_front_still_saved(prefect_harness, tmp_path, restore_env):
+def test_no_alpha_meets_the_constraints_front_still_saved(prefect_server, tmp_path, restore_env):
     cfg = tiny(name="unmet", selection__constraints=[{"task": "c", "op": ">=", "value": 0.999}])
     config = tmp_path / "unmet.yaml"
     config.write_text(yaml.safe_dump(cfg))

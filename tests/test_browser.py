@@ -2,26 +2,23 @@
 headless, driven by Selenium through the system ``chromedriver``; the Makefile's system step
 installs both as it installs the data packages).
 
-A Prefect server with its UI on 127.0.0.1 and ``varmerge run`` of a small config against it, then
-``varmerge ui`` on the run's tracking store. The test opens what a user opens and waits for
-what they should see: the runs and the nested runs in MLflow's model-training view, the front
-image, the front table, the registered model version; the flow run and its task runs in Prefect.
-Screenshots go to the test's temp folder (``<tmp>/screens``).
+The session's finished front flow (``reference_run``, on the session's Prefect server, which
+serves its UI on 127.0.0.1), then ``varmerge ui`` on the run's tracking store. The test opens
+what a user opens and waits for what they should see: the runs and the nested runs in MLflow's
+model-training view, the front image, the front table, the registered model version; the flow
+run and its task runs in Prefect. Screenshots go to the test's temp folder (``<tmp>/screens``).
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import TINY
-from servers import Procs, free_port, prefect_env, tail, wait_healthy
+from servers import Procs, free_port, tail, wait_healthy
 
 webdriver = pytest.importorskip("selenium.webdriver")
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -33,7 +30,6 @@ pytestmark = [
     ),
 ]
 BIN = Path(sys.executable).parent
-NAME = "browser"
 
 
 class Browser:
@@ -88,33 +84,16 @@ class Browser:
         return value
 
 
-def test_the_mlflow_and_prefect_uis_show_a_finished_run(tmp_path):
+def test_the_mlflow_and_prefect_uis_show_a_finished_run(reference_run, prefect_server, tmp_path):
     import mlflow
 
-    port, ui_port = free_port(), free_port()
-    home, logs = tmp_path / "prefect", tmp_path / "logs"
-    home.mkdir()
+    ui_port, uri, name = free_port(), reference_run["uri"], reference_run["summary"]["config"]
+    logs = tmp_path / "logs"
     logs.mkdir()
-    env = prefect_env(home, port, ui=True)
-    config = tmp_path / f"{NAME}.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "name": NAME}))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     procs = Procs(logs)
     browser = None
     try:
-        server = procs.start(
-            "server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env
-        )
-        wait_healthy(f"http://127.0.0.1:{port}/api/health", server, logs / "server.log")
-        run = subprocess.run(
-            [str(BIN / "varmerge"), "run", str(config), "--output", str(tmp_path / "runs"), "--tracking-uri", uri],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert run.returncode == 0, run.stdout + run.stderr
-        ui = procs.start("ui", [str(BIN / "varmerge"), "ui", "--tracking-uri", uri, "--port", str(ui_port)], env=env)
+        ui = procs.start("ui", [str(BIN / "varmerge"), "ui", "--tracking-uri", uri, "--port", str(ui_port)])
         wait_healthy(f"http://127.0.0.1:{ui_port}/health", ui, logs / "ui.log")
 
         client = mlflow.MlflowClient(uri)
@@ -129,7 +108,7 @@ def test_the_mlflow_and_prefect_uis_show_a_finished_run(tmp_path):
         # the runs of the experiment in the model-training view, from the link `varmerge ui` prints
         [link] = re.findall(r"varmerge: (http://\S+)", (logs / "ui.log").read_text())
         assert link == f"{experiment}/runs?{view}", link
-        browser.page("runs", link, NAME, "Model registry", f"{len(runs)} matching runs")
+        browser.page("runs", link, name, "Model registry", f"{len(runs)} matching runs")
         # the nested runs of the flow run, under its row once expanded
         browser.driver.find_element("css selector", ".ag-row button[data-component-id*=runnamecellrenderer]").click()
         browser.shows("nested_runs", "finetune/a", "finetune/c", "merge/mixture", "multitask/final")
@@ -145,18 +124,18 @@ def test_the_mlflow_and_prefect_uis_show_a_finished_run(tmp_path):
         # the registered model version, with its α and source run
         alpha = parent.data.tags["varmerge.chosen.alpha"]
         browser.page(
-            "model", f"{mlflow_ui}/models/varmerge-{NAME}/versions/1?{view}", "Version 1", "multitask/final", alpha
+            "model", f"{mlflow_ui}/models/varmerge-{name}/versions/1?{view}", "Version 1", "multitask/final", alpha
         )
 
         # Prefect: the flow run, completed, with its task runs
-        prefect_ui = f"http://127.0.0.1:{port}"
+        prefect_ui = prefect_server.removesuffix("/api")
         browser.page("flow_run", f"{prefect_ui}/runs/flow-run/{flow_run_id}", "varmerge-front", "Completed")
         browser.click_text("Task Runs")
         browser.shows("task_runs", "finetune-", "sweep-", "multitask-", "Completed")
         browser.click_text("Artifacts")
         browser.shows("progress_artifacts", "finetune a (multi_ivon × 2)", "merge + evaluate mixture")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\n--- server ---\n{tail(logs / 'server.log', 2000)}") from None
+        raise AssertionError(f"{exc}\n--- ui ---\n{tail(logs / 'ui.log', 2000)}") from None
     finally:
         if browser is not None:
             browser.driver.quit()

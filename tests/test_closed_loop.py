@@ -31,7 +31,7 @@ def _flow(config: Path, out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_closed_loop_search_runs_logs_and_resumes_after_a_kill(prefect_harness, tmp_path, monkeypatch):
+def test_a_closed_loop_search_runs_logs_and_resumes_after_a_kill(prefect_server, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     config = tmp_path / "closed.yaml"
@@ -58,7 +58,7 @@ def test_a_closed_loop_search_runs_logs_and_resumes_after_a_kill(prefect_harness
 
     # killed before its third finetune, then resumed: two reused, one run, the same path
     out = tmp_path / "killed"
-    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PREFECT_HOME": str(tmp_path / "prefect-sub")}
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "prefect-sub")}
     args = [sys.executable, str(ROOT / "tests" / "fault_launcher.py"), "multitask:3", "run", str(config)]
     args += ["--output", str(out), "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}", "-q"]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

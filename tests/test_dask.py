@@ -36,17 +36,21 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def dask_cluster(prefect_server, tmp_path_factory):
+    """One scheduler and two worker processes for the module's tests (a killed worker's nanny
+    starts a new one), on the session's Prefect server."""
     distributed = pytest.importorskip("distributed")
     from dask_probe import RecordCalls
 
-    logs = tmp_path / "logs"
+    root = tmp_path_factory.mktemp("dask")
+    logs = root / "logs"
     logs.mkdir()
     procs = Procs(logs)
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env["PREFECT_API_URL"] = prefect_server
     dask = str(Path(sys.executable).with_name("dask"))
     procs.start("scheduler", [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], env=env)
     for i in range(2):
@@ -56,7 +60,7 @@ def cluster(tmp_path):
     try:
         client = distributed.Client(address, timeout=60)
         client.wait_for_workers(2, timeout=120)
-        calls = tmp_path / "calls.jsonl"
+        calls = root / "calls.jsonl"
         client.register_plugin(RecordCalls(str(calls)))
         yield SimpleNamespace(address=address, client=client, calls=calls, logs=logs)
     finally:
@@ -64,6 +68,13 @@ def cluster(tmp_path):
             client.close()
         procs.stop_all()
         assert not procs.alive(), procs.stopped
+
+
+@pytest.fixture
+def cluster(dask_cluster):
+    """The module's cluster, its record of calls emptied for this test."""
+    dask_cluster.calls.write_text("")
+    return dask_cluster
 
 
 def _calls(path: Path) -> list[dict]:
@@ -83,7 +94,7 @@ def _run(config: dict, out: Path, runner: dict | None = None) -> dict:
     return front_flow(config, tracking_uri=f"sqlite:///{out / 'mlflow.db'}", output_dir=str(out), runner=runner)
 
 
-def test_the_flow_on_a_dask_cluster_gives_the_thread_runners_bits(cluster, prefect_harness, tmp_path):
+def test_the_flow_on_a_dask_cluster_gives_the_thread_runners_bits(cluster, prefect_server, tmp_path):
     cfg = copy.deepcopy(TINY)
     cfg["merge"]["spacing"] = 0.04  # 351 α: two batches of 256, one per worker
     threads = torch.get_num_threads()
@@ -117,7 +128,7 @@ def test_the_flow_on_a_dask_cluster_gives_the_thread_runners_bits(cluster, prefe
 
 
 def test_a_worker_killed_mid_finetune_is_rescheduled_and_nothing_finished_is_retrained(
-    cluster, prefect_harness, tmp_path
+    cluster, prefect_server, tmp_path
 ):
     from dask_probe import executing
     from mlflow.tracking import MlflowClient
@@ -145,9 +156,9 @@ def test_a_worker_killed_mid_finetune_is_rescheduled_and_nothing_finished_is_ret
         flow = pool.submit(_run, RESUME, out, {"kind": "dask", "address": cluster.address})
         try:
             summary = flow.result(timeout=600)
-        except Exception:
+        except Exception as exc:
             logs = "\n".join(tail(p, 2000) for p in sorted(cluster.logs.glob("*.log")))
-            raise AssertionError(f"the flow failed; cluster logs:\n{logs}") from None
+            raise AssertionError(f"the flow failed ({type(exc).__name__}: {exc}); cluster logs:\n{logs}") from exc
     watcher.join(5)
     assert killed, "task a's finetune was never seen mid-way on a worker"
     assert not any(name.startswith("a-") for name in killed["done"]), "killed before task a's posterior existed"

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def harness(prefect_harness):  # the session's Prefect test API (tests/conftest.py)
+def harness(prefect_server):  # the session's Prefect test API (tests/conftest.py)
     yield
 
 

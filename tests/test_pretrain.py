@@ -217,7 +217,7 @@ def test_a_theta0_whose_prior_file_is_gone_is_refused_not_used_without_it(tmp_pa
 
 # --------------------------------------------------------------------------------------- flow
 @pytest.fixture
-def harness(prefect_harness):  # the session's Prefect test API (tests/conftest.py)
+def harness(prefect_server):  # the session's Prefect test API (tests/conftest.py)
     yield
 
 

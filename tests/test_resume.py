@@ -201,8 +201,8 @@ def _posteriors(out: Path) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------ crash + resume
 @pytest.mark.slow
-def test_killed_during_finetunes_resumes_without_retraining(reference_run, prefect_harness, tmp_path, monkeypatch):
-    proc, out, uri = _launch(tmp_path, prefect_harness)
+def test_killed_during_finetunes_resumes_without_retraining(reference_run, prefect_server, tmp_path, monkeypatch):
+    proc, out, uri = _launch(tmp_path, prefect_server)
     _kill_when(proc, lambda: len(_posteriors(out)) >= 1, tmp_path)
     done = _posteriors(out)
     assert 1 <= len(done) < 3, done
@@ -220,9 +220,9 @@ def test_killed_during_finetunes_resumes_without_retraining(reference_run, prefe
 
 @pytest.mark.slow
 def test_killed_during_posterior_computation_reuses_finished_ivon_runs(
-    reference_run, prefect_harness, tmp_path, monkeypatch
+    reference_run, prefect_server, tmp_path, monkeypatch
 ):
-    proc, out, uri = _launch(tmp_path, prefect_harness)
+    proc, out, uri = _launch(tmp_path, prefect_server)
     parts = out / NAME / "posteriors" / "parts"
     _kill_when(proc, lambda: any(parts.glob("a-*/run-0.safetensors")), tmp_path)
     assert not _posteriors(out), "killed before task a's posterior was complete"
@@ -240,10 +240,10 @@ def test_killed_during_posterior_computation_reuses_finished_ivon_runs(
 
 
 @pytest.mark.slow
-def test_killed_during_merge_sweep_resumes_the_remaining_methods(reference_run, prefect_harness, tmp_path, monkeypatch):
+def test_killed_during_merge_sweep_resumes_the_remaining_methods(reference_run, prefect_server, tmp_path, monkeypatch):
     out = tmp_path / "runs"
     _seed_from(reference_run, out, ("data", "base", "posteriors"))
-    proc, out, uri = _launch(tmp_path, prefect_harness, fault="sweep:hessian")
+    proc, out, uri = _launch(tmp_path, prefect_server, fault="sweep:hessian")
     _wait_self_kill(proc, tmp_path)
     sweeps = out / NAME / "sweeps"
     assert [p.name.split("-")[0] for p in sweeps.glob("*.safetensors")] == ["simple"]
@@ -258,10 +258,10 @@ def test_killed_during_merge_sweep_resumes_the_remaining_methods(reference_run, 
 
 
 @pytest.mark.slow
-def test_killed_during_multitask_finetune_resumes_it_alone(reference_run, prefect_harness, tmp_path, monkeypatch):
+def test_killed_during_multitask_finetune_resumes_it_alone(reference_run, prefect_server, tmp_path, monkeypatch):
     out = tmp_path / "runs"
     _seed_from(reference_run, out, ("data", "base", "posteriors", "sweeps"))
-    proc, out, uri = _launch(tmp_path, prefect_harness, fault="multitask")
+    proc, out, uri = _launch(tmp_path, prefect_server, fault="multitask")
     _wait_self_kill(proc, tmp_path)
     assert not list((out / NAME).glob("multitask/*.safetensors"))
     assert not (out / NAME / "front.json").exists()
@@ -274,12 +274,12 @@ def test_killed_during_multitask_finetune_resumes_it_alone(reference_run, prefec
 
 
 @pytest.mark.slow
-def test_killed_before_registration_registers_once(reference_run, prefect_harness, tmp_path, monkeypatch):
+def test_killed_before_registration_registers_once(reference_run, prefect_server, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "runs"
     _seed_from(reference_run, out, ("data", "base", "posteriors", "sweeps", "multitask"))
-    proc, out, uri = _launch(tmp_path, prefect_harness, fault="register")
+    proc, out, uri = _launch(tmp_path, prefect_server, fault="register")
     _wait_self_kill(proc, tmp_path)
     client = MlflowClient(uri)
     assert client.search_model_versions(f"name='varmerge-{NAME}'") == []  # logged, never registered
@@ -296,7 +296,7 @@ def test_killed_before_registration_registers_once(reference_run, prefect_harnes
 
 
 @pytest.mark.slow
-def test_tampered_posterior_stops_the_cli_with_one_line(reference_run, prefect_harness, tmp_path, restore_env):
+def test_tampered_posterior_stops_the_cli_with_one_line(reference_run, prefect_server, tmp_path, restore_env):
     """A finished run whose posterior file had one byte flipped: `varmerge run` refuses it."""
     from typer.testing import CliRunner
 

@@ -86,10 +86,10 @@ def test_no_service_binds_all_interfaces_in_shipped_scripts():
 
 
 @pytest.mark.slow
-def test_ephemeral_prefect_api_is_on_loopback(prefect_harness):
+def test_ephemeral_prefect_api_is_on_loopback(prefect_server):
     from urllib.parse import urlparse
 
-    assert urlparse(prefect_harness).hostname == "127.0.0.1"
+    assert urlparse(prefect_server).hostname == "127.0.0.1"
 
 
 def _answers(port: int) -> bool:
@@ -102,29 +102,52 @@ def _answers(port: int) -> bool:
         return False
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_ui_stops_its_server_and_workers_on_a_signal(tmp_path, sig):
-    import signal
+def _stops_its_group(proc: subprocess.Popen, sig, started, timeout: float = 90) -> None:
+    """Once ``started()``, send ``sig`` to ``proc``: it exits 0 and every process it started is gone."""
     import time
 
     import psutil
+
+    deadline = time.monotonic() + timeout
+    while not started():
+        assert proc.poll() is None, "the command exited before its server answered"
+        assert time.monotonic() < deadline, f"the server did not answer within {timeout:.0f} s"
+        time.sleep(0.2)
+    group = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert group, "the server runs as a child process"
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == 0
+    _, alive = psutil.wait_procs(group, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+def test_serve_stops_the_whole_process_tree_on_sigint():
+    """``serve`` (what ``varmerge ui`` runs its server with) on a server stand-in that forks a
+    worker: SIGINT stops both (SIGTERM, with the real MLflow UI: the next test)."""
+    import signal
+
+    import psutil
+
+    worker = "import time; time.sleep(120)"
+    tree = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(120)"
+    code = f"import sys\nfrom flows.services import serve\nsys.exit(serve([sys.executable, '-c', {tree!r}]))"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    try:
+        _stops_its_group(proc, signal.SIGINT, lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_ui_stops_its_server_and_workers_on_sigterm(tmp_path):
+    import signal
 
     port = free_port()
     cmd = [str(Path(sys.executable).with_name("varmerge")), "ui", "--port", str(port)]
     proc = subprocess.Popen([*cmd, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 90
-        while not _answers(port):
-            assert proc.poll() is None, "varmerge ui exited before its server answered"
-            assert time.monotonic() < deadline, "the MLflow UI did not answer within 90 s"
-            time.sleep(0.5)
-        group = [p for p in psutil.Process(proc.pid).children(recursive=True)]
-        assert group, "mlflow ui runs as a child process"
-        proc.send_signal(getattr(signal, sig))
-        assert proc.wait(timeout=30) == 0
-        _, alive = psutil.wait_procs(group, timeout=15)
-        assert not alive, [p.cmdline() for p in alive]
+        _stops_its_group(proc, signal.SIGTERM, lambda: _answers(port))
         assert not _answers(port)
     finally:
         if proc.poll() is None:

@@ -168,13 +168,13 @@ def _work_lines(log: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_runs_of_one_config_at_once_do_each_piece_of_work_once(prefect_harness, tmp_path):
+def test_two_runs_of_one_config_at_once_do_each_piece_of_work_once(prefect_server, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     out, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {
         **os.environ,
-        "PREFECT_API_URL": prefect_harness,
+        "PREFECT_API_URL": prefect_server,
         "PREFECT_LOGGING_LEVEL": "INFO",
         "PREFECT_HOME": str(tmp_path / "prefect"),
     }

@@ -1,5 +1,6 @@
 """Text (LoRA) models go to the MLflow registry as a pyfunc logged as code: loaded back from its
-registry URI, it predicts what the model it was logged from predicts."""
+registry URI, it predicts what the model it was logged from predicts. (A flow run that registers
+one: ``tests/test_own_data.py``.)"""
 
 from __future__ import annotations
 
@@ -60,50 +61,3 @@ def test_a_registered_text_model_loads_from_the_registry_and_predicts(tmp_path):
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert "text_model.py" in files and any(f.endswith("multitask.safetensors") for f in files), files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))], files
-
-
-@pytest.mark.slow
-def test_a_lora_flow_run_registers_its_multitask_model(prefect_harness, tmp_path):
-    """The main flow on a small LoRA config registers its multitask model as the text pyfunc:
-    loaded from the registry, it predicts what the run's multitask weights predict (and not what
-    the untrained θ0 does)."""
-    import mlflow
-
-    from flows.front import front_flow
-    from varmerge import files, models, pipeline
-    from varmerge.config import parse_config
-
-    raw = {
-        "name": "lora-flow",
-        "data": {
-            "source": "tweets",
-            "options": {"domains": ["airline", "coachella"]},
-            "max_length": 24,
-            "max_train_per_task": 48,
-            "max_test_per_task": 16,
-            "tasks": [{"name": "airline", "domain": "airline"}, {"name": "coachella", "domain": "coachella"}],
-        },
-        "model": {"name": "lora_text", "options": {"r": 2, "alpha": 4}},
-        "posterior": {"method": "ivon", "components": 1, "steps": 6, "batch_size": 16, "lr": 0.05},
-        "merge": {"methods": ["simple"], "spacing": 0.5},
-        "selection": {"method": "simple"},
-        "multitask_steps": 6,
-    }
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = front_flow(raw, tracking_uri=uri, output_dir=str(tmp_path / "runs"))
-    assert summary["registered_model"] == "varmerge-lora-flow/1"
-    mlflow.set_tracking_uri(uri)
-    loaded = mlflow.pyfunc.load_model("models:/varmerge-lora-flow/1")
-    texts = ["the flight was late again and nobody helped", "best festival ever, great music", "ok"]
-    rows = loaded.predict(texts)
-    n = len(rows[0]) - 1  # p0 ... p{n-1} and the label
-    got = torch.tensor([[row[f"p{c}"] for c in range(n)] for row in rows])
-
-    cfg = parse_config(raw)
-    [weights] = (tmp_path / "runs" / "lora-flow" / "multitask").glob("*.safetensors")
-    model = pipeline.seeded_model(cfg, n)
-    untrained = models.predict_texts(model, texts, models.text_tokenizer(), max_length=24)
-    model.load_state_dict(files.load_tensors(weights)[0])
-    want = models.predict_texts(model, texts, models.text_tokenizer(), max_length=24)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    assert not torch.allclose(got, untrained, atol=1e-5)

