@@ -292,6 +292,7 @@ def ui(
     tracking_uri: str = typer.Option("sqlite:///runs/mlflow.db", help="MLflow backend store"),
     port: int = typer.Option(5000),
     host: str = typer.Option(LOOPBACK, help="bind address (loopback by default; 0.0.0.0 exposes it to the network)"),
+    workers: int = typer.Option(1, min=1, help="server worker processes (more for several users at once)"),
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 (other hosts only when asked with --host)."""
     if host not in (LOOPBACK, "localhost", "::1"):
@@ -302,7 +303,7 @@ def ui(
     console.print(f"MLflow UI on http://{host}:{port} ({tracking_uri}); Ctrl-C stops it")
     for name, url in services.experiment_links(tracking_uri, f"http://{host}:{port}"):
         console.print(f"  {name}: {url}", soft_wrap=True, highlight=False)
-    raise typer.Exit(services.serve(services.ui_command(tracking_uri, host, port)))
+    raise typer.Exit(services.serve(services.ui_command(tracking_uri, host, port, workers)))
 
 
 def run() -> None:  # pragma: no cover - console-script shim

@@ -111,3 +111,22 @@ def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float =
             pass
         time.sleep(0.5)
     pytest.fail(f"prefect server not healthy after {timeout:.0f} s:\n{tail(log)}")
+
+
+def stops_its_group(proc: subprocess.Popen, sig, started, timeout: float = 90) -> None:
+    """Once ``started()``, send ``sig`` to ``proc``: it exits 0 and every process it started is gone."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while not started():
+        assert proc.poll() is None, "the command exited before its server answered"
+        assert time.monotonic() < deadline, f"the server did not answer within {timeout:.0f} s"
+        time.sleep(0.2)
+    group = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert group, "the server runs as a child process"
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == 0
+    _, alive = psutil.wait_procs(group, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]

@@ -6,19 +6,21 @@ The session's finished front flow (``reference_run``, on the session's Prefect s
 serves its UI on 127.0.0.1), then ``varmerge ui`` on the run's tracking store. The test opens
 what a user opens and waits for what they should see: the runs and the nested runs in MLflow's
 model-training view, the front image, the front table, the registered model version; the flow
-run and its task runs in Prefect. Screenshots go to the test's temp folder (``<tmp>/screens``).
+run and its task runs in Prefect. Then SIGTERM stops ``varmerge ui`` with its server and the
+server's workers. Screenshots go to the test's temp folder (``<tmp>/screens``).
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from servers import Procs, free_port, tail, wait_healthy
+from servers import Procs, free_port, stops_its_group, tail, wait_healthy
 
 webdriver = pytest.importorskip("selenium.webdriver")
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -30,6 +32,16 @@ pytestmark = [
     ),
 ]
 BIN = Path(sys.executable).parent
+
+
+def _answers(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 class Browser:
@@ -134,6 +146,12 @@ def test_the_mlflow_and_prefect_uis_show_a_finished_run(reference_run, prefect_s
         browser.shows("task_runs", "finetune-", "sweep-", "multitask-", "Completed")
         browser.click_text("Artifacts")
         browser.shows("progress_artifacts", "finetune a (multi_ivon × 2)", "merge + evaluate mixture")
+        browser.driver.quit()
+        browser = None
+
+        # SIGTERM stops `varmerge ui`, its server and the server's workers (nothing outlives it)
+        stops_its_group(ui, signal.SIGTERM, lambda: True)
+        assert not _answers(ui_port)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- ui ---\n{tail(logs / 'ui.log', 2000)}") from None
     finally:

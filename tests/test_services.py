@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from servers import free_port
+from servers import stops_its_group
 from typer.testing import CliRunner
 
 from flows import cli, services
@@ -67,7 +67,6 @@ def test_importing_the_entry_points_applies_the_env(module):
 
 def test_run_quiets_prefect_and_mlflow_logs_unless_debug(monkeypatch, restore_env):
     import logging
-    import os
 
     for k in ("PREFECT_LOGGING_LEVEL", "MLFLOW_LOGGING_LEVEL", "PREFECT_HOME"):
         monkeypatch.delenv(k, raising=False)
@@ -92,38 +91,9 @@ def test_ephemeral_prefect_api_is_on_loopback(prefect_server):
     assert urlparse(prefect_server).hostname == "127.0.0.1"
 
 
-def _answers(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _stops_its_group(proc: subprocess.Popen, sig, started, timeout: float = 90) -> None:
-    """Once ``started()``, send ``sig`` to ``proc``: it exits 0 and every process it started is gone."""
-    import time
-
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while not started():
-        assert proc.poll() is None, "the command exited before its server answered"
-        assert time.monotonic() < deadline, f"the server did not answer within {timeout:.0f} s"
-        time.sleep(0.2)
-    group = [p for p in psutil.Process(proc.pid).children(recursive=True)]
-    assert group, "the server runs as a child process"
-    proc.send_signal(sig)
-    assert proc.wait(timeout=30) == 0
-    _, alive = psutil.wait_procs(group, timeout=15)
-    assert not alive, [p.cmdline() for p in alive]
-
-
 def test_serve_stops_the_whole_process_tree_on_sigint():
     """``serve`` (what ``varmerge ui`` runs its server with) on a server stand-in that forks a
-    worker: SIGINT stops both (SIGTERM, with the real MLflow UI: the next test)."""
+    worker: SIGINT stops both (SIGTERM on the real MLflow UI: ``tests/test_browser.py``)."""
     import signal
 
     import psutil
@@ -133,22 +103,7 @@ def test_serve_stops_the_whole_process_tree_on_sigint():
     code = f"import sys\nfrom flows.services import serve\nsys.exit(serve([sys.executable, '-c', {tree!r}]))"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     try:
-        _stops_its_group(proc, signal.SIGINT, lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-@pytest.mark.slow
-def test_ui_stops_its_server_and_workers_on_sigterm(tmp_path):
-    import signal
-
-    port = free_port()
-    cmd = [str(Path(sys.executable).with_name("varmerge")), "ui", "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path)
-    try:
-        _stops_its_group(proc, signal.SIGTERM, lambda: _answers(port))
-        assert not _answers(port)
+        stops_its_group(proc, signal.SIGINT, lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 2)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -157,9 +112,8 @@ def test_ui_stops_its_server_and_workers_on_sigterm(tmp_path):
 @pytest.mark.slow
 def test_run_on_its_own_prefect_api_is_quiet_and_leaves_no_process(tmp_path):
     """``varmerge run`` as a user runs it (no PREFECT_API_URL: the command starts a Prefect API
-    server of its own): it succeeds, prints no warning or library chatter, and nothing of its
-    process group (that server included) outlives it."""
-    import os
+    server of its own, on loopback): it succeeds, prints no warning or library chatter, and
+    nothing of its process group (that server included) outlives it, also when it fails."""
     import re
 
     import yaml
@@ -184,25 +138,12 @@ def test_run_on_its_own_prefect_api_is_quiet_and_leaves_no_process(tmp_path):
     with pytest.raises(ProcessLookupError):  # the group is empty: the API server stopped too
         os.killpg(proc.pid, 0)
 
-
-@pytest.mark.slow
-def test_the_commands_own_prefect_api_answers_and_is_stopped(monkeypatch, tmp_path, restore_env):
-    """``prefect_api()`` starts a Prefect server on loopback for the command's flows, points
-    PREFECT_API_URL at it, and stops it (the environment restored) when the block ends, also when
-    the block fails."""
-    import urllib.request
-    from urllib.parse import urlparse
-
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    monkeypatch.setattr(services, "_prefect_api_in_settings", lambda: False)  # no test harness here
-    with pytest.raises(RuntimeError, match="the block failed"):
-        with services.prefect_api() as api:
-            assert os.environ["PREFECT_API_URL"] == api.url
-            api.wait(90)
-            assert urlparse(api.url).hostname == LOOPBACK
-            with urllib.request.urlopen(api.url + "/health", timeout=5) as r:
-                assert r.status == 200
-            raise RuntimeError("the block failed")
-    assert api.proc.poll() is not None, "the server outlived the command"
-    assert "PREFECT_API_URL" not in os.environ
+    # a command that fails (after its API server started: preflight fails) stops the server too
+    config.write_text(yaml.safe_dump({**TINY, "name": "quiet", "model": {"name": "mlp", "options": {"depth": 3}}}))
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and output.startswith("error: model.options"), output
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
