@@ -15,6 +15,7 @@ What runs where is recorded by a worker plugin (``tests/dask_probe.py``).
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import os
@@ -153,7 +154,9 @@ def test_a_worker_killed_mid_finetune_is_rescheduled_and_nothing_finished_is_ret
     watcher = threading.Thread(target=kill_mid_finetune, daemon=True)
     watcher.start()
     with ThreadPoolExecutor(1) as pool:
-        flow = pool.submit(_run, RESUME, out, {"kind": "dask", "address": cluster.address})
+        # the flow's thread sees this one's Prefect settings (the session server's API URL)
+        run = contextvars.copy_context().run
+        flow = pool.submit(run, _run, RESUME, out, {"kind": "dask", "address": cluster.address})
         try:
             summary = flow.result(timeout=600)
         except Exception as exc:
