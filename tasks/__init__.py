@@ -9,13 +9,8 @@ from varmerge.services import apply_service_env as _apply_service_env
 
 _apply_service_env()
 
-# Prefect shows library logs; keep Lightning's per-fit banners and the datasets progress bars
-# out of the flow's output (training progress is reported per task by the flow itself).
+# Prefect shows library logs; keep Lightning's per-fit banners out of the flow's output
+# (training progress is reported per task by the flow itself). The datasets progress bars are
+# off through the environment (HF_DATASETS_DISABLE_PROGRESS_BARS, set above).
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
     _logging.getLogger(_name).setLevel(_logging.WARNING)
-try:
-    import datasets as _datasets
-
-    _datasets.disable_progress_bars()
-except ImportError:  # pragma: no cover
-    pass

@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 import tasks as _tasks_package
 from tasks import progress, tracking
+from tasks.logger import lightning_logger
 from tasks.tracking import Parent
 from varmerge import data as vdata
 from varmerge import files, models, pipeline, sequence
@@ -155,7 +156,7 @@ def _make_theta0(plan: RunPlan, data_ref: dict, parent, num_classes: int, prior_
     with tracking.child_run(parent if pretraining else None, "pretrain", {"varmerge.stage": "pretrain"}) as child:
         if child:
             tracking.log_params(parent.uri, child, cfg.pretrain.model_dump(mode="json"))
-        logger = tracking.lightning_logger(parent and parent.uri, child)
+        logger = lightning_logger(parent and parent.uri, child)
         label = "pretraining θ0" if pretraining else "building θ0"
         (model, prior), seconds = _timed(label, lambda r: pipeline.theta0(plan, num_classes, logger=logger, report=r))
         if prior is not None:
@@ -235,7 +236,7 @@ def _make_posterior(plan: RunPlan, data_ref, theta0_ref, task_index: int, parent
         if child:
             params = {"task": t.name, "classes": list(t.classes), "train_examples": len(t.train[1])}
             tracking.log_params(parent.uri, child, {**params, **plan.cfg.posterior.model_dump(mode="json")})
-        logger, prior = tracking.lightning_logger(parent and parent.uri, child), load_prior(plan, theta0_ref)
+        logger, prior = lightning_logger(parent and parent.uri, child), load_prior(plan, theta0_ref)
 
         def fit(report):
             return pipeline.finetune_task(plan, base, t, logger=logger, resume_dir=parts, prior=prior, report=report)
@@ -391,7 +392,7 @@ def _make_multitask(plan: RunPlan, data_ref, theta0_ref, alpha: tuple, parent, p
     base, shown = load_theta0(plan, theta0_ref), [round(v, 3) for v in alpha]
     tags = {"varmerge.stage": "multitask_finetune", "varmerge.alpha": json.dumps(list(alpha))}
     with tracking.child_run(parent, f"multitask/alpha={shown}", tags) as child:
-        logger, prior = tracking.lightning_logger(parent and parent.uri, child), load_prior(plan, theta0_ref)
+        logger, prior = lightning_logger(parent and parent.uri, child), load_prior(plan, theta0_ref)
 
         def fit(report):
             return pipeline.multitask_finetune(plan, base, task_data, alpha, logger=logger, prior=prior, report=report)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mlflow
 from filelock import FileLock
-from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
 
 from varmerge.services import cache_dir
@@ -239,27 +238,8 @@ def read_json_artifact(uri: str, run_id: str, artifact: str) -> dict:
         return json.loads(Path(local).read_text())
 
 
-class StepLogger(MLFlowLogger):
-    """Lightning's MLflow logger for a run a step owns: a successful ``fit`` leaves the run open
-    (Lightning's would mark it FINISHED after the first of a MultiIVON finetune's K fits, while
-    the next fits still log to it); the step finishes it (:func:`finish`). A failed fit marks it
-    FAILED, as Lightning's does."""
-
-    def finalize(self, status: str = "success") -> None:
-        if status == "failed":
-            super().finalize(status)
-
-
-def lightning_logger(uri: str | None, run_id: str | None):
-    """Lightning's MLflow logger bound to an existing run (one logging path, no extra runs)."""
-    if not uri or not run_id:
-        return None
-    return StepLogger(tracking_uri=uri, run_id=run_id, log_model=False)
-
-
 __all__ = [
     "Parent",
-    "lightning_logger",
     "mlflow",
     "child_run",
     "client",
