@@ -44,8 +44,10 @@ system-data:
 demo: setup
 	$(BIN)/varmerge run configs/smoke.yaml
 
+# Two worker processes (pytest-xdist): the slow tests spend much of their time in subprocesses
+# and servers; tests that share the session's reference run, or the Dask cluster, stay together.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -26,6 +26,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("reference"),  # the session's reference run: built once per worker
     pytest.mark.skipif(
         not (CHROMIUM and DRIVER),
         reason="needs Debian's chromium and chromium-driver (make setup installs them as root)",

@@ -33,7 +33,7 @@ import torch
 from helpers import RESUME, TINY
 from servers import Procs, free_port, tail
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dask")]  # one cluster for the module
 TESTS = Path(__file__).resolve().parent
 
 

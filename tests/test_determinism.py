@@ -13,6 +13,8 @@ from helpers import RESUME
 from varmerge import files
 from varmerge.posterior import load_posterior
 
+pytestmark = pytest.mark.xdist_group("reference")  # the session's reference run: built once per worker
+
 
 def _by_prefix(folder, pattern):
     return {p.name.split("-")[0]: p for p in sorted(folder.glob(pattern))}

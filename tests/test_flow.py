@@ -11,6 +11,8 @@ pytest.importorskip("prefect")
 from helpers import TINY, plan_of  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("reference")  # the session's reference run: built once per worker
+
 
 @pytest.fixture(scope="module")
 def harness(prefect_server):  # the session's Prefect test API (tests/conftest.py)

@@ -42,6 +42,8 @@ from helpers import RESUME, TINY, plan_of
 from varmerge import files, pipeline, train
 from varmerge.plan import make_plan
 
+pytestmark = pytest.mark.xdist_group("reference")  # the session's reference run: built once per worker
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = RESUME["name"]
 
