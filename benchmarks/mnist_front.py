@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     console = Console()
     with Bars(console) as bars:
         plan = make_plan(cfg)
-        res = estimate_front(plan, LocalRunner(plan, steps=bars.step))
+        res = estimate_front(LocalRunner(plan, steps=bars.step))
     summary = res.summary()
     print_front(summary, cfg.merge.spacing)
     paper = PAPER.get(cfg.name, {})

@@ -319,7 +319,7 @@ class Table1Runner(LocalRunner):
     def data(self):
         self.say(f"{self.cfg.name}: loading data")
         with self.ledger("data"):
-            self.tasks, _ = data = pipeline.prepare_tasks(self.cfg)
+            self.tasks, _ = data = super().data()  # the plan learns the tasks' sizes
         return data
 
     def theta0(self, data):
@@ -425,7 +425,7 @@ def run_experiment(name: str, exp: Experiment, console: Console, report_dir: Pat
 
     try:
         runner = Table1Runner(plan, exp, say, ledger)
-        front = estimate_front(plan, runner)  # the pipeline's own sequence, in process
+        front = estimate_front(runner)  # the pipeline's own sequence, in process
         tasks, base, ft_seconds, sweeps = runner.tasks, runner.base_model, runner.ft_seconds, front.sweeps
         posteriors = runner.last_posteriors
         T, names = len(tasks), [t.name for t in tasks]

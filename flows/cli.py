@@ -186,7 +186,7 @@ def demo(
     t0 = time.perf_counter()
     with _user_errors(), Bars(console, quiet=quiet) as bars:
         plan = make_plan(cfg)
-        res = estimate_front(plan, LocalRunner(plan, steps=bars.step))
+        res = estimate_front(LocalRunner(plan, steps=bars.step))
         if res.error is not None:
             raise ValueError(res.error)
     summary = res.summary()

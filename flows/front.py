@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -68,7 +69,7 @@ def front_flow(
         data_ref = runner_.data()
         with parent_run(plan, data_ref) as parent:
             runner_.parent = parent
-            result = estimate_front(plan, runner_)
+            result = estimate_front(runner_)
             return report(plan, runner_, result)
 
 
@@ -123,6 +124,7 @@ def report(plan: RunPlan, runner: PrefectRunner, result: FrontResult) -> dict:
             result.predicted[0].tolist(),
             result.realised[0].tolist(),
             run_dir / "predicted_vs_realised.png",
+            defaults={n: acc.tolist() for n, acc in result.realised_defaults.items()},
         )
     )
     summary["registered_model"] = register_model(plan, runner, result.chosen_alpha[0])
@@ -133,14 +135,34 @@ def report(plan: RunPlan, runner: PrefectRunner, result: FrontResult) -> dict:
 
 
 def front_figures(plan: RunPlan, result: FrontResult) -> list[Path]:
-    """The front's projections (real finetunes as circles) and, for three tasks, the ternary map."""
+    """The front's projections (real finetunes as circles, the default α's predicted scores on the
+    selection method's front as labelled markers) and, for three tasks, the ternary map of the
+    objective with the default α marked."""
     names, run_dir = plan.task_names, plan.run_dir
     realised = result.realised.tolist() if result.realised is not None else []
+    realised += [acc.tolist() for acc in result.realised_defaults.values()]
+    rows, acc = result.default_rows, result.sweeps[result.method]["accuracy"]
     figures = [
-        plots.front_projections(result.sweeps, names, run_dir / "front.png", title=plan.cfg.name, multitask=realised)
+        plots.front_projections(
+            result.sweeps,
+            names,
+            run_dir / "front.png",
+            title=plan.cfg.name,
+            multitask=realised,
+            defaults={n: acc[r].tolist() for n, r in rows.items()},
+        )
     ]
     if len(names) == 3:
-        figures.append(plots.ternary_mean_accuracy(result.sweeps, names, run_dir / "ternary.png"))
+        figures.append(
+            plots.ternary_mean_accuracy(
+                result.sweeps,
+                names,
+                run_dir / "ternary.png",
+                objective=plan.objective,
+                label=plan.objective.label,
+                defaults={n: result.alpha[r].tolist() for n, r in rows.items()},
+            )
+        )
     return figures
 
 
@@ -153,25 +175,41 @@ def _save_front(plan: RunPlan, summary: dict, figures: list[Path]) -> None:
 
 
 def log_chosen(plan: RunPlan, parent: tracking.Parent, summary: dict, result: FrontResult) -> None:
-    """The parent run's metrics (per method; predicted and realised at the chosen α; the search's
-    incumbent per step) and tags (the chosen method, α, predicted and realised)."""
-    names, predicted, realised = plan.task_names, result.predicted[0], result.realised[0]
+    """The parent run's metrics (per method; predicted and realised at the chosen α and at the
+    default α; the gain over pooled; the verdict's gains; the search's incumbent per step) and
+    tags (the chosen method, α, predicted and realised; each default's α; the verdict)."""
+    names, predicted, realised, obj = plan.task_names, result.predicted[0], result.realised[0], plan.objective
     methods = {
         f"{m}/{k}": s[k]
         for m, s in summary["methods"].items()
-        for k in ("max_mean_accuracy", "hypervolume", "front_size")
+        for k in ("max_mean_accuracy", "max_objective", "hypervolume", "front_size")
     }
     chosen = {
         "chosen/predicted_mean": float(predicted.mean()),
         "chosen/realised_mean": float(realised.mean()),
+        "chosen/predicted_objective": float(obj(predicted)),
+        "chosen/realised_objective": float(obj(realised)),
         **{f"chosen/predicted/{n}": float(v) for n, v in zip(names, predicted, strict=True)},
         **{f"chosen/realised/{n}": float(v) for n, v in zip(names, realised, strict=True)},
     }
-    tracking.log_metrics(parent.uri, parent.run_id, {**methods, **chosen})
+    for kind, g in summary["chosen"]["gain_over_pooled"].items():
+        chosen[f"chosen/{kind}_gain_over_pooled"] = g["objective"]
+    defaults = {}
+    for name, d in summary["defaults"].items():
+        pred = d["predicted"][result.method]
+        defaults[f"defaults/{name}/predicted_objective"] = pred["objective"]
+        defaults |= {f"defaults/{name}/predicted/{n}": v for n, v in zip(names, pred["accuracy"], strict=True)}
+        if "realised" in d:
+            defaults[f"defaults/{name}/realised_objective"] = d["realised"]["objective"]
+            defaults |= {
+                f"defaults/{name}/realised/{n}": v for n, v in zip(names, d["realised"]["accuracy"], strict=True)
+            }
+    gains = {f"verdict/gain/{m}": g for m, g in summary["verdict"]["gains"].items()}
+    tracking.log_metrics(parent.uri, parent.run_id, {**methods, **chosen, **defaults, **gains})
     for i, it in enumerate(result.search or [], start=1):  # the UI plots the search by step
-        point = {"search/best_realised_mean": max(sum(r) / len(r) for r in it["realised"])}
-        if it["incumbent_mean"] is not None:
-            point["search/incumbent_mean"] = it["incumbent_mean"]
+        point = {"search/best_realised_objective": max(float(obj(torch.tensor(r))) for r in it["realised"])}
+        if it["incumbent_objective"] is not None:
+            point["search/incumbent_objective"] = it["incumbent_objective"]
         tracking.log_metrics(parent.uri, parent.run_id, point, step=i)
     tags = {
         "alpha": [round(a, 6) for a in result.chosen_alpha[0].tolist()],
@@ -179,6 +217,13 @@ def log_chosen(plan: RunPlan, parent: tracking.Parent, summary: dict, result: Fr
         "realised": [round(float(v), 6) for v in realised],
     }
     tags = {f"varmerge.chosen.{k}": json.dumps(v) for k, v in tags.items()}
+    tags |= {
+        f"varmerge.defaults.{n}.alpha": json.dumps([round(a, 6) for a in d["alpha"]])
+        for n, d in summary["defaults"].items()
+    }
+    verdict = summary["verdict"]
+    tags |= {"varmerge.verdict": verdict["message"], "varmerge.verdict.matters": json.dumps(verdict["matters"])}
+    tags |= {"varmerge.objective": obj.kind}
     tracking.set_tags(parent.uri, parent.run_id, {**tags, "varmerge.chosen.method": result.method})
 
 

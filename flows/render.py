@@ -10,52 +10,84 @@ console = Console()
 
 
 def print_front(summary: dict, spacing: float) -> None:
-    """The per-method table and predicted vs realised at the chosen α."""
+    """The per-method table, the chosen α beside the free defaults (predicted and realised), the
+    gain over pooled data and the verdict."""
+    label = summary["objective"]["label"]
     table = Table(title=f"estimated fronts ({summary['grid_size']} α, spacing {spacing})")
-    for col in ("method", "max mean acc", "best α", "front size", "sweep s"):
+    for col in ("method", f"best {label}", "at pooled α", "best α", "front size", "sweep s"):
         table.add_column(col, justify="left" if col == "method" else "right")
+    pooled = summary["defaults"]["pooled"]["predicted"]
     for m, r in summary["methods"].items():
         table.add_row(
             m,
-            f"{100 * r['max_mean_accuracy']:.1f}",
-            str([round(v, 2) for v in r["best_alpha"]]),
+            f"{100 * r['max_objective']:.1f}",
+            f"{100 * pooled[m]['objective']:.1f}",
+            _alpha(r["best_alpha"]),
             str(r["front_size"]),
             f"{r['seconds']:.1f}",
         )
     console.print(table)
     if summary.get("search"):
-        print_search(summary["search"])
-    ch = summary["chosen"]
-    if summary.get("search"):  # the incumbent only: the other finetunes are in the search table
-        ch = {**ch, **{k: ch[k][:1] for k in ("alpha", "predicted", "realised")}}
-    for a, pred, real in zip(ch["alpha"], ch["predicted"], ch["realised"], strict=True):
-        cmp = Table(title=f"α {[round(v, 2) for v in a]} chosen by '{ch['method']}': predicted vs realised")
-        for col in ("task", "predicted (merged)", "realised (multitask finetune)"):
-            cmp.add_column(col, justify="left" if col == "task" else "right")
-        for n, p, r in zip(summary["tasks"], pred, real, strict=True):
-            cmp.add_row(n, f"{100 * p:.1f}", f"{100 * r:.1f}")
-        cmp.add_row("mean", f"{100 * sum(pred) / len(pred):.1f}", f"{100 * sum(real) / len(real):.1f}")
-        console.print(cmp)
+        print_search(summary["search"], label)
+    if summary.get("chosen"):
+        print_choice(summary)
+    console.print(summary["verdict"]["message"])
 
 
-def print_search(search: list[dict]) -> None:
+def _alpha(a) -> str:
+    return " ".join(f"{v:.2f}" for v in a)
+
+
+def _cell(predicted: float, realised: float | None) -> str:
+    return f"{100 * predicted:.1f}" + ("" if realised is None else f" → {100 * realised:.1f}")
+
+
+def print_choice(summary: dict) -> None:
+    """The chosen α (the incumbent, for a closed loop) and the defaults: the selection method's
+    predicted scores → the real multitask finetune's, where one ran."""
+    ch, names, label = summary["chosen"], summary["tasks"], summary["objective"]["label"]
+    method = ch["method"]
+    table = Table(title=f"chosen α ('{method}') and the defaults: predicted (merged) → realised (multitask finetune)")
+    for col in ("candidate", "α", *names, label):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    k = 1 if summary.get("search") else len(ch["alpha"])  # a search's other finetunes are in its table
+    realised = ch["realised"] or [None] * k
+    for i in range(k):
+        real = realised[i]
+        cells = [_cell(p, None if real is None else r) for p, r in zip(ch["predicted"][i], real or ch["predicted"][i])]
+        obj = _cell(ch["predicted_objective"][i], None if real is None else ch["realised_objective"][i])
+        table.add_row(
+            str([round(v, 2) for v in ch["alpha"][i]]), "chosen" if k == 1 else f"chosen #{i + 1}", *cells, obj
+        )
+    for name, d in summary["defaults"].items():
+        pred, real = d["predicted"][method], d.get("realised")
+        cells = [_cell(p, None if real is None else r) for p, r in zip(pred["accuracy"], (real or pred)["accuracy"])]
+        obj = _cell(pred["objective"], None if real is None else real["objective"])
+        table.add_row(name, _alpha(d["alpha"]), *cells, obj)
+    console.print(table)
+    for kind, g in ch["gain_over_pooled"].items():
+        per_task = ", ".join(f"{n} {100 * v:+.1f}" for n, v in zip(names, g["per_task"], strict=True))
+        console.print(
+            f"{kind} gain of the chosen α over pooled data: {label} {100 * g['objective']:+.1f} points ({per_task})"
+        )
+
+
+def print_search(search: list[dict], label: str = "mean accuracy") -> None:
     """The closed-loop search, one row per finetune: where, predicted, realised, incumbent."""
     table = Table(title=f"closed-loop search: {sum(len(it['alpha']) for it in search)} multitask finetunes")
-    for col in ("iteration", "α", "predicted mean", "expected gain", "realised mean", "incumbent"):
+    for col in ("iteration", "α", f"predicted {label}", "expected gain", "realised per task", "incumbent"):
         table.add_column(col, justify="right")
     for i, it in enumerate(search, start=1):
-        for a, p, g, r in zip(it["alpha"], it["predicted_mean"], it["expected_improvement"], it["realised"]):
-            gain = "prior's best" if g is None else f"{100 * g:.2f}"
-            inc = "-" if it["incumbent_mean"] is None else f"{100 * it['incumbent_mean']:.1f}"
-            real = f"{100 * sum(r) / len(r):.1f}"
+        for a, p, g, r in zip(it["alpha"], it["predicted_objective"], it["expected_improvement"], it["realised"]):
+            gain = "start (pooled α)" if g is None and i == 1 else "prior's best" if g is None else f"{100 * g:.2f}"
+            inc = "-" if it["incumbent_objective"] is None else f"{100 * it['incumbent_objective']:.1f}"
+            real = " ".join(f"{100 * v:.1f}" for v in r)
             table.add_row(str(i), str([round(v, 2) for v in a]), f"{100 * p:.1f}", gain, real, inc)
     console.print(table)
 
 
 def print_plan(plan, title: str) -> None:
     """What a run of ``plan`` would do (``varmerge validate``)."""
-    from varmerge.grid import grid_size
-
     cfg = plan.cfg
     table = Table(title=title, show_header=False)
     table.add_row("tasks", ", ".join(f"{t.name} {t.classes or t.domain}" for t in cfg.data.tasks))
@@ -63,7 +95,8 @@ def print_plan(plan, title: str) -> None:
     table.add_row("model", cfg.model.name)
     table.add_row("posterior", f"{cfg.posterior.method} ({cfg.posterior.steps} steps)")
     table.add_row("merges", ", ".join(plan.method_names))
-    table.add_row("α grid", f"spacing {cfg.merge.spacing}: {grid_size(len(plan.tasks), cfg.merge.spacing)} points")
+    if plan.sized:  # the grid holds the default α, which need the tasks' sizes
+        table.add_row("α grid", f"spacing {cfg.merge.spacing} and the default α: {len(plan.grid())} points")
     sel = cfg.selection
     if sel.strategy == "closed_loop":
         priors = ", ".join(plan.prior_methods)
@@ -71,6 +104,15 @@ def print_plan(plan, title: str) -> None:
     else:
         how = f"top {sel.top_k} α of {plan.selection_method}'s front"
     table.add_row("selection", how)
+    obj = plan.objective
+    weights = "" if obj.weights is None else f" (weights {list(obj.weights)})"
+    table.add_row("objective", f"{obj.label}{weights}; verdict margin {100 * sel.margin:.1f} points")
+    if plan.sized:
+        table.add_row(
+            "defaults",
+            "; ".join(f"{n} {[round(float(v), 3) for v in a]}" for n, a in plan.defaults().items())
+            + f" (τ = {sel.temperature})",
+        )
     rc = cfg.runner
     local = f"a local Dask cluster of {rc.local_workers} workers"
     table.add_row("runner", "the flow's thread" if rc.kind == "thread" else rc.address or local)

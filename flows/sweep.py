@@ -110,7 +110,7 @@ def _score_main_run(plan: RunPlan, out: dict, acc: torch.Tensor) -> None:
     front = json.loads(front_json.read_text())
     scores = {m: {"alpha_map_error": d["alpha_map_error"]} for m, d in out["methods"].items() if "alpha_map_error" in d}
     if front.get("chosen") and front["chosen"].get("realised"):
-        regret = pareto.selection_regret(acc, front["chosen"]["realised"])
+        regret = pareto.selection_regret(acc, front["chosen"]["realised"], plan.objective)
         scores.setdefault(front["chosen"]["method"], {})["selection_regret"] = regret
         out["selection_regret"] = {"method": front["chosen"]["method"], **regret}
     for m, sc in scores.items():

@@ -24,7 +24,6 @@ from prefect.task_runners import TaskRunner
 from tasks import steps
 from tasks.tracking import Parent
 from varmerge.config import RunnerConfig
-from varmerge.grid import grid_size
 from varmerge.pipeline import SWEEP_BLOCK
 from varmerge.plan import RunPlan
 
@@ -98,7 +97,7 @@ class PrefectRunner:
         batches of :data:`~varmerge.pipeline.SWEEP_BLOCK` α, so the joined blocks equal the whole
         sweep bit for bit. None (an empty list) for a grid of one batch, one worker, or an
         estimator (MAP needs the whole grid)."""
-        n = grid_size(len(self.plan.tasks), self.plan.cfg.merge.spacing)
+        n = len(self.plan.grid())
         batches = -(-n // SWEEP_BLOCK)
         k = min(self.pool.workers, batches)
         if k <= 1 or self.plan.merge_step(method).spec.kind == "estimator":

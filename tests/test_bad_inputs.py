@@ -121,6 +121,31 @@ CLI_CASES = [
         "error",
     ),
     (
+        "objective-weights-unknown-task",
+        tiny(selection__objective="weighted", selection__weights={"a": 0.5, "b": 0.3, "zz": 0.2}),
+        "selection.weights name unknown tasks ['zz'] and no weight for ['c']",
+        "error",
+    ),
+    (
+        "objective-weights-off-the-simplex",
+        tiny(selection__objective="weighted", selection__weights={"a": 0.5, "b": 0.5, "c": 0.5}),
+        "selection.weights must be >= 0 and sum to 1",
+        "error",
+    ),
+    (
+        "objective-weights-without-weighted",
+        tiny(selection__weights={"a": 0.5, "b": 0.3, "c": 0.2}),
+        "selection.weights go with selection.objective weighted",
+        "error",
+    ),
+    ("unknown-objective", tiny(selection__objective="median"), "selection.objective: Input should be", "error"),
+    (
+        "task-cap-empties-a-class",
+        tiny(data__tasks__2={"name": "c", "classes": [5, 6, 7, 8, 9], "max_train": 3}),
+        "task 'c': max_train 3: keeping 3 of 300 examples leaves some of its 5 classes",
+        "error",
+    ),
+    (
         "base-checkpoint-missing",
         tiny(base={"checkpoint": "/nonexistent/theta.safetensors"}),
         "base.checkpoint /nonexistent/theta.safetensors: no such file or folder",

@@ -62,7 +62,7 @@ def test_cli_validate_one_line_errors(tmp_path):
     assert "does not divide 1" in result.output and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == [bad]  # nothing written
     ok = CliRunner().invoke(app, ["validate", str(ROOT / "configs" / "smoke.yaml")])
-    assert ok.exit_code == 0 and "66 points" in ok.output
+    assert ok.exit_code == 0 and "68 points" in ok.output  # 66 of spacing 0.1, uniform and temperature α
     missing = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "no such config file" in missing.output
 

@@ -410,3 +410,54 @@ def test_library_imports_no_orchestration() -> None:
     src = Path(D.__file__).read_text()
     for name in ("prefect", "mlflow", "dvc"):
         assert f"import {name}" not in src and f"from {name}" not in src
+
+
+def test_a_task_cap_keeps_a_seeded_stratified_sample():
+    import numpy as np
+
+    from varmerge.data import stratified_cap
+
+    labels = np.array([0] * 70 + [1] * 20 + [2] * 10)
+    keep = stratified_cap(labels, 10, seed=0)
+    assert np.bincount(labels[keep]).tolist() == [6, 2, 2] and (np.diff(keep) > 0).all()
+    assert np.array_equal(keep, stratified_cap(labels, 10, seed=0))
+    assert not np.array_equal(keep, stratified_cap(labels, 10, seed=1))
+    assert np.bincount(labels[stratified_cap(labels, 4, seed=0)]).tolist() == [2, 1, 1]  # one each, then shares
+    assert len(stratified_cap(labels, 500, seed=0)) == 100
+    assert np.bincount(labels[stratified_cap(labels, 3, seed=0)]).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match=r"leaves some of its 3 classes \[0, 1, 2\] with none; keep at least 3"):
+        stratified_cap(labels, 2, seed=0)
+
+
+def test_per_task_caps_make_tasks_of_very_different_sizes():
+    from helpers import TINY
+
+    from varmerge import pipeline
+    from varmerge.config import parse_config
+    from varmerge.plan import make_plan
+    from varmerge.sequence import LocalRunner
+
+    raw = {**TINY, "data": {**TINY["data"], "max_train_per_task": None}}
+    raw["data"]["tasks"] = [dict(t) for t in TINY["data"]["tasks"]]
+    raw["data"]["tasks"][0]["max_train"] = 8
+    cfg = parse_config(raw)
+    tasks, _ = pipeline.prepare_tasks(cfg)
+    sizes = [len(t.train[1]) for t in tasks]
+    assert sizes[0] == 8 and min(sizes[1:]) >= 100 * 8  # 100x smaller
+    assert sorted(set(tasks[0].train[1].tolist())) == [0, 1]  # both classes kept
+    runner = LocalRunner(make_plan(cfg))
+    runner.data()
+    assert [t.train_examples for t in runner.plan.tasks] == sizes
+    assert runner.plan.defaults()["pooled"].tolist() == pytest.approx([n / sum(sizes) for n in sizes])
+
+
+def test_a_noisy_task_has_exactly_that_fraction_of_wrong_labels():
+    import numpy as np
+
+    from varmerge.data import noisy_labels
+
+    labels = np.repeat([3, 5, 7], 100)
+    noisy = noisy_labels(labels, 0.4, seed=0)
+    assert (noisy != labels).sum() == 120 and set(noisy.tolist()) == {3, 5, 7}
+    assert np.array_equal(noisy, noisy_labels(labels, 0.4, seed=0))
+    assert np.array_equal(noisy_labels(labels, 0.0, seed=0), labels)

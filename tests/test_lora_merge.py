@@ -91,7 +91,7 @@ def test_text_front_estimation_end_to_end():
     raw["multitask_steps"] = 3
     cfg = parse_config(raw)
     plan = make_plan(cfg)
-    res = estimate_front(plan, LocalRunner(plan))
+    res = estimate_front(LocalRunner(plan))
     assert res.alpha.shape == (6, 3)
     for m in ("simple", "hessian", "mixture"):
         acc = res.sweeps[m]["accuracy"]

@@ -295,9 +295,9 @@ def test_a_config_runs_mixture_full_von_posteriors_through_the_front():
         }
     )
     plan = make_plan(cfg)
-    result = estimate_front(plan, LocalRunner(plan))
+    result = estimate_front(LocalRunner(plan))
     acc = result.sweeps["mixture_full"]["accuracy"]
-    assert acc.shape == (6, 3) and float(acc.max(0).values.min()) > 0.6  # each task learned at its vertex
+    assert acc.shape == (7, 3) and float(acc.max(0).values.min()) > 0.6  # spacing 0.5 and (1/3, 1/3, 1/3)
     assert result.realised is not None and result.realised.shape == (1, 3)
 
 

@@ -38,14 +38,14 @@ def test_each_step_reports_its_steps_up_to_the_total():
         return step()
 
     plan = make_plan(_cfg())
-    res = estimate_front(plan, LocalRunner(plan, steps=steps))
+    res = estimate_front(LocalRunner(plan, steps=steps))
     assert res.error is None
     n = TINY["posterior"]["steps"]
     ft = seen["finetune a (multi_ivon × 2)"]
     assert ft[0] == (0, n, "") and ft[-1] == (n, n, "run 2") and (n, n, "") in ft
     assert [d for d, _, note in ft if note == ""] == list(range(n + 1))  # every step of run 1, in order
     for m in TINY["merge"]["methods"]:
-        assert seen[f"merge + evaluate {m}"] == [(0, 15, ""), (15, 15, "")]
+        assert seen[f"merge + evaluate {m}"] == [(0, 16, ""), (16, 16, "")]  # 15 of spacing 0.25 and the uniform α
     [mt] = [k for k in seen if k.startswith("multitask α=")]
     assert seen[mt][-1] == (TINY["multitask_steps"],) * 2 + ("",)
     assert seen["loading data"] == [] and seen["building θ0"] == []  # no steps to count

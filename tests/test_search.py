@@ -117,3 +117,35 @@ def test_a_constraint_is_met_by_the_incumbent():
     # the prior alone would not get there: none of its 6 best α predicted feasible is feasible
     top = np.argsort(-np.where(predicted[:, 2] >= threshold, predicted.mean(1), -1), kind="stable")[:6]
     assert not (real[top, 2] >= threshold).any()
+
+
+def test_the_search_starts_at_pooled_alpha_and_stops_when_alpha_matters_little():
+    pooled = int(np.abs(ALPHA - np.array([0.5, 0.3, 0.2])).max(1).argmin())
+    flat = np.full_like(ALPHA, 0.8) + 0.001 * ALPHA  # every α within 0.1 points of every other
+    search = ClosedLoop(ALPHA, {"m": flat}, SearchSettings(budget=5, start=(pooled,), margin=0.005))
+    first = search.propose()
+    assert first.rows == [pooled] and first.expected_improvement == [None]
+    search.observe(ALPHA[pooled], flat[pooled])
+    assert search.propose() is None  # no α is expected to beat pooled by half a point
+    # where α matters, the same settings go on searching
+    steep = truth(ALPHA)
+    search = ClosedLoop(ALPHA, {"m": steep}, SearchSettings(budget=5, start=(0,), margin=0.005))
+    rows = run(search, truth)
+    assert rows[0] == 0 and len(rows) > 1 and regret(rows) < 0.005
+    with pytest.raises(ValueError, match="start rows"):
+        ClosedLoop(ALPHA, {"m": steep}, SearchSettings(budget=2, start=(10**6,)))
+
+
+def test_the_worst_task_objective_finds_the_balanced_alpha():
+    from varmerge.objective import Objective
+
+    def realise(alpha):  # each task's accuracy grows with its own weight: the worst task peaks at uniform
+        return 0.5 + 0.4 * np.sqrt(np.asarray(alpha))
+
+    predicted = realise(ALPHA)
+    search = ClosedLoop(ALPHA, {"m": predicted}, SearchSettings(budget=3, epsilon=0), objective=Objective("worst_task"))
+    rows = run(search, realise)
+    found = max(realise(ALPHA[r]).min() for r in rows)
+    assert found == realise(ALPHA).min(1).max()  # the best worst task of the grid (smallest weight 0.3)
+    again = ClosedLoop(ALPHA, {"m": predicted}, SearchSettings(budget=3, epsilon=0), objective=Objective("worst_task"))
+    assert run(again, realise) == rows  # the draws are fixed: deterministic

@@ -42,6 +42,19 @@ class TaskConfig(_Strict):
     name: str
     classes: list[int] = Field(default_factory=list, description="global class ids of this task")
     domain: str | None = Field(None, description="for text sources split by domain (tweets)")
+    max_train: int | None = Field(
+        None,
+        gt=0,
+        description="keep at most this many training examples of the task (seeded, stratified by class): "
+        "tasks of very different sizes, as users have them",
+    )
+    label_noise: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="replace this fraction of the task's training labels by another of its classes (seeded): "
+        "a noisy task, for benchmarks",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -294,8 +307,34 @@ class Constraint(_Strict):
 
 
 class SelectionConfig(_Strict):
-    rule: Literal["max_mean"] = "max_mean"
+    objective: Literal["mean", "worst_task", "weighted"] = Field(
+        "mean",
+        description="what the best α maximises: the mean over tasks, the worst task, or a weighted mean (weights)",
+    )
+    weights: dict[str, float] | None = Field(
+        None, description="objective weighted: a weight per task name, on the simplex (>= 0, sum 1)"
+    )
     constraints: list[Constraint] = Field(default_factory=list)
+    max_drop_vs_pooled: float | None = Field(
+        None,
+        ge=0,
+        description="a constraint: no task predicted more than this (accuracy, 0.01 = 1 point) below its "
+        "score at pooled α",
+    )
+    temperature: float = Field(
+        0.5, ge=0, le=1, description="τ of the temperature default α_t ∝ N_t^τ (0: uniform, 1: pooled)"
+    )
+    finetune_defaults: list[Literal["pooled", "uniform", "temperature"]] = Field(
+        default_factory=list,
+        description="also run the real multitask finetune at these default α, to compare with the chosen one "
+        "(the closed loop always starts at pooled)",
+    )
+    margin: float = Field(
+        0.005,
+        ge=0,
+        description="the verdict: α matters little when the best α beats pooled by less than this on the "
+        "objective (0.005 = half a point)",
+    )
     strategy: Literal["top_k", "closed_loop"] = Field(
         "top_k",
         description="top_k: finetune at the top-k α of the merged front; closed_loop: a budget of finetunes, "
@@ -314,6 +353,12 @@ class SelectionConfig(_Strict):
 
     @model_validator(mode="after")
     def _strategy(self):
+        if (self.objective == "weighted") != (self.weights is not None):
+            raise ValueError("selection.weights go with selection.objective weighted, and it needs them")
+        if self.weights is not None:
+            w = list(self.weights.values())
+            if any(not math.isfinite(v) or v < 0 for v in w) or abs(sum(w) - 1) > 1e-6:
+                raise ValueError(f"selection.weights must be >= 0 and sum to 1 (on the simplex), got {self.weights}")
         if self.strategy == "closed_loop":
             if self.budget is None:
                 raise ValueError("selection.strategy closed_loop needs selection.budget (real multitask finetunes)")
@@ -374,6 +419,14 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _cross(self):
         names = [t.name for t in self.data.tasks]
+        unknown = sorted(set(self.selection.weights or {}) - set(names))
+        missing = [n for n in names if self.selection.weights is not None and n not in self.selection.weights]
+        if unknown or missing:
+            raise ValueError(
+                f"selection.weights name {'unknown tasks ' + str(unknown) if unknown else ''}"
+                f"{' and ' if unknown and missing else ''}{'no weight for ' + str(missing) if missing else ''}; "
+                f"tasks are {names}"
+            )
         for c in self.selection.constraints:
             if c.task not in names:
                 raise ValueError(f"selection constraint names task {c.task!r}; tasks are {names}")

@@ -144,6 +144,46 @@ def _cap_per_class(labels: np.ndarray, max_per_class: int | None, seed: int) -> 
     return np.sort(np.concatenate(keep))
 
 
+def stratified_cap(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``n`` seeded-random examples, stratified by class: every class keeps one
+    example, and the other ``n − C`` are shared in proportion to the class sizes (``floor``, then
+    the largest remainders; ties to the lower class id). Raises ValueError when ``n`` is smaller
+    than the number of classes C (a class would keep nothing)."""
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    if n < len(classes):
+        raise ValueError(
+            f"keeping {n} of {len(labels)} examples leaves some of its {len(classes)} classes "
+            f"{[int(c) for c in classes]} with none; keep at least {len(classes)}"
+        )
+    exact = (n - len(classes)) * (counts - 1) / (counts - 1).sum() if counts.sum() > len(classes) else 0 * counts
+    quota = np.floor(exact).astype(int)
+    order = np.lexsort((classes, -(exact - quota)))  # largest remainder first, then class id
+    quota[order[: n - len(classes) - quota.sum()]] += 1
+    quota += 1
+    rng = np.random.default_rng([seed, 2])  # a stream independent of the split's and the class cap's
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota, strict=True)]
+    return np.sort(np.concatenate(keep))
+
+
+def noisy_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``labels`` with ``round(fraction · N)`` seeded-random entries replaced by another of the
+    labels present (uniformly among the others): exactly that fraction is wrong."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if fraction <= 0 or len(classes) < 2:
+        return labels.copy()
+    rng = np.random.default_rng([seed, 3])
+    flip = rng.permutation(len(labels))[: int(round(fraction * len(labels)))]
+    out = labels.copy()
+    shift = rng.integers(1, len(classes), size=len(flip))  # to another class: never the same one
+    pos = np.searchsorted(classes, labels[flip])
+    out[flip] = classes[(pos + shift) % len(classes)]
+    return out
+
+
 def _image_dataset(images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> Dataset:
     """A Dataset with ``image`` Array2D uint8 (28, 28) and ``label`` ClassLabel columns.
 

@@ -6,7 +6,7 @@ The indicators come from moocore, a maintained C library; nothing here is hand-r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import moocore
 import numpy as np
@@ -57,21 +57,30 @@ def igd_plus(scores, reference_front, maximize: bool = True) -> float:
     return float(moocore.igd_plus(s, ref=ref, maximise=maximize))
 
 
-def front_summary(alpha, scores, *, reference=0.0, reference_front=None) -> dict:
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # (G, T) scores -> (G,) objective (an Objective)
+
+
+def _rank(s: torch.Tensor, objective: Scorer | None) -> torch.Tensor:
+    return s.mean(1) if objective is None else torch.as_tensor(objective(s), dtype=torch.float64)
+
+
+def front_summary(alpha, scores, *, reference=0.0, reference_front=None, objective: Scorer | None = None) -> dict:
     """The summary of one front (a merge method's sweep, or real finetunes) over the α in ``alpha``
-    ((G, T)) with per-task ``scores`` ((G, T), higher is better): the best mean score and its α,
-    the non-dominated points (their α and scores), their number and hypervolume (from
-    ``reference`` in every task), and, given a ``reference_front`` (e.g. the ground truth's),
-    their IGD+ against it. The one summary the sequence, the flows and the benchmarks report."""
+    ((G, T)) with per-task ``scores`` ((G, T), higher is better): the best mean score, the best
+    ``objective`` (default: the mean) and its α, the non-dominated points (their α and scores),
+    their number and hypervolume (from ``reference`` in every task), and, given a
+    ``reference_front`` (e.g. the ground truth's), their IGD+ against it. The one summary the
+    sequence, the flows and the benchmarks report."""
     a = torch.as_tensor(alpha, dtype=torch.float64)
     s = torch.as_tensor(_as_points(scores), dtype=torch.float64)
     if a.shape != s.shape:
         raise ValueError(f"alpha {tuple(a.shape)} and scores {tuple(s.shape)} differ in shape")
-    mean = s.mean(1)
-    b = int(mean.argmax())
+    value = _rank(s, objective)
+    b = int(value.argmax())
     mask = pareto_mask(s)
     out = {
-        "max_mean_accuracy": float(mean[b]),
+        "max_mean_accuracy": float(s.mean(1).max()),
+        "max_objective": float(value[b]),
         "best_alpha": a[b].tolist(),
         "front_size": int(mask.sum()),
         "hypervolume": hypervolume(s[mask], reference),
@@ -82,8 +91,11 @@ def front_summary(alpha, scores, *, reference=0.0, reference_front=None) -> dict
     return out
 
 
-def best_alpha(alphas, scores, k: int = 1, *, decimals: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices and α of the top-``k`` distinct α by mean score (ties broken by grid order).
+def best_alpha(
+    alphas, scores, k: int = 1, *, decimals: int = 9, objective: Scorer | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and α of the top-``k`` distinct α by ``objective`` (default: the mean score; ties
+    broken by grid order).
 
     Returns ``(indices (k,), alphas (k, T))``; rows of α equal after rounding to ``decimals``
     count once.
@@ -94,8 +106,7 @@ def best_alpha(alphas, scores, k: int = 1, *, decimals: int = 9) -> tuple[torch.
         raise ValueError(f"alphas {tuple(a.shape)} and scores {tuple(s.shape)} do not have the same rows")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    mean = s.mean(1)
-    order = torch.argsort(-mean, stable=True)
+    order = torch.argsort(-_rank(s, objective), stable=True)
     chosen, seen = [], set()
     for i in order.tolist():
         key = tuple(np.round(a[i].numpy(), decimals))
@@ -116,8 +127,10 @@ def select_alpha(
     k: int = 1,
     constraints: Sequence[tuple[int, str, float]] = (),
     task_names: Sequence[str] | None = None,
+    objective: Scorer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` α by mean score among the rows meeting every constraint ``(task, op, value)``.
+    """Top-``k`` α by ``objective`` (default: the mean score) among the rows meeting every
+    constraint ``(task, op, value)``.
 
     ``op`` is one of ``>=``, ``>``, ``<=``, ``<``. Raises ValueError (naming the best value
     reached per constrained task, by ``task_names`` if given) when no row satisfies them.
@@ -139,7 +152,7 @@ def select_alpha(
         )
         raise ValueError(f"no α on the grid satisfies the selection constraints: {desc}")
     rows = torch.nonzero(ok).squeeze(1)
-    idx, chosen = best_alpha(a[rows], s[rows], k=k)
+    idx, chosen = best_alpha(a[rows], s[rows], k=k, objective=objective)
     return rows[idx], chosen
 
 
@@ -165,9 +178,10 @@ def alpha_map_error(alpha, accuracy, gt_alpha, gt_accuracy, *, atol: float = 1e-
     return float((acc[idx] - gacc).abs().mean())
 
 
-def selection_regret(gt_accuracy, realised) -> dict[str, float]:
-    """Best ground-truth multitask mean accuracy minus the realised mean at the chosen α:
-    ``top1`` (the first chosen α) and ``best_of_k`` (the best of the k chosen)."""
-    best = float(torch.as_tensor(gt_accuracy, dtype=torch.float64).mean(1).max())
-    means = torch.as_tensor(realised, dtype=torch.float64).reshape(-1, torch.as_tensor(gt_accuracy).shape[1]).mean(1)
-    return {"top1": best - float(means[0]), "best_of_k": best - float(means.max())}
+def selection_regret(gt_accuracy, realised, objective: Scorer | None = None) -> dict[str, float]:
+    """The best ground-truth multitask ``objective`` (default: mean accuracy) minus the realised
+    one at the chosen α: ``top1`` (the first chosen α) and ``best_of_k`` (the best of the k chosen)."""
+    gt = torch.as_tensor(gt_accuracy, dtype=torch.float64)
+    best = float(_rank(gt, objective).max())
+    values = _rank(torch.as_tensor(realised, dtype=torch.float64).reshape(-1, gt.shape[1]), objective)
+    return {"top1": best - float(values[0]), "best_of_k": best - float(values.max())}

@@ -24,6 +24,7 @@ import torch
 from varmerge import merge, posterior_methods
 from varmerge.config import ExperimentConfig, ivon_settings
 from varmerge.grid import simplex_grid
+from varmerge.objective import Objective, default_alphas, with_defaults
 from varmerge.train.settings import TrainerSettings, Training
 
 #: The variational merge rules, whose fronts form the closed-loop search's prior by default.
@@ -68,6 +69,7 @@ class RunPlan:
     merge_options: dict[str, merge.Options]
     selection_method: str
     prior_methods: tuple[str, ...]
+    objective: Objective = Objective()
     data_dir: str | None = None
     num_classes: int | None = None
 
@@ -88,9 +90,22 @@ class RunPlan:
             return MergeStep(name, self.merge_options[name])
         raise ValueError(f"merge method {name!r} is not among merge.methods {self.method_names}")
 
+    @property
+    def sized(self) -> bool:
+        """Whether the plan knows each task's training examples (preflight, or the data, told it)."""
+        return all(t.train_examples is not None for t in self.tasks)
+
+    def defaults(self) -> dict[str, torch.Tensor]:
+        """The free default α (pooled ∝ N_t, uniform, temperature ∝ N_t^τ) of the plan's tasks."""
+        if not self.sized:
+            raise ValueError("the run plan does not know the tasks' sizes yet (preflight or the data sets them)")
+        sizes = [t.train_examples for t in self.tasks]
+        return default_alphas(sizes, self.cfg.selection.temperature)
+
     def grid(self) -> torch.Tensor:
-        """The (G, T) α grid of ``merge.spacing``."""
-        return simplex_grid(len(self.tasks), self.cfg.merge.spacing)
+        """The (G, T) α grid: the simplex grid of ``merge.spacing`` and, as exact rows appended to
+        it, the default α not already on it (every merged front scores them by a real merge)."""
+        return with_defaults(simplex_grid(len(self.tasks), self.cfg.merge.spacing), self.defaults())
 
     def with_sizes(self, num_classes: int, train: dict[str, int], test: dict[str, int]) -> RunPlan:
         """This plan with what the data says: the number of classes and each task's examples."""
@@ -148,6 +163,13 @@ def prior_methods(cfg: ExperimentConfig, selection_method: str) -> tuple[str, ..
     return tuple(m for m in cfg.merge.methods if m == selection_method or m in VARIATIONAL_PRIORS)
 
 
+def objective(cfg: ExperimentConfig) -> Objective:
+    """The selection objective, its weights in task order."""
+    sel = cfg.selection
+    weights = None if sel.weights is None else tuple(sel.weights[t.name] for t in cfg.data.tasks)
+    return Objective(sel.objective, weights)
+
+
 def make_plan(
     cfg: ExperimentConfig,
     *,
@@ -180,5 +202,6 @@ def make_plan(
         merge_options=options,
         selection_method=selection,
         prior_methods=prior_methods(cfg, selection),
+        objective=objective(cfg),
         data_dir=str(data_dir) if data_dir is not None else None,
     )

@@ -243,6 +243,9 @@ def check_data(plan: RunPlan, ds) -> RunPlan:
                 )
         cap = cfg.data.max_train_per_task if split == "train" else cfg.data.max_test_per_task
         sizes[split] = {k: min(v, cap) if cap else v for k, v in counts.items()}
+    for t in cfg.data.tasks:  # the per-task cap (check_model prepares the tasks: a class it empties fails there)
+        if t.max_train is not None:
+            sizes["train"][t.name] = min(sizes["train"][t.name], t.max_train)
     return plan.with_sizes(n_classes, sizes["train"], sizes["test"])
 
 

@@ -9,8 +9,10 @@ finetune at α realises other accuracies; the model here is, per task t,
 where ``prior_t`` is a merge method's prediction, or with several methods (a multi-fidelity
 prior) their average weighted by how well each has predicted the finetunes so far (Bayesian
 model averaging: weight ∝ exp(−SSE / 2s²)). The residual GPs give each task a mean and a
-standard deviation at every α of the grid; the mean accuracy's are their average (its variance
-Σσ_t²/T², the tasks taken as independent). Their kernel is a² · RBF(ℓ) + σ_n² over α with the
+standard deviation at every α of the grid. α are ranked by an :class:`~varmerge.objective.Objective`
+of the per-task accuracies (mean by default, weighted mean, or worst task; the tasks taken as
+independent: a weighted mean's variance is Σ w_t² σ_t², the worst task's expectation is taken over
+a fixed set of draws). Their kernel is a² · RBF(ℓ) + σ_n² over α with the
 length-scale ℓ fixed (``length_scale``), the amplitude a the root-mean-square residual seen so far
 (at least ``amplitude_floor``) and σ_n = 1 point of accuracy. Hyperparameters fitted by maximum
 likelihood to the one to five finetunes of a small budget are poorly determined (on Table 1's
@@ -18,14 +20,17 @@ columns: ℓ stays at its start with one point, then wanders between 0.16 and 1.
 can reach its bound, explaining the misses as noise); with a fixed ℓ a large miss at one α makes
 the far ones uncertain, so the search looks elsewhere.
 
-The first batch goes where the prior predicts the best mean accuracies among α the constraints
-admit (where it predicts none, the α it predicts to miss them by least). Each next α maximises
-the expected improvement of mean accuracy over the incumbent (the best realised α meeting the
+The first batch is the settings' ``start`` rows if given (the product starts at pooled α: the
+finetune a user would run anyway, which calibrates the front at no extra cost), else where the
+prior predicts the best objective among α the constraints admit (where it predicts none, the α it
+predicts to miss them by least). Each next α maximises
+the expected improvement of the objective over the incumbent (the best realised α meeting the
 constraints) times the probability that the constraints hold (constraint-weighted EI); before
 any realised α meets them, the probability alone. A batch of b > 1 is chosen greedily with the
 "kriging believer": each pick is added as if it realised its predicted mean, then the next is
-chosen. The search stops at its budget, or when no α of the grid
-is expected to improve on the incumbent by more than ``epsilon``. Everything is deterministic: the
+chosen. The search stops at its budget, or when no α of the grid is expected to improve on the
+incumbent by more than ``max(epsilon, margin)`` (``margin``: the verdict's, "α matters little").
+Everything is deterministic: the
 same observations give the same next α (a resumed search continues as the killed one would).
 
 Pure library code (numpy, scipy, scikit-learn): no prefect, mlflow or files.
@@ -40,6 +45,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import norm
 
+from varmerge.objective import Objective
+
 Constraint = tuple[int, str, float]  # (task index, ">=" | ">" | "<=" | "<", value)
 
 #: The residuals' noise standard deviation: one point of accuracy (test-set and seed noise).
@@ -50,10 +57,12 @@ NOISE = 0.01
 class SearchSettings:
     budget: int  # real multitask finetunes in all
     batch: int = 1  # finetunes per iteration (run at once)
-    epsilon: float = 1e-3  # stop when no α's expected improvement of mean accuracy exceeds this
+    epsilon: float = 1e-3  # stop when no α's expected improvement of the objective exceeds this
     prior_scale: float = 0.02  # s of the model averaging: how far (accuracy) a method may miss
     length_scale: float = 0.25  # ℓ of the residuals' RBF kernel, in units of α
     amplitude_floor: float = 0.01  # the residuals' prior standard deviation is at least this
+    start: tuple[int, ...] = ()  # grid rows of the first finetunes (e.g. pooled α), before any proposal
+    margin: float = 0.0  # once a finetune ran, stop when no α is expected to gain more than this
 
     def __post_init__(self):
         if not isinstance(self.budget, int) or self.budget < 1:
@@ -62,6 +71,10 @@ class SearchSettings:
             raise ValueError(f"closed-loop batch must be between 1 and the budget ({self.budget}), got {self.batch!r}")
         if not self.epsilon >= 0:
             raise ValueError(f"closed-loop epsilon must be >= 0, got {self.epsilon!r}")
+        if len(self.start) > self.budget:
+            raise ValueError(f"closed-loop start rows {list(self.start)} exceed the budget ({self.budget})")
+        if not self.margin >= 0:
+            raise ValueError(f"closed-loop margin must be >= 0, got {self.margin!r}")
         for name in ("prior_scale", "length_scale", "amplitude_floor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"closed-loop {name} must be > 0, got {getattr(self, name)!r}")
@@ -72,9 +85,9 @@ class Step:
     """One proposal: the grid rows it chose, and what the model said about them then."""
 
     rows: list[int]
-    predicted_mean: list[float]  # the model's mean accuracy at each row (prior + residual)
+    predicted_mean: list[float]  # the model's objective at each row (prior + residual; mean accuracy by default)
     expected_improvement: list[float | None]  # None: placed by the prior alone (no finetune yet)
-    incumbent: float | None  # best realised feasible mean accuracy before this step
+    incumbent: float | None  # best realised feasible objective before this step
     method_weights: dict[str, float] = field(default_factory=dict)
 
 
@@ -91,7 +104,12 @@ class ClosedLoop:
     accuracies ``predicted`` ({method: (G, T)}); see the module docstring."""
 
     def __init__(
-        self, alpha, predicted: dict[str, object], settings: SearchSettings, constraints: Sequence[Constraint] = ()
+        self,
+        alpha,
+        predicted: dict[str, object],
+        settings: SearchSettings,
+        constraints: Sequence[Constraint] = (),
+        objective: Objective = Objective(),
     ):
         self.alpha = np.asarray(alpha, dtype=np.float64)
         if self.alpha.ndim != 2 or len(self.alpha) == 0:
@@ -102,7 +120,10 @@ class ClosedLoop:
         for m, p in self.predicted.items():
             if p.shape != self.alpha.shape:
                 raise ValueError(f"predictions of {m!r} have shape {p.shape}, the α grid {self.alpha.shape}")
-        self.settings, self.constraints = settings, list(constraints)
+        self.settings, self.constraints, self.objective = settings, list(constraints), objective
+        bad = [r for r in settings.start if not 0 <= r < len(self.alpha)]
+        if bad:
+            raise ValueError(f"closed-loop start rows {bad} are not rows of the α grid ({len(self.alpha)})")
         self.rows: list[int] = []  # realised rows, in order
         self.realised: list[np.ndarray] = []  # (T,) each
 
@@ -155,12 +176,16 @@ class ClosedLoop:
         return mean, std, weights
 
     # -------------------------------------------------------------------------- proposals
+    def value(self, acc) -> float:
+        """The objective of one α's (T,) accuracies."""
+        return float(self.objective(acc))
+
     def incumbent(self) -> tuple[int, float] | None:
-        """(row, mean accuracy) of the best realised α meeting the constraints, or None."""
+        """(row, objective) of the best realised α meeting the constraints, or None."""
         best = None
         for r, y in zip(self.rows, self.realised):
-            if _feasible(y, self.constraints) and (best is None or y.mean() > best[1]):
-                best = (r, float(y.mean()))
+            if _feasible(y, self.constraints) and (best is None or self.value(y) > best[1]):
+                best = (r, self.value(y))
         return best
 
     def _shortfall(self, acc: np.ndarray) -> np.ndarray:
@@ -170,9 +195,22 @@ class ClosedLoop:
             miss += np.maximum(v - acc[:, t], 0) if op in (">=", ">") else np.maximum(acc[:, t] - v, 0)
         return miss
 
-    def _acquisition(self, mean: np.ndarray, std: np.ndarray, incumbent: float | None) -> np.ndarray:
+    def _expected_improvement(self, mean: np.ndarray, std: np.ndarray, incumbent: float) -> np.ndarray:
+        """Per row, E[max(objective − incumbent, 0)] with independent normal task accuracies: in
+        closed form for a weighted mean (the mean: equal weights), by a fixed set of 512 draws
+        for the worst task (deterministic: the same model gives the same value)."""
         T = mean.shape[1]
-        mu, sigma = mean.mean(1), np.sqrt((std**2).sum(1)) / T
+        if self.objective.kind == "worst_task":
+            z = np.random.default_rng(0).standard_normal((512, 1, T))
+            draws = (mean[None] + std[None] * z).min(-1)  # (S, G)
+            return np.maximum(draws - incumbent, 0).mean(0)
+        w = np.full(T, 1.0 / T) if self.objective.weights is None else np.asarray(self.objective.weights)
+        mu, sigma = mean @ w, np.sqrt((std**2) @ (w**2))
+        s = np.maximum(sigma, 1e-12)
+        z = (mu - incumbent) / s
+        return np.where(sigma > 1e-12, (mu - incumbent) * norm.cdf(z) + s * norm.pdf(z), np.maximum(mu - incumbent, 0))
+
+    def _acquisition(self, mean: np.ndarray, std: np.ndarray, incumbent: float | None) -> np.ndarray:
         p_ok = np.ones(len(mean))
         for t, op, v in self.constraints:
             s = np.maximum(std[:, t], 1e-9)
@@ -180,39 +218,44 @@ class ClosedLoop:
             p_ok *= norm.cdf(z) if op in (">=", ">") else norm.cdf(-z)
         if incumbent is None:
             return p_ok
-        s = np.maximum(sigma, 1e-12)
-        z = (mu - incumbent) / s
-        ei = np.where(sigma > 1e-12, (mu - incumbent) * norm.cdf(z) + s * norm.pdf(z), np.maximum(mu - incumbent, 0))
-        return ei * p_ok
+        return self._expected_improvement(mean, std, incumbent) * p_ok
 
     def propose(self) -> Step | None:
         """The next batch of grid rows to finetune, or None when the budget is spent or no α is
-        expected to improve on the incumbent by more than ``epsilon``."""
+        expected to improve on the incumbent by more than ``epsilon`` (and, once a finetune ran,
+        ``margin``). The settings' ``start`` rows come first, as one batch."""
         left = self.settings.budget - len(self.rows)
         if left <= 0:
             return None
         rows, realised = list(self.rows), list(self.realised)
         found = self.incumbent()
+        start = [r for r in dict.fromkeys(self.settings.start) if r not in rows][:left]
+        if start:
+            mean, _, w = self._posterior(rows, realised)
+            return Step(
+                start, [self.value(mean[r]) for r in start], [None] * len(start), found[1] if found else None, w
+            )
+        threshold = max(self.settings.epsilon, self.settings.margin)
         chosen, predicted, gains, weights = [], [], [], {}
         for _ in range(min(self.settings.batch, left)):
             mean, std, w = self._posterior(rows, realised)
             weights = weights or w
             modelled = bool(self.rows)  # else: no finetune yet, the merged prediction's best ones
             if modelled:
-                incumbent = max([float(y.mean()) for y in realised if _feasible(y, self.constraints)], default=None)
+                incumbent = max([self.value(y) for y in realised if _feasible(y, self.constraints)], default=None)
                 score = self._acquisition(mean, std, incumbent)
             else:  # no α predicted to meet the constraints: the smallest predicted shortfall
                 ok = _feasible(mean, self.constraints)
-                score = np.where(ok, mean.mean(1), -np.inf) if ok.any() else -self._shortfall(mean)
+                score = np.where(ok, self.objective(mean).numpy(), -np.inf) if ok.any() else -self._shortfall(mean)
             score = np.where(np.isin(np.arange(len(score)), rows + chosen), -np.inf, score)
             i = int(np.argmax(score))
             if not np.isfinite(score[i]):
                 break  # every grid point is taken
             gain = float(score[i]) if modelled else None
-            if gain is not None and found is not None and gain <= self.settings.epsilon and not chosen:
+            if gain is not None and found is not None and gain <= threshold and not chosen:
                 return None
             chosen.append(i)
-            predicted.append(float(mean[i].mean()))
+            predicted.append(self.value(mean[i]))
             gains.append(gain)
             rows.append(i)  # kriging believer: as if it realised its predicted accuracies
             realised.append(mean[i].copy())

@@ -25,13 +25,17 @@ from typing import Any, Protocol
 import torch
 
 from varmerge import pareto, pipeline
+from varmerge.objective import Objective, Verdict, default_rows, verdict
 from varmerge.plan import RunPlan
 from varmerge.posterior_methods import get_method
 from varmerge.progress import Report
 
 
 class Runner(Protocol):
-    """Runs the steps of :func:`estimate_front` (see the module docstring)."""
+    """Runs the steps of :func:`estimate_front` (see the module docstring). ``plan`` knows each
+    task's training examples once :meth:`data` has run (the default α need them)."""
+
+    plan: RunPlan
 
     def data(self) -> Any: ...
 
@@ -48,15 +52,27 @@ class Runner(Protocol):
 class FrontResult:
     """What a front estimation produced; :meth:`summary` is front.json's content."""
 
-    tasks: list[str]
+    plan: RunPlan
     sweeps: dict[str, dict]  # method -> alpha / accuracy / loss (G, T) / seconds
-    method: str
     chosen_index: torch.Tensor | None = None
     chosen_alpha: torch.Tensor | None = None
     realised: torch.Tensor | None = None  # (k, T) accuracies of the multitask finetunes
+    realised_defaults: dict[str, torch.Tensor] = field(default_factory=dict)  # default name -> (T,)
     error: str | None = None  # why no α was chosen (constraints nobody meets)
     seconds: dict[str, float] = field(default_factory=dict)
     search: list[dict] | None = None  # closed_loop: one entry per iteration (see closed_loop)
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.plan.task_names
+
+    @property
+    def method(self) -> str:
+        return self.plan.selection_method
+
+    @property
+    def objective(self) -> Objective:
+        return self.plan.objective
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -69,24 +85,76 @@ class FrontResult:
             return None
         return self.sweeps[self.method]["accuracy"][self.chosen_index]
 
+    @property
+    def default_rows(self) -> dict[str, int]:
+        return default_rows(self.alpha, self.plan.defaults())
+
+    def verdict(self) -> Verdict:
+        """Whether α matters, by the fronts of the closed loop's prior methods (the selection
+        method and the variational rules among merge.methods)."""
+        predicted = {m: self.sweeps[m]["accuracy"] for m in self.plan.prior_methods}
+        return verdict(self.objective, predicted, self.default_rows["pooled"], self.plan.cfg.selection.margin)
+
+    def defaults_summary(self) -> dict:
+        """Per default α: the α, and every method's predicted accuracies and objective there (and
+        the realised ones where a real finetune ran at it)."""
+        out = {}
+        for name, row in self.default_rows.items():
+            entry = {
+                "alpha": self.alpha[row].tolist(),
+                "predicted": {
+                    m: {
+                        "accuracy": sw["accuracy"][row].tolist(),
+                        "objective": float(self.objective(sw["accuracy"][row])),
+                    }
+                    for m, sw in self.sweeps.items()
+                },
+            }
+            if name in self.realised_defaults:
+                acc = self.realised_defaults[name]
+                entry["realised"] = {"accuracy": acc.tolist(), "objective": float(self.objective(acc))}
+            out[name] = entry
+        return out
+
+    def chosen_summary(self) -> dict | None:
+        """The chosen α, predicted and realised, and its gain over pooled α (per task and on the
+        objective; predicted by the selection method's front, realised where pooled was finetuned)."""
+        if self.chosen_alpha is None:
+            return None
+        predicted = self.predicted
+        pooled = self.sweeps[self.method]["accuracy"][self.default_rows["pooled"]]
+        gain = {"predicted": _gain(self.objective, predicted[0], pooled)}
+        out = {
+            "method": self.method,
+            "alpha": self.chosen_alpha.tolist(),
+            "predicted": predicted.tolist(),
+            "predicted_objective": self.objective(predicted).tolist(),
+            "realised": self.realised.tolist() if self.realised is not None else None,
+        }
+        if self.realised is not None:
+            out["realised_objective"] = self.objective(self.realised).tolist()
+            if "pooled" in self.realised_defaults:
+                gain["realised"] = _gain(self.objective, self.realised[0], self.realised_defaults["pooled"])
+        out["gain_over_pooled"] = gain
+        return out
+
     def summary(self) -> dict:
         methods = {
-            m: {**pareto.front_summary(sw["alpha"], sw["accuracy"]), "seconds": float(sw["seconds"])}
+            m: {
+                **pareto.front_summary(sw["alpha"], sw["accuracy"], objective=self.objective),
+                "seconds": float(sw["seconds"]),
+            }
             for m, sw in self.sweeps.items()
         }
-        chosen = None
-        if self.chosen_alpha is not None:
-            chosen = {
-                "method": self.method,
-                "alpha": self.chosen_alpha.tolist(),
-                "predicted": self.predicted.tolist(),
-                "realised": self.realised.tolist() if self.realised is not None else None,
-            }
+        obj = self.objective
         out = {
             "tasks": self.tasks,
             "grid_size": len(self.alpha),
+            "objective": {"kind": obj.kind, "weights": list(obj.weights) if obj.weights else None, "label": obj.label},
             "methods": methods,
-            "chosen": chosen,
+            "defaults": self.defaults_summary(),
+            "verdict": self.verdict().as_dict(),
+            "chosen": self.chosen_summary(),
             "seconds": dict(self.seconds),
         }
         if self.search is not None:
@@ -96,9 +164,14 @@ class FrontResult:
         return out
 
 
-def estimate_front(plan: RunPlan, runner: Runner) -> FrontResult:
-    """Run the sequence with ``runner``. An α no constraint admits is not an exception here: the
-    result carries the fronts and ``error`` (the caller saves what there is, then reports it)."""
+def _gain(objective: Objective, acc: torch.Tensor, pooled: torch.Tensor) -> dict:
+    return {"per_task": (acc - pooled).tolist(), "objective": float(objective(acc) - objective(pooled))}
+
+
+def estimate_front(runner: Runner) -> FrontResult:
+    """Run the sequence with ``runner`` (its plan, sized by the data once loaded). An α no
+    constraint admits is not an exception here: the result carries the fronts and ``error`` (the
+    caller saves what there is, then reports it)."""
     seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -110,11 +183,12 @@ def estimate_front(plan: RunPlan, runner: Runner) -> FrontResult:
     with timed("data"):
         data = runner.data()
         theta0 = runner.theta0(data)
+    plan = runner.plan
     with timed("finetunes"):
         posteriors = runner.finetunes(data, theta0)
     with timed("sweeps"):
         sweeps = runner.sweeps(data, theta0, posteriors, plan.method_names)
-    result = FrontResult(plan.task_names, sweeps, plan.selection_method, seconds=seconds)
+    result = FrontResult(plan, sweeps, seconds=seconds)
     if plan.cfg.selection.strategy == "closed_loop":
         with timed("multitask"):
             closed_loop(plan, runner, data, theta0, result)
@@ -126,43 +200,58 @@ def estimate_front(plan: RunPlan, runner: Runner) -> FrontResult:
     except ValueError as exc:
         result.error = str(exc)
         return result
+    rows = result.default_rows
+    defaults = [d for d in plan.cfg.selection.finetune_defaults if rows[d] not in result.chosen_index.tolist()]
+    wanted = torch.cat([result.chosen_index, torch.tensor([rows[d] for d in defaults], dtype=torch.long)])
+    wanted = torch.tensor(list(dict.fromkeys(wanted.tolist())), dtype=torch.long)  # each α finetuned once
     with timed("multitask"):
-        result.realised = torch.stack(runner.multitasks(data, theta0, result.chosen_alpha))
+        done = dict(zip(wanted.tolist(), runner.multitasks(data, theta0, result.alpha[wanted]), strict=True))
+    result.realised = torch.stack([done[int(r)] for r in result.chosen_index])
+    result.realised_defaults = {d: done[rows[d]] for d in plan.cfg.selection.finetune_defaults}
     return result
 
 
 def closed_loop(plan: RunPlan, runner: Runner, data: Any, theta0: Any, result: FrontResult) -> None:
     """``selection.strategy: closed_loop``: real multitask finetunes placed one batch at a time by
     :class:`varmerge.search.ClosedLoop` over the selection method's α grid, with the merged
-    predictions of the plan's ``prior_methods`` as its prior. Sets ``result``'s chosen α and
-    realised accuracies (the incumbent first, then the other finetunes in the order they ran),
-    and ``result.search``: per iteration its α, the model's predicted mean accuracy and expected
-    improvement there, the realised accuracies, and the incumbent after it."""
+    predictions of the plan's ``prior_methods`` as its prior, ranked by the plan's objective. The
+    first finetune is at pooled α (the one a user would run anyway; with
+    ``selection.max_drop_vs_pooled`` its realised scores set the floor of every task), and the
+    search stops early when no α is expected to beat the incumbent by more than the verdict's
+    margin. Sets ``result``'s chosen α and realised accuracies (the incumbent first, then the
+    other finetunes in the order they ran), ``result.realised_defaults`` (pooled, and any other
+    default the search realised) and ``result.search``: per iteration its α, the model's
+    predicted objective and expected improvement there, the realised accuracies, and the
+    incumbent after it."""
     from varmerge.search import ClosedLoop, SearchSettings
 
     sel = plan.cfg.selection
-    settings = SearchSettings(sel.budget, sel.batch, sel.epsilon)
     alpha = result.alpha
+    pooled = result.default_rows["pooled"]
+    settings = SearchSettings(sel.budget, sel.batch, sel.epsilon, start=(pooled,), margin=sel.margin)
     priors = {m: result.sweeps[m]["accuracy"] for m in plan.prior_methods}
-    search = ClosedLoop(alpha, priors, settings, pipeline.constraints(plan))
+    search = ClosedLoop(alpha, priors, settings, pipeline.constraints(plan), plan.objective)
     result.search = []
     realised: dict[int, torch.Tensor] = {}
     while (step := search.propose()) is not None:
         for r, acc in zip(step.rows, runner.multitasks(data, theta0, alpha[step.rows]), strict=True):
             search.observe(alpha[r], acc)
             realised[r] = acc
+        if pooled in step.rows and sel.max_drop_vs_pooled is not None:
+            search.constraints = pipeline.constraints(plan, realised[pooled])
         inc = search.incumbent()
         result.search.append(
             {
                 "alpha": alpha[step.rows].tolist(),
-                "predicted_mean": step.predicted_mean,
+                "predicted_objective": step.predicted_mean,
                 "expected_improvement": step.expected_improvement,
                 "realised": [realised[r].tolist() for r in step.rows],
                 "method_weights": step.method_weights,
                 "incumbent_alpha": alpha[inc[0]].tolist() if inc else None,
-                "incumbent_mean": inc[1] if inc else None,
+                "incumbent_objective": inc[1] if inc else None,
             }
         )
+    result.realised_defaults = {d: realised[r] for d, r in result.default_rows.items() if r in realised}
     inc = search.incumbent()
     if inc is None:
         result.error = f"closed-loop search: none of the {len(realised)} realised α meets the selection constraints"
@@ -192,8 +281,14 @@ class LocalRunner:
         return self.steps(label) if self.steps is not None else contextlib.nullcontext()
 
     def data(self):
+        """The tasks and the number of classes; the plan learns each task's examples here (unless
+        preflight told it)."""
         with self.step("loading data"):
-            return pipeline.prepare_tasks(self.plan.cfg)
+            tasks, num_classes = pipeline.prepare_tasks(self.plan.cfg)
+        if not self.plan.sized:
+            train = {t.name: len(t.train[1]) for t in tasks}
+            self.plan = self.plan.with_sizes(num_classes, train, {t.name: len(t.test[1]) for t in tasks})
+        return tasks, num_classes
 
     def theta0(self, data):
         """θ0 (pretrained when the config says so); its posterior is kept as ``self.prior``."""

@@ -23,7 +23,7 @@ from varmerge.pipeline.data import (
     tasks_to_tensors,
 )
 from varmerge.pipeline.finetunes import check_accelerator, finetune_task, multitask_finetune
-from varmerge.pipeline.selection import constraints, select
+from varmerge.pipeline.selection import constraints, pooled_scores, select
 from varmerge.pipeline.sweeps import (
     SWEEP_BLOCK,
     calibration_grams,
@@ -61,6 +61,7 @@ __all__ = [
     "model_options",
     "model_path",
     "multitask_finetune",
+    "pooled_scores",
     "prepare_pretrain",
     "prepare_tasks",
     "pretrain_source",

@@ -91,6 +91,12 @@ def _cap(x, y, n: int | None):
     return x[:n], y[:n]
 
 
+def _take(x, y, idx: torch.Tensor):
+    if isinstance(x, dict):
+        return {k: v[idx] for k, v in x.items()}, y[idx]
+    return x[idx], y[idx]
+
+
 def _text_tensors(ds, tokenizer, max_length: int):
     """Tokenised ``text`` column as ``({"input_ids", "attention_mask"}, labels)`` tensors."""
     enc = models.tokenize(list(ds["text"]), tokenizer, max_length=max_length)
@@ -137,6 +143,15 @@ def _prepare_tasks(cfg: ExperimentConfig, ds) -> tuple[list[TaskData], int]:
     for t, part in zip(cfg.data.tasks, parts, strict=True):
         tr, te = (_examples(cfg, part[split], tokenizer) for split in ("train", "test"))
         tr = _cap(*tr, cfg.data.max_train_per_task)
+        if t.max_train is not None:
+            try:
+                keep = torch.from_numpy(vdata.stratified_cap(tr[1].numpy(), t.max_train, cfg.data.seed))
+            except ValueError as exc:
+                raise ValueError(f"task {t.name!r}: max_train {t.max_train}: {exc}") from None
+            tr = _take(*tr, keep)
+        if t.label_noise > 0:
+            noisy = vdata.noisy_labels(tr[1].numpy(), t.label_noise, cfg.data.seed)
+            tr = (tr[0], torch.from_numpy(noisy).to(tr[1].dtype))
         te = _cap(*te, cfg.data.max_test_per_task)
         out.append(TaskData(t.name, tuple(t.classes), tr, te))
     return out, n_classes

@@ -1,0 +1,74 @@
+"""The objective, the free default α, the grid that holds them, and the verdict."""
+
+import pytest
+import torch
+
+from varmerge.grid import simplex_grid
+from varmerge.objective import Objective, default_alphas, default_rows, row_of, verdict, with_defaults
+
+SCORES = torch.tensor([[0.9, 0.1], [0.6, 0.5], [0.4, 0.45]], dtype=torch.float64)
+
+
+def test_objectives_rank_alpha_differently():
+    assert Objective()(SCORES).tolist() == pytest.approx([0.5, 0.55, 0.425])
+    assert Objective("worst_task")(SCORES).tolist() == pytest.approx([0.1, 0.5, 0.4])
+    assert Objective("weighted", (0.9, 0.1))(SCORES).tolist() == pytest.approx([0.82, 0.59, 0.405])
+    assert Objective("worst_task").label == "worst-task accuracy"
+
+
+@pytest.mark.parametrize(
+    ("kind", "weights", "message"),
+    [
+        ("median", None, "unknown objective"),
+        ("weighted", None, "needs task weights"),
+        ("mean", (0.5, 0.5), "only it takes them"),
+        ("weighted", (0.7, 0.7), "sum to 1"),
+        ("weighted", (1.5, -0.5), "sum to 1"),
+    ],
+)
+def test_bad_objectives_say_why(kind, weights, message):
+    with pytest.raises(ValueError, match=message):
+        Objective(kind, weights)
+
+
+def test_default_alphas_follow_the_task_sizes():
+    d = default_alphas([100, 300, 600], temperature=0.5)
+    assert d["pooled"].tolist() == pytest.approx([0.1, 0.3, 0.6])
+    assert d["uniform"].tolist() == pytest.approx([1 / 3] * 3)
+    t = torch.tensor([10.0, 300**0.5, 600**0.5])
+    assert d["temperature"].tolist() == pytest.approx((t / t.sum()).tolist())
+    assert default_alphas([1, 99], temperature=0)["temperature"].tolist() == pytest.approx([0.5, 0.5])
+    assert default_alphas([1, 99], temperature=1)["temperature"].tolist() == pytest.approx([0.01, 0.99])
+    with pytest.raises(ValueError, match="training examples"):
+        default_alphas([10, 0])
+    with pytest.raises(ValueError, match="temperature"):
+        default_alphas([10, 20], temperature=1.5)
+
+
+def test_the_grid_holds_each_default_once_as_an_exact_row():
+    base = simplex_grid(3, 0.1)
+    d = default_alphas([200, 300, 500])  # pooled (0.2, 0.3, 0.5) is on the 0.1 grid already
+    grid = with_defaults(base, d)
+    assert len(grid) == len(base) + 2 and torch.equal(grid[: len(base)], base)
+    rows = default_rows(grid, d)
+    assert rows["pooled"] < len(base) and {rows["uniform"], rows["temperature"]} == {len(base), len(base) + 1}
+    for name, r in rows.items():
+        assert torch.allclose(grid[r], d[name], atol=1e-12, rtol=0)
+    assert row_of(base, [1 / 3, 1 / 3, 1 / 3]) is None
+    with pytest.raises(ValueError, match="uniform α"):
+        default_rows(base, {"uniform": d["uniform"]})
+
+
+def test_the_verdict_needs_every_method_to_agree():
+    flat = torch.tensor([[0.80, 0.80], [0.802, 0.801], [0.79, 0.80]], dtype=torch.float64)
+    steep = torch.tensor([[0.50, 0.40], [0.80, 0.85], [0.60, 0.60]])
+    little = verdict(Objective(), {"a": flat, "b": flat}, pooled_row=0, margin=0.005)
+    assert little.matters is False and "α matters little" in little.message
+    assert little.gains["a"] == pytest.approx(0.0015)
+    big = verdict(Objective(), {"a": steep}, pooled_row=0, margin=0.005)
+    assert big.matters is True and big.gains["a"] == pytest.approx(0.375) and "37.5 points" in big.message
+    mixed = verdict(Objective(), {"a": flat, "b": steep}, pooled_row=0, margin=0.005)
+    assert mixed.matters is None and "disagree" in mixed.message
+    # the worst task: a front flat in the mean can still matter for the worst task
+    worst = verdict(Objective("worst_task"), {"a": torch.tensor([[0.9, 0.5], [0.7, 0.7]])}, 0, 0.005)
+    assert worst.matters is True and worst.gains["a"] == pytest.approx(0.2)
