@@ -32,6 +32,8 @@ def print_front(summary: dict, spacing: float) -> None:
     if summary.get("chosen"):
         print_choice(summary)
     console.print(summary["verdict"]["message"])
+    if "realised_verdict" in summary:
+        console.print(summary["realised_verdict"]["message"])
 
 
 def _alpha(a) -> str:
@@ -56,15 +58,21 @@ def print_choice(summary: dict) -> None:
         real = realised[i]
         cells = [_cell(p, None if real is None else r) for p, r in zip(ch["predicted"][i], real or ch["predicted"][i])]
         obj = _cell(ch["predicted_objective"][i], None if real is None else ch["realised_objective"][i])
-        table.add_row(
-            str([round(v, 2) for v in ch["alpha"][i]]), "chosen" if k == 1 else f"chosen #{i + 1}", *cells, obj
-        )
+        table.add_row("chosen" if k == 1 else f"chosen #{i + 1}", _alpha(ch["alpha"][i]), *cells, obj)
     for name, d in summary["defaults"].items():
         pred, real = d["predicted"][method], d.get("realised")
         cells = [_cell(p, None if real is None else r) for p, r in zip(pred["accuracy"], (real or pred)["accuracy"])]
         obj = _cell(pred["objective"], None if real is None else real["objective"])
         table.add_row(name, _alpha(d["alpha"]), *cells, obj)
     console.print(table)
+    if ch["realised"]:
+        off = sum(abs(p - r) for p, r in zip(ch["predicted"][0], ch["realised"][0], strict=True)) / len(names)
+        line = f"the merged front's prediction at the chosen α is off by {100 * off:.1f} points per task"
+        if off > 0.03:
+            line += (
+                " (more than 3): read the front as a ranking of α, not as scores; the realised finetunes are the result"
+            )
+        console.print(line)
     for kind, g in ch["gain_over_pooled"].items():
         per_task = ", ".join(f"{n} {100 * v:+.1f}" for n, v in zip(names, g["per_task"], strict=True))
         console.print(
@@ -79,10 +87,10 @@ def print_search(search: list[dict], label: str = "mean accuracy") -> None:
         table.add_column(col, justify="right")
     for i, it in enumerate(search, start=1):
         for a, p, g, r in zip(it["alpha"], it["predicted_objective"], it["expected_improvement"], it["realised"]):
-            gain = "start (pooled α)" if g is None and i == 1 else "prior's best" if g is None else f"{100 * g:.2f}"
+            gain = "start (default α)" if g is None and i == 1 else "prior's best" if g is None else f"{100 * g:.2f}"
             inc = "-" if it["incumbent_objective"] is None else f"{100 * it['incumbent_objective']:.1f}"
             real = " ".join(f"{100 * v:.1f}" for v in r)
-            table.add_row(str(i), str([round(v, 2) for v in a]), f"{100 * p:.1f}", gain, real, inc)
+            table.add_row(str(i), _alpha(a), f"{100 * p:.1f}", gain, real, inc)
     console.print(table)
 
 
@@ -100,9 +108,14 @@ def print_plan(plan, title: str) -> None:
     sel = cfg.selection
     if sel.strategy == "closed_loop":
         priors = ", ".join(plan.prior_methods)
-        how = f"closed loop: up to {sel.budget} multitask finetunes, {sel.batch} at a time (prior {priors})"
+        how = (
+            f"closed loop: up to {sel.budget} multitask finetunes, first at {' and '.join(sel.start)} α, then "
+            f"{sel.batch} at a time where the merged fronts ({priors}), corrected by the finetunes, expect the most"
+        )
     else:
         how = f"top {sel.top_k} α of {plan.selection_method}'s front"
+    why = "selection.method" if sel.method else "the last of merge.methods (selection.method not set)"
+    how += f"; selection method {plan.selection_method}: {why}"
     table.add_row("selection", how)
     obj = plan.objective
     weights = "" if obj.weights is None else f" (weights {list(obj.weights)})"

@@ -135,7 +135,7 @@ def test_the_mlflow_and_prefect_uis_show_a_finished_run(reference_run, prefect_s
         browser.click_text("front_table.json")  # in the artifact tree
         browser.shows("front_table", "front/front_table.json", "mean_accuracy", "alpha/a", "pareto")
         # the registered model version, with its α and source run
-        alpha = parent.data.tags["varmerge.chosen.alpha"]
+        alpha = client.get_model_version(f"varmerge-{name}", "1").tags["alpha"]
         browser.page(
             "model", f"{mlflow_ui}/models/varmerge-{name}/versions/1?{view}", "Version 1", "multitask/final", alpha
         )

@@ -21,7 +21,8 @@ from varmerge import pipeline
 ROOT = Path(__file__).resolve().parents[1]
 CLOSED = copy.deepcopy(TINY)
 CLOSED["name"] = "closed"
-CLOSED["selection"] = {"method": "mixture", "strategy": "closed_loop", "budget": 3, "epsilon": 0.0}
+# margin 0: the search spends its whole budget (the default margin may stop it once α looks flat)
+CLOSED["selection"] = {"method": "mixture", "strategy": "closed_loop", "budget": 3, "epsilon": 0.0, "margin": 0.0}
 
 
 def _flow(config: Path, out: Path) -> dict:
@@ -39,18 +40,19 @@ def test_a_closed_loop_search_runs_logs_and_resumes_after_a_kill(prefect_server,
     whole = _flow(config, tmp_path / "whole")
     path = whole["search"]
     assert [len(it["alpha"]) for it in path] == [1, 1, 1]
-    assert path[0]["expected_improvement"] == [None]  # the merged front's best, no model yet
-    assert path[0]["alpha"][0] == whole["methods"]["mixture"]["best_alpha"]
+    assert path[0]["expected_improvement"] == [None]  # pooled α first: the finetune a user would run anyway
+    assert path[0]["alpha"][0] == whole["defaults"]["pooled"]["alpha"] == pytest.approx([1 / 3] * 3)
+    assert whole["defaults"]["pooled"]["realised"]["accuracy"] == path[0]["realised"][0]
     alphas = [it["alpha"][0] for it in path]
     assert len({tuple(a) for a in alphas}) == 3
     means = [sum(it["realised"][0]) / 3 for it in path]
     assert whole["chosen"]["alpha"][0] == alphas[means.index(max(means))]  # the incumbent comes first
-    assert path[-1]["incumbent_mean"] == pytest.approx(max(means))
+    assert path[-1]["incumbent_objective"] == pytest.approx(max(means))
     saved = json.loads((tmp_path / "whole" / "closed" / "front.json").read_text())
     assert saved["search"] == path
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'whole' / 'mlflow.db'}")
-    history = client.get_metric_history(whole["mlflow_run_id"], "search/incumbent_mean")
+    history = client.get_metric_history(whole["mlflow_run_id"], "search/incumbent_objective")
     assert [m.step for m in history] == [1, 2, 3]
     assert [m.value for m in history] == pytest.approx([max(means[: i + 1]) for i in range(3)])
     version = client.search_model_versions("name='varmerge-closed'")[0]

@@ -87,8 +87,12 @@ def test_cli_validate_says_how_alpha_is_chosen_and_where_tasks_run(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     out = CliRunner().invoke(app, ["validate", str(path), "--schema-only"]).output
     out = " ".join(out.replace("│", " ").split())  # the table wraps its cells
-    assert "closed loop: up to 4 multitask finetunes, 2 at a time (prior simple, hessian, mixture)" in out, out
+    assert "closed loop: up to 4 multitask finetunes, first at pooled and uniform α, then 2 at a time" in out, out
+    assert "merged fronts (simple, hessian, mixture)" in out and "selection method hessian: selection.method" in out
     assert "a local Dask cluster of 3 workers" in out, out
-    plain = CliRunner().invoke(app, ["validate", str(ROOT / "configs" / "smoke.yaml"), "--schema-only"]).output
+    del cfg["selection"], cfg["runner"]
+    path.write_text(yaml.safe_dump(cfg))
+    plain = CliRunner().invoke(app, ["validate", str(path), "--schema-only"]).output
     plain = " ".join(plain.replace("│", " ").split())
-    assert "top 1 α of mixture's front" in plain and "the flow's thread" in plain, plain
+    assert "top 1 α of mixture's front; selection method mixture: the last of merge.methods" in plain, plain
+    assert "the flow's thread" in plain and "objective mean accuracy; verdict margin 0.5 points" in plain, plain

@@ -123,7 +123,8 @@ def test_the_flow_on_a_dask_cluster_gives_the_thread_runners_bits(cluster, prefe
     assert fits == Counter({(t, s): 1 for t in "abc" for s in (0, 1)}), fits
     sweeps = sorted((c["method"], c["rows"]) for c in calls if c["call"] == "sweep_and_score")
     # merge rules in two blocks (one per worker); rows=None: a whole sweep
-    assert sweeps == sorted([(m, n) for m in cfg["merge"]["methods"] for n in (256, 95)]), sweeps
+    # 352 α (spacing 0.05 and (1/3, 1/3, 1/3), the tasks' equal-size pooled and uniform α)
+    assert sweeps == sorted([(m, n) for m in cfg["merge"]["methods"] for n in (256, 96)]), sweeps
     assert not list((tmp_path / "dask" / "tiny" / "sweeps").glob("*-*-*-*")), "the blocks are removed once joined"
     assert [c["alpha"] for c in calls if c["call"] == "multitask_finetune"] == local["chosen"]["alpha"]
 

@@ -161,7 +161,7 @@ def test_local_deployment_round_trip(prefect_server, tmp_path):
         assert set(summary["methods"]) == {"simple", "hessian", "mixture"}
         stored = summary["tracking_uri"].removeprefix("sqlite:///")  # relative to the run folder
         assert (out_dir / "tiny-deploy" / stored).resolve() == Path(uri.removeprefix("sqlite:///")).resolve()
-        assert summary["grid_size"] == 15
+        assert summary["grid_size"] == 16  # spacing 0.25 and (1/3, 1/3, 1/3): pooled = uniform, equal tasks
         phase("run")
 
         # 4b. the Dask deployment: the same flow, its tasks on a local cluster of worker processes

@@ -31,10 +31,19 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     assert (run_dir / "ternary.png").exists()
     assert len(list((run_dir / "posteriors").glob("*.safetensors"))) == 3
     assert set(summary["methods"]) == {"simple", "hessian", "mixture"}
-    assert summary["grid_size"] == 15
+    assert summary["grid_size"] == 16  # 15 of spacing 0.25 and (1/3, 1/3, 1/3): pooled = uniform, equal tasks
     for m in summary["methods"].values():
         assert 0 < m["max_mean_accuracy"] <= 1
     assert len(summary["chosen"]["realised"][0]) == 3
+    # the free defaults beside the chosen α, the verdict, and the gain over pooled
+    assert set(summary["defaults"]) == {"pooled", "uniform", "temperature"}
+    assert summary["defaults"]["pooled"]["alpha"] == pytest.approx([1 / 3] * 3)
+    assert set(summary["defaults"]["pooled"]["predicted"]) == set(summary["methods"])
+    assert summary["verdict"]["message"].startswith("α ") and summary["objective"]["kind"] == "mean"
+    gain = summary["chosen"]["gain_over_pooled"]["predicted"]
+    assert gain["objective"] == pytest.approx(
+        summary["chosen"]["predicted_objective"][0] - summary["defaults"]["pooled"]["predicted"]["mixture"]["objective"]
+    )
 
     client = MlflowClient(uri)
     parent = client.get_run(summary["mlflow_run_id"])
@@ -70,6 +79,10 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     assert int(rows["pareto"].sum()) == summary["methods"]["mixture"]["front_size"]
     assert json.loads(parent.data.tags["varmerge.chosen.alpha"]) == [round(a, 6) for a in summary["chosen"]["alpha"][0]]
     assert parent.data.tags["varmerge.chosen.method"] == "mixture"
+    assert parent.data.tags["varmerge.verdict"] == summary["verdict"]["message"]
+    assert json.loads(parent.data.tags["varmerge.defaults.pooled.alpha"]) == pytest.approx([1 / 3] * 3, abs=1e-6)
+    pooled = summary["defaults"]["pooled"]["predicted"]["mixture"]["objective"]
+    assert parent.data.metrics["defaults/pooled/predicted_objective"] == pytest.approx(pooled)
     for m, s in summary["methods"].items():
         assert parent.data.metrics[f"{m}/hypervolume"] == pytest.approx(s["hypervolume"]) and 0 < s["hypervolume"] < 1
     versions = client.search_model_versions("name='varmerge-tiny'")
@@ -97,7 +110,8 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
 
     shown = CliRunner().invoke(app, ["front", summary["mlflow_run_id"], "--tracking-uri", uri], terminal_width=200)
     assert shown.exit_code == 0, shown.output
-    assert "mixture: Pareto front" in shown.output and "predicted vs realised" in shown.output
+    assert "mixture: Pareto front" in shown.output and "predicted (merged) → realised" in shown.output
+    assert summary["verdict"]["message"][:40] in " ".join(shown.output.split())
     missing = CliRunner().invoke(app, ["front", "0" * 32, "--tracking-uri", uri])
     assert missing.exit_code == 2 and "cannot read the front" in missing.output
 

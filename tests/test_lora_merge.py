@@ -92,8 +92,8 @@ def test_text_front_estimation_end_to_end():
     cfg = parse_config(raw)
     plan = make_plan(cfg)
     res = estimate_front(LocalRunner(plan))
-    assert res.alpha.shape == (6, 3)
+    assert res.alpha.shape == (7, 3)  # spacing 0.5 and (1/3, 1/3, 1/3): pooled = uniform, equal tasks
     for m in ("simple", "hessian", "mixture"):
         acc = res.sweeps[m]["accuracy"]
-        assert acc.shape == (6, 3) and ((acc >= 0) & (acc <= 1)).all()
+        assert acc.shape == (7, 3) and ((acc >= 0) & (acc <= 1)).all()
     assert res.realised.shape == (1, 3)

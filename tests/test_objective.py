@@ -72,3 +72,11 @@ def test_the_verdict_needs_every_method_to_agree():
     # the worst task: a front flat in the mean can still matter for the worst task
     worst = verdict(Objective("worst_task"), {"a": torch.tensor([[0.9, 0.5], [0.7, 0.7]])}, 0, 0.005)
     assert worst.matters is True and worst.gains["a"] == pytest.approx(0.2)
+
+
+def test_a_flat_front_gives_no_verdict():
+    # the worst task when one task is served by no merged model: 0 at every α, whatever α does
+    never = torch.tensor([[0.9, 0.0], [0.5, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    v = verdict(Objective("worst_task"), {"a": never}, pooled_row=0, margin=0.005)
+    assert v.matters is None and v.flat and "cannot tell" in v.message
+    assert verdict(Objective(), {"a": never}, pooled_row=0, margin=0.005).matters is False

@@ -329,6 +329,12 @@ class SelectionConfig(_Strict):
         description="also run the real multitask finetune at these default α, to compare with the chosen one "
         "(the closed loop always starts at pooled)",
     )
+    start: list[Literal["pooled", "uniform", "temperature"]] = Field(
+        default_factory=lambda: ["pooled", "uniform"],
+        min_length=1,
+        description="closed_loop: the first finetunes, at these default α (the ones a user would try anyway), "
+        "run at once",
+    )
     margin: float = Field(
         0.005,
         ge=0,

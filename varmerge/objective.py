@@ -115,12 +115,18 @@ class Verdict:
     gains: dict[str, float]
     margin: float
     objective: str
+    flat: bool = False  # every front predicts the same objective at every α: it cannot tell
 
     @property
     def message(self) -> str:
         g = sorted(self.gains.values())
         span = f"{100 * g[0]:.1f}" if len(g) == 1 or g[-1] - g[0] < 5e-4 else f"{100 * g[0]:.1f}–{100 * g[-1]:.1f}"
         what = f"{self.objective}, {len(g)} merge method{'s' if len(g) > 1 else ''}"
+        if self.flat:
+            return (
+                f"α may matter: the merged fronts cannot tell, they predict the same {self.objective} at every α "
+                f"(a task no merged model serves); a real finetune decides"
+            )
         if self.matters is False:
             return (
                 f"α matters little here: pooled data is predicted within {span} points of the best α "
@@ -139,6 +145,7 @@ class Verdict:
             "gains": dict(self.gains),
             "margin": self.margin,
             "objective": self.objective,
+            "flat": self.flat,
             "message": self.message,
         }
 
@@ -146,13 +153,33 @@ class Verdict:
 def verdict(objective: Objective, predicted: Mapping[str, torch.Tensor], pooled_row: int, margin: float) -> Verdict:
     """The verdict from merged fronts: ``predicted`` is {method: (G, T) scores on one α grid},
     ``pooled_row`` the grid row of pooled α. The gain of a method is its best objective on the
-    grid minus its objective at pooled α (>= 0)."""
+    grid minus its objective at pooled α (>= 0). Fronts whose objective varies by less than the
+    margin over the whole grid (e.g. the worst task when one task is served by no merged model)
+    give no verdict: a flat front is no evidence that α does not matter."""
     if not predicted:
         raise ValueError("a verdict needs at least one method's predictions")
-    gains = {}
+    gains, spreads = {}, []
     for m, p in predicted.items():
         v = objective(p)
         gains[m] = float(v.max() - v[pooled_row])
+        spreads.append(float(v.max() - v.min()))
+    if all(s < margin for s in spreads):
+        return Verdict(None, gains, margin, objective.label, flat=True)
     small = [g < margin for g in gains.values()]
     matters = False if all(small) else True if not any(small) else None
     return Verdict(matters, gains, margin, objective.label)
+
+
+def realised_verdict(objective: Objective, realised, pooled, margin: float) -> dict:
+    """The verdict of real finetunes: the best realised objective (over the (n, T) ``realised``
+    scores) minus pooled α's realised one (``pooled``, (T,)); "α matters little" below
+    ``margin``. Finetunes at n α say nothing about the α not tried: the message says so."""
+    values = objective(torch.as_tensor(realised, dtype=torch.float64).reshape(-1, len(pooled)))
+    gain = float(values.max() - objective(torch.as_tensor(pooled, dtype=torch.float64)))
+    n = len(values)
+    call = "α matters little so far" if gain < margin else "α matters"
+    message = (
+        f"{call} by the {n} real finetune{'s' if n > 1 else ''}: the best is {100 * gain:.1f} points of "
+        f"{objective.label} above pooled data (margin {100 * margin:.1f})"
+    )
+    return {"matters": gain >= margin, "gain": gain, "finetunes": n, "message": message}

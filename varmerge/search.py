@@ -172,7 +172,7 @@ class ClosedLoop:
             )
             gp = GaussianProcessRegressor(kernel, optimizer=None).fit(x, resid[:, t])
             m, s = gp.predict(self.alpha, return_std=True)
-            mean[:, t], std[:, t] = prior[:, t] + m, s
+            mean[:, t], std[:, t] = np.clip(prior[:, t] + m, 0.0, 1.0), s  # accuracies lie in [0, 1]
         return mean, std, weights
 
     # -------------------------------------------------------------------------- proposals

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from varmerge import pareto, pipeline
-from varmerge.objective import Objective, Verdict, default_rows, verdict
+from varmerge.objective import Objective, Verdict, default_rows, realised_verdict, verdict
 from varmerge.plan import RunPlan
 from varmerge.posterior_methods import get_method
 from varmerge.progress import Report
@@ -157,6 +157,15 @@ class FrontResult:
             "chosen": self.chosen_summary(),
             "seconds": dict(self.seconds),
         }
+        if self.realised is not None and "pooled" in self.realised_defaults:
+            by_row = dict(zip(self.chosen_index.tolist(), self.realised, strict=True))
+            by_row |= {self.default_rows[d]: acc for d, acc in self.realised_defaults.items()}
+            out["realised_verdict"] = realised_verdict(
+                self.objective,
+                torch.stack(list(by_row.values())),
+                self.realised_defaults["pooled"],
+                self.plan.cfg.selection.margin,
+            )
         if self.search is not None:
             out["search"] = self.search
         if self.error is not None:
@@ -215,8 +224,9 @@ def closed_loop(plan: RunPlan, runner: Runner, data: Any, theta0: Any, result: F
     """``selection.strategy: closed_loop``: real multitask finetunes placed one batch at a time by
     :class:`varmerge.search.ClosedLoop` over the selection method's α grid, with the merged
     predictions of the plan's ``prior_methods`` as its prior, ranked by the plan's objective. The
-    first finetune is at pooled α (the one a user would run anyway; with
-    ``selection.max_drop_vs_pooled`` its realised scores set the floor of every task), and the
+    first finetunes are at the default α of ``selection.start`` (pooled and uniform: the ones a
+    user would try anyway; with ``selection.max_drop_vs_pooled`` pooled's realised scores set the
+    floor of every task), and the
     search stops early when no α is expected to beat the incumbent by more than the verdict's
     margin. Sets ``result``'s chosen α and realised accuracies (the incumbent first, then the
     other finetunes in the order they ran), ``result.realised_defaults`` (pooled, and any other
@@ -227,8 +237,10 @@ def closed_loop(plan: RunPlan, runner: Runner, data: Any, theta0: Any, result: F
 
     sel = plan.cfg.selection
     alpha = result.alpha
-    pooled = result.default_rows["pooled"]
-    settings = SearchSettings(sel.budget, sel.batch, sel.epsilon, start=(pooled,), margin=sel.margin)
+    rows = result.default_rows
+    pooled = rows["pooled"]
+    start = tuple(dict.fromkeys(rows[d] for d in sel.start))[: sel.budget]
+    settings = SearchSettings(sel.budget, sel.batch, sel.epsilon, start=start, margin=sel.margin)
     priors = {m: result.sweeps[m]["accuracy"] for m in plan.prior_methods}
     search = ClosedLoop(alpha, priors, settings, pipeline.constraints(plan), plan.objective)
     result.search = []
