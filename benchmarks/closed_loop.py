@@ -12,7 +12,10 @@ time; a "finetune" is the recorded result at its α (the same numbers a rerun gi
 are seeded), so budgets of 1 … 8 cost nothing to replay. Regret after B finetunes = the grid's
 best multitask mean accuracy − the best mean accuracy among the B realised, in points.
 
-Strategies: ``closed_loop`` (:class:`varmerge.search.ClosedLoop` with the flow's default prior,
+Strategies: ``closed_loop (from pooled and uniform)`` (the product's default: its first batch the
+ground-truth α nearest pooled and uniform α, then the search below, stopped once no α is expected to
+gain more than the verdict's margin; with the verdict of the merged fronts), ``closed_loop``
+(:class:`varmerge.search.ClosedLoop` with the flow's default prior,
 :func:`varmerge.sequence.prior_methods`: here the selection method mixture with simple and
 hessian, averaged by how well each predicts), ``closed_loop (selection method only)`` (its prior
 the selection method's front alone), ``top_k`` (the B best α of the selection method's front), ``random`` (B α drawn
@@ -38,12 +41,14 @@ import torch
 from benchmarks.mixture_k import ground_truth
 from benchmarks.table1 import DEFAULT_OUTPUT, EXPERIMENTS, ROOT, generated, load_results, save_with_report
 from varmerge.config import load_config
+from varmerge.objective import Objective, default_alphas, verdict
 from varmerge.plan import make_plan
 from varmerge.search import ClosedLoop, SearchSettings
 from varmerge.sequence import LocalRunner
 
 COLUMNS = ["mnist_imbalanced", "mnist_balanced", "fashion_imbalanced", "fashion_balanced", "cnn_fashion", "lora_tweets"]
 FIGURE = ROOT / "docs" / "figures" / "closed_loop_regret.png"
+MARGIN = 0.005  # the verdict's default margin (selection.margin)
 
 
 def predictions(name: str, alpha: torch.Tensor) -> tuple[dict[str, np.ndarray], str]:
@@ -93,7 +98,15 @@ def column(name: str, results: dict, budget: int, seeds: int) -> dict:
     preds, method = predictions(name, gt_alpha)
     mean = truth.mean(1)
     settings = SearchSettings(budget=budget, epsilon=0.0)
+    # the product's default: first pooled and uniform α (their nearest ground-truth points), then the
+    # search, stopped by the verdict's margin
+    exp = results["experiments"][name]
+    defaults = default_alphas(exp["train_examples"])
+    near = {d: int(np.abs(alpha - defaults[d].numpy()).sum(1).argmin()) for d in ("pooled", "uniform")}
+    product = SearchSettings(budget=budget, start=tuple(dict.fromkeys(near.values())), margin=MARGIN)
+    from_defaults = replay(ClosedLoop(alpha, preds, product), truth)
     runs = {
+        "closed_loop (from pooled and uniform)": from_defaults,
         "closed_loop": replay(ClosedLoop(alpha, preds, settings), truth),
         "closed_loop (selection method only)": replay(ClosedLoop(alpha, {method: preds[method]}, settings), truth),
         "top_k": [int(i) for i in np.argsort(-preds[method].mean(1), kind="stable")[:budget]],
@@ -117,7 +130,15 @@ def column(name: str, results: dict, budget: int, seeds: int) -> dict:
     for k, v in regret.items():
         print(f"  {k:24s} " + " ".join(f"{x:5.2f}" for x in v), flush=True)
     print(f"  constrained ({threshold:.3f} on task 0): finetunes until within 0.3 points: {constrained}", flush=True)
+    v = verdict(Objective(), {m: torch.as_tensor(p) for m, p in preds.items()}, near["pooled"], MARGIN)
     return {
+        "from_defaults": {
+            "finetunes": len(from_defaults),
+            "regret_at_stop": curve(from_defaults, mean, len(from_defaults))[-1],
+            "verdict": v.as_dict(),
+            "default_rows_alpha": {d: alpha[r].round(6).tolist() for d, r in near.items()},
+        },
+        "commit": generated()["commit"],
         "selection_method": method,
         "prior_methods": list(preds),
         "grid_size": len(alpha),
@@ -186,6 +207,8 @@ def main(argv=None) -> None:
         print(f"wrote {plot(results['closed_loop']['columns'], ROOT / 'docs' / results['closed_loop']['figure'])}")
         return
     table = {n: column(n, results, args.budget, args.seeds) for n in args.experiments}
+    kept = results.get("closed_loop", {}).get("columns", {})  # columns not rerun keep their results (and commit)
+    table = {n: table.get(n, kept.get(n)) for n in COLUMNS if n in table or n in kept}
     figure = plot(table, FIGURE if path.resolve() == DEFAULT_OUTPUT.resolve() else path.with_suffix(".png"))
     results["closed_loop"] = {
         "budget": args.budget,

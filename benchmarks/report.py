@@ -553,6 +553,18 @@ def _closed_loop(cl: dict) -> Iterator[str]:
         cells = " | ".join("–" if f[k] is None else f"{f[k]:g}" for k in names)
         yield f"| {name} | {100 * c['constrained']['threshold']:.1f} | {cells} |"
     yield ""
+    rows = {n: c["from_defaults"] for n, c in cl["columns"].items() if "from_defaults" in c}
+    if rows:
+        yield (
+            "The product's default, `closed_loop (from pooled and uniform)`: finetunes spent before the margin "
+            "stopped it, the regret then, and the verdict of the merged fronts (mean accuracy):"
+        )
+        yield ""
+        yield "| column | finetunes | regret at stop | verdict of the merged fronts |"
+        yield "|---|---|---|---|"
+        for n, r in rows.items():
+            yield f"| {n} | {r['finetunes']} | {r['regret_at_stop']:.2f} | {r['verdict']['message']} |"
+        yield ""
     yield f"![closed-loop regret]({cl['figure']})"
     yield ""
 

@@ -69,8 +69,11 @@ def print_choice(summary: dict) -> None:
         off = sum(abs(p - r) for p, r in zip(ch["predicted"][0], ch["realised"][0], strict=True)) / len(names)
         line = f"the merged front's prediction at the chosen α is off by {100 * off:.1f} points per task"
         if off > 0.03:
+            pairs = list(zip(names, ch["predicted"][0], ch["realised"][0], strict=True))
+            n, p, r = max(pairs, key=lambda x: abs(x[1] - x[2]))
             line += (
-                " (more than 3): read the front as a ranking of α, not as scores; the realised finetunes are the result"
+                f", most on {n} (predicted {100 * p:.1f}, realised {100 * r:.1f}): more than 3, so read the front as "
+                "a ranking of α, not as scores; the realised finetunes are the result"
             )
         console.print(line)
     for kind, g in ch["gain_over_pooled"].items():

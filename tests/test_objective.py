@@ -80,3 +80,61 @@ def test_a_flat_front_gives_no_verdict():
     v = verdict(Objective("worst_task"), {"a": never}, pooled_row=0, margin=0.005)
     assert v.matters is None and v.flat and "cannot tell" in v.message
     assert verdict(Objective(), {"a": never}, pooled_row=0, margin=0.005).matters is False
+
+
+def test_selection_by_objective_and_a_floor_below_pooled():
+    from helpers import TINY
+
+    from varmerge import pipeline
+    from varmerge.config import parse_config
+    from varmerge.plan import make_plan
+
+    raw = {**TINY, "selection": {"method": "mixture", "objective": "worst_task", "max_drop_vs_pooled": 0.05}}
+    plan = make_plan(parse_config(raw)).with_sizes(10, {"a": 100, "b": 100, "c": 200}, {"a": 1, "b": 1, "c": 1})
+    alpha = plan.grid()
+    pooled = plan.defaults()["pooled"]
+    assert pooled.tolist() == pytest.approx([0.25, 0.25, 0.5])
+    # task a is best at α near its vertex; c falls there; the worst task peaks in between
+    acc = torch.stack([0.5 + 0.4 * alpha[:, 0], 0.8 + 0.0 * alpha[:, 1], 0.9 - 0.5 * alpha[:, 0]], 1)
+    row = int((alpha - pooled).abs().sum(1).argmin())
+    cons = pipeline.constraints(plan, acc[row])
+    assert cons == [(t, ">=", pytest.approx(float(acc[row, t]) - 0.05)) for t in range(3)]
+    idx, chosen = pipeline.select(plan, alpha, acc)
+    worst = acc.min(1).values
+    ok = (acc >= acc[row] - 0.05).all(1)
+    assert worst[idx[0]] == worst[ok].max() and ok[idx[0]]
+    # without the floor the worst task alone decides
+    plain = make_plan(parse_config({**raw, "selection": {"method": "mixture", "objective": "worst_task"}}))
+    plain = plain.with_sizes(10, {"a": 100, "b": 100, "c": 200}, {"a": 1, "b": 1, "c": 1})
+    idx2, _ = pipeline.select(plain, alpha, acc)
+    assert worst[idx2[0]] == worst.max()
+
+
+def test_a_run_scores_the_defaults_and_finetunes_those_asked_for():
+    from helpers import TINY
+
+    from varmerge.config import parse_config
+    from varmerge.plan import make_plan
+    from varmerge.sequence import LocalRunner, estimate_front
+
+    raw = {**TINY, "posterior": {**TINY["posterior"], "steps": 5}, "multitask_steps": 5}
+    raw["data"] = {**TINY["data"], "tasks": [dict(t) for t in TINY["data"]["tasks"]]}
+    raw["data"]["tasks"][0]["max_train"] = 30  # pooled α differs from uniform
+    raw["selection"] = {"method": "mixture", "finetune_defaults": ["pooled", "uniform"]}
+    res = estimate_front(LocalRunner(make_plan(parse_config(raw))))
+    s = res.summary()
+    assert s["defaults"]["pooled"]["alpha"] == pytest.approx([30 / 630, 300 / 630, 300 / 630])
+    assert set(res.realised_defaults) == {"pooled", "uniform"}
+    for name in ("pooled", "uniform"):
+        d = s["defaults"][name]
+        assert len(d["realised"]["accuracy"]) == 3 and d["predicted"]["mixture"]["objective"] == pytest.approx(
+            sum(d["predicted"]["mixture"]["accuracy"]) / 3
+        )
+    gain = s["chosen"]["gain_over_pooled"]
+    assert set(gain) == {"predicted", "realised"}
+    assert gain["realised"]["objective"] == pytest.approx(
+        s["chosen"]["realised_objective"][0] - s["defaults"]["pooled"]["realised"]["objective"]
+    )
+    assert s["realised_verdict"]["finetunes"] == len(
+        {tuple(a) for a in [*s["chosen"]["alpha"]]} | {tuple(s["defaults"][d]["alpha"]) for d in ("pooled", "uniform")}
+    )
