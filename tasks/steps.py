@@ -17,6 +17,7 @@ and writes the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -265,13 +266,16 @@ def load_posteriors(plan: RunPlan, theta0_ref: dict, posterior_refs: list, devic
 
 # ----------------------------------------------------------------------------------- α sweeps
 def sweep_key(plan: RunPlan, method: str, data_ref: dict, theta0_ref: dict, posterior_refs: list) -> str:
-    """The content key of one method's sweep (how the ground-truth flow finds it): the grid, the
-    method's options (and task arithmetic's, which MAP evaluates), the data, θ0 and posteriors."""
+    """The content key of one method's sweep (how the ground-truth flow finds it): the α grid (its
+    spacing and the default α appended to it, which follow the tasks' sizes and
+    ``selection.temperature``), the method's options (and task arithmetic's, which MAP
+    evaluates), the data, θ0 and posteriors."""
     step = plan.merge_step(method)
     rules = [method, "task_arithmetic"] if step.spec.kind == "estimator" else [method]
     options = {m: plan.merge_step(m).options.model_dump(mode="json") for m in rules}
     upstream = [data_ref["sha256"], theta0_ref["sha256"], [r["sha256"] for r in posterior_refs]]
-    return store_for(plan.run_dir).key("sweep", method, plan.cfg.merge.spacing, options, *upstream)
+    grid = hashlib.sha256(plan.grid().numpy().tobytes()).hexdigest()
+    return store_for(plan.run_dir).key("sweep", method, plan.cfg.merge.spacing, grid, options, *upstream)
 
 
 @task(name="merge-sweep", task_run_name="sweep-{method}", cache_policy=NO_CACHE)

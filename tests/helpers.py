@@ -39,3 +39,12 @@ def plan_of(raw: dict, output_dir, **where):
     from varmerge.plan import make_plan
 
     return make_plan(parse_config(raw), output_dir=output_dir, **where)
+
+
+def checked_plan_of(raw: dict, output_dir):
+    """The plan as a run gets it: checked by preflight, which tells it the tasks' sizes (the
+    default α, rows of the α grid, need them)."""
+    from varmerge.config import parse_config
+    from varmerge.preflight import preflight
+
+    return preflight(parse_config(raw), output_dir=output_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY, plan_of
+from helpers import TINY, checked_plan_of
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -457,7 +457,7 @@ def prepared(tmp_path):
     """Data and θ0 of TINY prepared by the flow's own tasks (their plain functions, no Prefect)."""
     from tasks import steps
 
-    plan = plan_of(TINY, tmp_path / "out")
+    plan = checked_plan_of(TINY, tmp_path / "out")
     data_ref = steps.prepare_data.fn(plan)
     theta0_ref = steps.theta0.fn(plan, data_ref)
     return steps, plan, data_ref, theta0_ref

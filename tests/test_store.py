@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY, plan_of
+from helpers import TINY, checked_plan_of, plan_of
 
 from varmerge import files
 from varmerge.store import RunStore, source_digest
@@ -63,7 +63,7 @@ def test_the_ground_truth_finds_sweeps_by_key_not_by_age(tmp_path):
     other posteriors (another config version) written later was compared with this run's front."""
     from tasks import steps
 
-    plan = plan_of(TINY, tmp_path / "out")
+    plan = checked_plan_of(TINY, tmp_path / "out")
     store = steps.store_for(plan.run_dir)
     data_ref = steps.prepare_data.fn(plan)
     theta0_ref = steps.theta0.fn(plan, data_ref)
@@ -87,7 +87,9 @@ def test_keys_follow_what_each_artifact_reads(tmp_path):
     refs = [{"path": f"posteriors/{t}.safetensors", "sha256": t * 8} for t in "abc"]
 
     def plan(**sections):
-        return plan_of({**TINY, **{k: {**TINY[k], **v} for k, v in sections.items()}}, tmp_path)
+        raw = {**TINY, **{k: {**TINY.get(k, {}), **v} for k, v in sections.items()}}
+        sizes = {"a": 100, "b": 200, "c": 300}  # the default α (rows of the grid) follow them
+        return plan_of(raw, tmp_path).with_sizes(10, sizes, sizes)
 
     base = plan()
     more_methods = plan(merge={"methods": [*TINY["merge"]["methods"], "ties"]})
@@ -101,6 +103,9 @@ def test_keys_follow_what_each_artifact_reads(tmp_path):
     assert steps.sweep_key(base, "mixture", data, theta0, refs) != steps.sweep_key(
         other_mixture, "mixture", data, theta0, refs
     )
+    hotter = plan(selection={"temperature": 0.7})  # another temperature α: another grid row, every sweep
+    assert steps.sweep_key(base, "simple", data, theta0, refs) != steps.sweep_key(hotter, "simple", data, theta0, refs)
+    assert steps.posterior_key(base, data, theta0, 0) == steps.posterior_key(hotter, data, theta0, 0)
     unread = plan(posterior={"weights_lr": 1e-3, "init_spread": 0.5})  # mixture_full_von's, not multi_ivon's
     assert steps.posterior_key(base, data, theta0, 0) == steps.posterior_key(unread, data, theta0, 0)
     for changed in (plan(posterior={"lr": 0.05}), plan(posterior={"components": 3})):

@@ -63,7 +63,7 @@ def front_projections(
             )
         for name, sc in (defaults or {}).items():
             marker, colour = DEFAULT_STYLE.get(name, ("o", "grey"))
-            ax.scatter([sc[i]], [sc[j]], marker=marker, c=colour, s=90, edgecolors="k", label=f"{name} α")
+            ax.scatter([sc[i]], [sc[j]], marker=marker, c=colour, s=90, edgecolors="k", label=f"{name} α (merged)")
         ax.set_xlabel(f"{task_names[i]} accuracy")
         ax.set_ylabel(f"{task_names[j]} accuracy")
         ax.grid(alpha=0.3)
