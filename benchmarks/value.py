@@ -44,6 +44,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.closed_loop import replay
 from benchmarks.table1 import DEFAULT_OUTPUT, ROOT, MultitaskRuns, generated, load_results, save_with_report
 from varmerge import pareto
 from varmerge.config import load_config
@@ -87,13 +88,6 @@ def fronts(name: str, say) -> tuple:
 def with_seed(plan, offset: int):
     """The plan with the multitask finetune's seed moved by ``offset``."""
     return dataclasses.replace(plan, multitask=dataclasses.replace(plan.multitask, seed=plan.multitask.seed + offset))
-
-
-def replay(search: ClosedLoop, truth: np.ndarray) -> list[int]:
-    while (step := search.propose()) is not None:
-        for r in step.rows:
-            search.observe(search.alpha[r], truth[r])
-    return search.rows
 
 
 def score(plan, sweeps: dict, alpha: torch.Tensor, truth: torch.Tensor, noise: dict, budget: int, name: str) -> dict:
@@ -151,19 +145,19 @@ def new_column(name: str, seeds: int, budget: int, workers: int, say) -> dict:
     # the noise floor: more seeds at each objective's best α, at pooled and at uniform
     picks = {f"best_{n}": int(o(truth).argmax()) for n, o in OBJECTIVES.items()}
     picks |= {"pooled": rows["pooled"], "uniform": rows["uniform"]}
-    per_seed = [truth]
+    picked = sorted(set(picks.values()))
+    other_seeds = []  # per seed after the first: {row: (T,) accuracies}
     for s in range(1, seeds):
         runs = MultitaskRuns(with_seed(plan, s), theta0, data[0], say, workers=workers, prior=runner.prior)
-        at = alpha[sorted(set(picks.values()))]
-        runs.run(at, f"{name}: seed {s}")
-        per_seed.append(dict(zip(sorted(set(picks.values())), runs(at), strict=True)))
+        runs.run(alpha[picked], f"{name}: seed {s}")
+        other_seeds.append(dict(zip(picked, runs(alpha[picked]), strict=True)))
     noise = {}
     for n, o in OBJECTIVES.items():
         noise[n] = {}
         for label, r in picks.items():
             if label.startswith("best_") and label != f"best_{n}":
                 continue
-            vals = [float(o(truth[r]))] + [float(o(p[r])) for p in per_seed[1:]]
+            vals = [float(o(truth[r]))] + [float(o(p[r])) for p in other_seeds]
             noise[n][label.removesuffix(f"_{n}")] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
     sizes = [t.train_examples for t in plan.tasks]
     out = {

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 KINDS = ("mean", "worst_task", "weighted")
-DEFAULTS = ("pooled", "uniform", "temperature")
 #: α rows closer than this (max norm) are the same α.
 SAME_ALPHA = 1e-9
 

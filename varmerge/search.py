@@ -85,7 +85,7 @@ class Step:
     """One proposal: the grid rows it chose, and what the model said about them then."""
 
     rows: list[int]
-    predicted_mean: list[float]  # the model's objective at each row (prior + residual; mean accuracy by default)
+    predicted_objective: list[float]  # the model's objective at each row (prior + residual)
     expected_improvement: list[float | None]  # None: placed by the prior alone (no finetune yet)
     incumbent: float | None  # best realised feasible objective before this step
     method_weights: dict[str, float] = field(default_factory=dict)

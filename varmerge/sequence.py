@@ -210,11 +210,10 @@ def estimate_front(runner: Runner) -> FrontResult:
         result.error = str(exc)
         return result
     rows = result.default_rows
-    defaults = [d for d in plan.cfg.selection.finetune_defaults if rows[d] not in result.chosen_index.tolist()]
-    wanted = torch.cat([result.chosen_index, torch.tensor([rows[d] for d in defaults], dtype=torch.long)])
-    wanted = torch.tensor(list(dict.fromkeys(wanted.tolist())), dtype=torch.long)  # each α finetuned once
+    defaults = [rows[d] for d in plan.cfg.selection.finetune_defaults]
+    wanted = list(dict.fromkeys(result.chosen_index.tolist() + defaults))  # each α finetuned once
     with timed("multitask"):
-        done = dict(zip(wanted.tolist(), runner.multitasks(data, theta0, result.alpha[wanted]), strict=True))
+        done = dict(zip(wanted, runner.multitasks(data, theta0, result.alpha[wanted]), strict=True))
     result.realised = torch.stack([done[int(r)] for r in result.chosen_index])
     result.realised_defaults = {d: done[rows[d]] for d in plan.cfg.selection.finetune_defaults}
     return result
@@ -255,7 +254,7 @@ def closed_loop(plan: RunPlan, runner: Runner, data: Any, theta0: Any, result: F
         result.search.append(
             {
                 "alpha": alpha[step.rows].tolist(),
-                "predicted_objective": step.predicted_mean,
+                "predicted_objective": step.predicted_objective,
                 "expected_improvement": step.expected_improvement,
                 "realised": [realised[r].tolist() for r in step.rows],
                 "method_weights": step.method_weights,
