@@ -177,7 +177,8 @@ def _save_front(plan: RunPlan, summary: dict, figures: list[Path]) -> None:
 def log_chosen(plan: RunPlan, parent: tracking.Parent, summary: dict, result: FrontResult) -> None:
     """The parent run's metrics (per method; predicted and realised at the chosen α and at the
     default α; the gain over pooled; the verdict's gains; the search's incumbent per step) and
-    tags (the chosen method, α, predicted and realised; each default's α; the verdict)."""
+    tags (the chosen method, α, predicted and realised; each default's α; the verdicts of the
+    fronts and of the real finetunes)."""
     names, predicted, realised, obj = plan.task_names, result.predicted[0], result.realised[0], plan.objective
     methods = {
         f"{m}/{k}": s[k]
@@ -223,6 +224,12 @@ def log_chosen(plan: RunPlan, parent: tracking.Parent, summary: dict, result: Fr
     }
     verdict = summary["verdict"]
     tags |= {"varmerge.verdict": verdict["message"], "varmerge.verdict.matters": json.dumps(verdict["matters"])}
+    if "realised_verdict" in summary:  # the real finetunes' word (and, in a closed loop, whether it settled)
+        real = summary["realised_verdict"]
+        tags |= {
+            "varmerge.realised_verdict": real["message"],
+            "varmerge.realised_verdict.matters": json.dumps(real["matters"]),
+        }
     tags |= {"varmerge.objective": obj.kind}
     tracking.set_tags(parent.uri, parent.run_id, {**tags, "varmerge.chosen.method": result.method})
 

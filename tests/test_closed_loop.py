@@ -55,6 +55,9 @@ def test_a_closed_loop_search_runs_logs_and_resumes_after_a_kill(prefect_server,
     history = client.get_metric_history(whole["mlflow_run_id"], "search/incumbent_objective")
     assert [m.step for m in history] == [1, 2, 3]
     assert [m.value for m in history] == pytest.approx([max(means[: i + 1]) for i in range(3)])
+    tags = client.get_run(whole["mlflow_run_id"]).data.tags
+    assert not whole["realised_verdict"]["settled"]  # margin 0: the budget was spent
+    assert tags["varmerge.realised_verdict"] == whole["realised_verdict"]["message"]
     version = client.search_model_versions("name='varmerge-closed'")[0]
     assert json.loads(version.tags["alpha"]) == whole["chosen"]["alpha"][0]
 

@@ -136,6 +136,26 @@ def test_the_search_starts_at_pooled_alpha_and_stops_when_alpha_matters_little()
         ClosedLoop(ALPHA, {"m": steep}, SearchSettings(budget=2, start=(10**6,)))
 
 
+def test_when_pooled_and_uniform_agree_the_search_stops_there_even_if_the_merge_promises_more():
+    pooled = int(np.abs(ALPHA - np.array([0.5, 0.3, 0.2])).max(1).argmin())
+    uniform = int(np.abs(ALPHA - 1 / 3).max(1).argmin())
+    promising = truth(ALPHA, peak=(0.1, 0.1, 0.8))  # the merge predicts a peak far from both
+
+    def flat(alpha):  # the real finetunes: α matters little anywhere
+        return np.full(3, 0.8) + 0.002 * np.asarray(alpha)
+
+    settings = SearchSettings(budget=5, start=(pooled, uniform), margin=0.005)
+    search = ClosedLoop(ALPHA, {"m": promising}, settings)
+    assert run(search, flat) == [pooled, uniform] and search.settled
+    # where they disagree by the margin or more, it goes on (and is not settled at its budget)
+    steep = ClosedLoop(ALPHA, {"m": promising}, settings)
+    rows = run(steep, truth)
+    assert rows[:2] == [pooled, uniform] and len(rows) == 5 and not steep.settled
+    # the rule needs two start rows: one start row alone is judged by the expected improvement
+    one = ClosedLoop(ALPHA, {"m": promising}, SearchSettings(budget=5, start=(pooled,), margin=0.005))
+    assert len(run(one, flat)) > 1
+
+
 def test_the_worst_task_objective_finds_the_balanced_alpha():
     from varmerge.objective import Objective
 

@@ -169,16 +169,24 @@ def verdict(objective: Objective, predicted: Mapping[str, torch.Tensor], pooled_
     return Verdict(matters, gains, margin, objective.label)
 
 
-def realised_verdict(objective: Objective, realised, pooled, margin: float) -> dict:
+def realised_verdict(objective: Objective, realised, pooled, margin: float, settled: bool = False) -> dict:
     """The verdict of real finetunes: the best realised objective (over the (n, T) ``realised``
     scores) minus pooled α's realised one (``pooled``, (T,)); "α matters little" below
-    ``margin``. Finetunes at n α say nothing about the α not tried: the message says so."""
+    ``margin``. Finetunes at n α say nothing about the α not tried unless ``settled`` (a closed
+    loop stopped before its budget: its model, the fronts calibrated by these finetunes, expects
+    no α of the grid to gain more than the margin); the message says which."""
     values = objective(torch.as_tensor(realised, dtype=torch.float64).reshape(-1, len(pooled)))
     gain = float(values.max() - objective(torch.as_tensor(pooled, dtype=torch.float64)))
     n = len(values)
-    call = "α matters little so far" if gain < margin else "α matters"
-    message = (
-        f"{call} by the {n} real finetune{'s' if n > 1 else ''}: the best is {100 * gain:.1f} points of "
-        f"{objective.label} above pooled data (margin {100 * margin:.1f})"
-    )
-    return {"matters": gain >= margin, "gain": gain, "finetunes": n, "message": message}
+    by = f"{n} real finetune{'s' if n > 1 else ''}"
+    above = f"the best is {100 * gain:.1f} points of {objective.label} above pooled data (margin {100 * margin:.1f})"
+    if gain >= margin:
+        message = f"α matters by the {by}: {above}"
+    elif settled:
+        message = (
+            f"α matters little here: after {by} {above}, and the search expects no α of the grid to gain "
+            f"more than the margin, so it stopped early"
+        )
+    else:
+        message = f"α matters little so far by the {by}: {above}; the α not tried may differ"
+    return {"matters": gain >= margin, "gain": gain, "finetunes": n, "settled": bool(settled), "message": message}

@@ -29,7 +29,13 @@ constraints) times the probability that the constraints hold (constraint-weighte
 any realised α meets them, the probability alone. A batch of b > 1 is chosen greedily with the
 "kriging believer": each pick is added as if it realised its predicted mean, then the next is
 chosen. The search stops at its budget, or when no α of the grid is expected to improve on the
-incumbent by more than ``max(epsilon, margin)`` (``margin``: the verdict's, "α matters little").
+incumbent by more than ``max(epsilon, margin)`` (``margin``: the verdict's, "α matters little"),
+or, the rule of thumb a practitioner would use, when the start rows (pooled and uniform α: the two
+ends of the temperature family α ∝ N^τ, τ from 1 to 0) realise objectives within ``margin`` of
+each other. The second rule states the field's finding that on mean metrics in finetuning
+proportional and uniform weights are hard to beat; it does not look off the line between them (a
+task worth less than its pooled share), which the first rule may, when the merged fronts are
+trusted. Both set ``settled``: the search stopped before its budget, α matters little.
 Everything is deterministic: the
 same observations give the same next α (a resumed search continues as the killed one would).
 
@@ -126,6 +132,7 @@ class ClosedLoop:
             raise ValueError(f"closed-loop start rows {bad} are not rows of the α grid ({len(self.alpha)})")
         self.rows: list[int] = []  # realised rows, in order
         self.realised: list[np.ndarray] = []  # (T,) each
+        self.settled = False  # stopped before the budget: the verdict "α matters little" holds
 
     # ------------------------------------------------------------------------------ model
     def row_of(self, alpha) -> int:
@@ -220,10 +227,25 @@ class ClosedLoop:
             return p_ok
         return self._expected_improvement(mean, std, incumbent) * p_ok
 
+    def _defaults_agree(self) -> bool:
+        """Whether the start rows (two or more: pooled and uniform α, the ends of the temperature
+        family) were the only finetunes so far, all meet the constraints and realise objectives
+        within ``margin`` of each other."""
+        start = list(dict.fromkeys(self.settings.start))
+        if len(start) < 2 or self.settings.margin <= 0 or sorted(self.rows) != sorted(start):
+            return False
+        got = [y for r, y in zip(self.rows, self.realised) if r in start]
+        if not all(_feasible(y, self.constraints) for y in got):
+            return False
+        values = [self.value(y) for y in got]
+        return max(values) - min(values) < self.settings.margin
+
     def propose(self) -> Step | None:
         """The next batch of grid rows to finetune, or None when the budget is spent or no α is
         expected to improve on the incumbent by more than ``epsilon`` (and, once a finetune ran,
-        ``margin``). The settings' ``start`` rows come first, as one batch."""
+        ``margin``). The settings' ``start`` rows come first, as one batch; when two or more
+        of them realise objectives within ``margin`` of each other, the search stops there (the
+        verdict "α matters little": see the module docstring)."""
         left = self.settings.budget - len(self.rows)
         if left <= 0:
             return None
@@ -235,6 +257,9 @@ class ClosedLoop:
             return Step(
                 start, [self.value(mean[r]) for r in start], [None] * len(start), found[1] if found else None, w
             )
+        if self._defaults_agree():
+            self.settled = True
+            return None
         threshold = max(self.settings.epsilon, self.settings.margin)
         chosen, predicted, gains, weights = [], [], [], {}
         for _ in range(min(self.settings.batch, left)):
@@ -253,6 +278,7 @@ class ClosedLoop:
                 break  # every grid point is taken
             gain = float(score[i]) if modelled else None
             if gain is not None and found is not None and gain <= threshold and not chosen:
+                self.settled = True
                 return None
             chosen.append(i)
             predicted.append(self.value(mean[i]))

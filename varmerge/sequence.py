@@ -61,6 +61,7 @@ class FrontResult:
     error: str | None = None  # why no α was chosen (constraints nobody meets)
     seconds: dict[str, float] = field(default_factory=dict)
     search: list[dict] | None = None  # closed_loop: one entry per iteration (see closed_loop)
+    settled: bool = False  # closed_loop stopped early: no α of the grid expected to gain more than the margin
 
     @property
     def tasks(self) -> list[str]:
@@ -165,6 +166,7 @@ class FrontResult:
                 torch.stack(list(by_row.values())),
                 self.realised_defaults["pooled"],
                 self.plan.cfg.selection.margin,
+                settled=self.settled,
             )
         if self.search is not None:
             out["search"] = self.search
@@ -263,6 +265,7 @@ def closed_loop(plan: RunPlan, runner: Runner, data: Any, theta0: Any, result: F
             }
         )
     result.realised_defaults = {d: realised[r] for d, r in result.default_rows.items() if r in realised}
+    result.settled = search.settled
     inc = search.incumbent()
     if inc is None:
         result.error = f"closed-loop search: none of the {len(realised)} realised α meets the selection constraints"
