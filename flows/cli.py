@@ -111,15 +111,21 @@ def _user_errors(status: str | None = None):
 
 
 def _load(config: Path, check_device: bool = True):
-    from varmerge.config import load_config
-    from varmerge.pipeline import check_accelerator
+    """The config: its own files checked first (pandas only: a common mistake answers in about a
+    second), then validated; with ``check_device``, the accelerator (this imports torch)."""
+    from varmerge.config import parse_config, read_config
+    from varmerge.userfiles import check_config
 
     try:
-        cfg = load_config(config)
+        raw = read_config(config)
+        check_config(raw)
+        cfg = parse_config(raw, str(config))
         if check_device:
+            from varmerge.pipeline import check_accelerator
+
             check_accelerator(cfg.accelerator)
         return cfg
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
 
 
@@ -129,12 +135,13 @@ def _flow_command(config: Path, runner: tuple, quiet: bool, **where):
     read and validated once, preflight (the run plan: nothing is written before it passes), the
     MLflow store created while the flow module imports, then progress bars for the block, which
     gets the plan. Errors end the command with one line."""
-    with services.prefect_api(_STATE["debug"]) as api:  # first: the server boots while the rest imports
+    cfg = _load(config, check_device=False)  # the quick checks, before Prefect's API starts
+    with services.prefect_api(_STATE["debug"]) as api:  # the server boots while the rest imports
         from varmerge.preflight import preflight
 
-        cfg = _with_runner(_load(config), *runner)
+        cfg = _with_runner(cfg, *runner)
         with _user_errors(PREFLIGHT_STATUS):
-            plan = preflight(cfg, **where)
+            plan = preflight(cfg, **where, config_file=config)
         with _user_errors("starting Prefect's API and the MLflow store"), services.start_services(plan, api):
             import flows.front  # noqa: F401 - Prefect's and MLflow's imports, while the store is created
 
@@ -149,11 +156,11 @@ def validate(
     schema_only: bool = typer.Option(False, "--schema-only", help="skip the data and model checks"),
 ) -> None:
     """Check a config (schema, data, model) and print what it would run; writes nothing."""
+    cfg = _load(config, check_device=False)
     from varmerge import preflight as pf
     from varmerge.pipeline import check_accelerator
     from varmerge.plan import make_plan
 
-    cfg = _load(config, check_device=False)
     try:
         check_accelerator(cfg.accelerator)
     except ValueError as exc:
@@ -271,30 +278,63 @@ def sweep(
     console.print(f"done in {time.perf_counter() - t0:.0f} s (reference point {out['reference_point']})")
 
 
+DEFAULT_STORE = "sqlite:///runs/mlflow.db"
+
+
+def _front_json(target: str) -> Path | None:
+    """``target`` as a run's front.json (a run folder or the file itself), or None."""
+    path = Path(target)
+    path = path / "front.json" if path.is_dir() else path
+    return path if path.is_file() and path.suffix == ".json" else None
+
+
+def _read_front(path: Path) -> dict:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        _fail(ValueError(f"{path}: not a readable front.json: {exc}"))
+    if not isinstance(summary, dict) or "methods" not in summary:
+        _fail(ValueError(f"{path} is not the front.json of a varmerge run"))
+    return summary
+
+
 @app.command()
 def front(
-    run_id: str = typer.Argument(..., help="MLflow run id of a front flow (the parent run)"),
-    tracking_uri: str = typer.Option("sqlite:///runs/mlflow.db", help="MLflow tracking URI"),
+    target: str = typer.Argument(..., help="a run folder (e.g. runs/smoke), its front.json, or an MLflow run id"),
+    tracking_uri: str = typer.Option(None, help=f"with a run id: its MLflow store (default {DEFAULT_STORE})"),
 ) -> None:
-    """Print the front table and the chosen α of a finished run."""
+    """Print the front table and the chosen α of a finished run, from wherever it is run."""
     from tasks.tracking import read_json_artifact
 
-    try:
-        summary = read_json_artifact(tracking_uri, run_id, "front/front.json")
-    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the message is what matters
-        _fail(ValueError(f"cannot read the front of run {run_id!r} from {tracking_uri}: {exc}"))
+    path = _front_json(target)
+    if path is not None:
+        summary = _read_front(path)
+    else:
+        uri = tracking_uri or DEFAULT_STORE
+        try:
+            summary = read_json_artifact(uri, target, "front/front.json")
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the message is what matters
+            hint = "" if tracking_uri else "; give the run folder (varmerge front runs/NAME) or --tracking-uri"
+            _fail(ValueError(f"cannot read the front of run {target!r} from {uri}: {_one_line(exc)}{hint}"))
     print_front(summary, summary.get("spacing", float("nan")))
     print_fronts(summary)
 
 
 @app.command()
 def ui(
-    tracking_uri: str = typer.Option("sqlite:///runs/mlflow.db", help="MLflow backend store"),
+    run: str = typer.Argument(None, help="a run folder or its front.json: open that run's MLflow store"),
+    tracking_uri: str = typer.Option(None, help=f"MLflow backend store (default: the run's, else {DEFAULT_STORE})"),
     port: int = typer.Option(5000),
     host: str = typer.Option(LOOPBACK, help="bind address (loopback by default; 0.0.0.0 exposes it to the network)"),
     workers: int = typer.Option(1, min=1, help="server worker processes (more for several users at once)"),
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 (other hosts only when asked with --host)."""
+    if run is not None and tracking_uri is None:
+        path = _front_json(run)
+        if path is None:
+            _fail(ValueError(f"{run}: no front.json there (give a run folder, e.g. runs/smoke, or --tracking-uri)"))
+        tracking_uri = _read_front(path).get("tracking_uri") or DEFAULT_STORE
+    tracking_uri = tracking_uri or DEFAULT_STORE
     if host not in (LOOPBACK, "localhost", "::1"):
         console.print(
             f"[yellow]note:[/] the MLflow UI will listen on {host}, not only on this machine; it has no authentication",
@@ -303,7 +343,7 @@ def ui(
     console.print(f"MLflow UI on http://{host}:{port} ({tracking_uri}); Ctrl-C stops it")
     for name, url in services.experiment_links(tracking_uri, f"http://{host}:{port}"):
         console.print(f"  {name}: {url}", soft_wrap=True, highlight=False)
-    raise typer.Exit(services.serve(services.ui_command(tracking_uri, host, port, workers)))
+    raise typer.Exit(services.serve(services.ui_command(tracking_uri, host, port, workers), env=services.ui_env()))
 
 
 def run() -> None:  # pragma: no cover - console-script shim

@@ -48,7 +48,7 @@ def resolve_plan(config: str | dict | RunPlan, runner: dict | None = None, **whe
     cfg = parse_config(config, "<flow parameter>") if isinstance(config, dict) else load_config(config)
     if runner is not None:
         cfg = with_runner(cfg, runner, "<runner parameter>")
-    return preflight(cfg, **where)
+    return preflight(cfg, **where, config_file=None if isinstance(config, dict) else config)
 
 
 @flow(name="varmerge-front", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -110,6 +110,7 @@ def report(plan: RunPlan, runner: PrefectRunner, result: FrontResult) -> dict:
         **result.summary(),
         "spacing": plan.cfg.merge.spacing,
         "run_dir": str(run_dir),
+        "config_file": plan.config_file,
         "mlflow_run_id": parent.run_id,
         "tracking_uri": plan.tracking_uri,
     }
@@ -206,7 +207,10 @@ def log_chosen(plan: RunPlan, parent: tracking.Parent, summary: dict, result: Fr
                 f"defaults/{name}/realised/{n}": v for n, v in zip(names, d["realised"]["accuracy"], strict=True)
             }
     gains = {f"verdict/gain/{m}": g for m, g in summary["verdict"]["gains"].items()}
-    tracking.log_metrics(parent.uri, parent.run_id, {**methods, **chosen, **defaults, **gains})
+    learned = {  # the gate: each finetune on its own test set, θ0 there, chance
+        f"gate/{n}/{k}": t[k] for n, t in (summary.get("learning") or {}).get("tasks", {}).items() for k in LEARNED
+    }
+    tracking.log_metrics(parent.uri, parent.run_id, {**methods, **chosen, **defaults, **gains, **learned})
     for i, it in enumerate(result.search or [], start=1):  # the UI plots the search by step
         point = {"search/best_realised_objective": max(float(obj(torch.tensor(r))) for r in it["realised"])}
         if it["incumbent_objective"] is not None:
@@ -232,6 +236,9 @@ def log_chosen(plan: RunPlan, parent: tracking.Parent, summary: dict, result: Fr
         }
     tags |= {"varmerge.objective": obj.kind}
     tracking.set_tags(parent.uri, parent.run_id, {**tags, "varmerge.chosen.method": result.method})
+
+
+LEARNED = ("accuracy", "theta0", "chance")
 
 
 def front_table(sweeps: dict[str, dict], names: list[str]) -> dict[str, list]:
@@ -335,25 +342,40 @@ def log_model(plan: RunPlan, runner: PrefectRunner, mt_ref: dict):
             serialization_format="pt2",
             pip_requirements=["torch", "varmerge"],
         )
-    _, num_classes = steps.load_tasks(plan, runner.data_ref)
-    config = json.dumps(plan.cfg.model_dump(mode="json"), sort_keys=True)
-    weights = steps.store_for(plan.run_dir).resolve(mt_ref)
-    return log_text_model(config, num_classes, weights, steps.example_text(plan, runner.data_ref))
+    from varmerge import models, pipeline
+
+    model = steps.multitask_model(plan, mt_ref, runner.theta0_ref)
+    tokenizer = models.text_tokenizer(pipeline.model_path(plan.cfg))
+    labels = steps.class_names(plan, runner.data_ref)
+    examples = steps.example_texts(plan, runner.data_ref)
+    return log_text_model(model, tokenizer, labels, plan.cfg.data.max_length, examples)
 
 
-def log_text_model(config_json: str, num_classes: int, weights: Path, example_text: str):
-    """Log a text model in the active MLflow run as the pyfunc of ``tasks/text_model.py``: its code
-    (MLflow's models-from-code, no pickle), the weights file (safetensors) and the config. Its
-    signature comes from ``predict``'s type hints (a list of texts in, one dict per text out)."""
+def log_text_model(model, tokenizer, labels: list[str], max_length: int, examples: list[str]):
+    """Log a text classifier in the active MLflow run as the pyfunc of ``tasks/text_model.py``:
+    its code (MLflow's models-from-code, no pickle) and the classifier as a plain Hugging Face
+    folder (:func:`varmerge.models.export_text_classifier`), so the registered model loads with
+    torch and transformers alone (its requirements, pinned to this environment's versions). Its
+    signature comes from ``predict``'s type hints (a list of texts in, a label name and
+    probabilities by label name out); ``examples`` (texts of the user's test data) is its input
+    example."""
+    import importlib.metadata
     import importlib.util
+    import tempfile
 
     import mlflow
 
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=importlib.util.find_spec("tasks.text_model").origin,
-        artifacts={"weights": str(weights)},
-        model_config={"config": config_json, "num_classes": int(num_classes)},
-        input_example=[example_text],
-        pip_requirements=["torch", "transformers", "peft", "varmerge"],
-    )
+    from varmerge import models
+
+    pins = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "transformers", "safetensors", "pydantic")]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = models.export_text_classifier(
+            model, tokenizer, labels, Path(tmp) / "classifier", max_length=max_length
+        )
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=importlib.util.find_spec("tasks.text_model").origin,
+            artifacts={"classifier": str(folder)},
+            input_example=list(examples),
+            pip_requirements=pins,
+        )

@@ -4,6 +4,7 @@ the closed-loop search, as rich tables."""
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -31,6 +32,8 @@ def print_front(summary: dict, spacing: float) -> None:
         print_search(summary["search"], label)
     if summary.get("chosen"):
         print_choice(summary)
+    if (summary.get("learning") or {}).get("failed"):
+        console.print(f"[yellow]warning:[/] {escape(summary['learning']['message'])}", soft_wrap=True)
     console.print(summary["verdict"]["message"])
     if "realised_verdict" in summary:
         console.print(summary["realised_verdict"]["message"])

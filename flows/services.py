@@ -154,14 +154,27 @@ def experiment_links(tracking_uri: str, base: str) -> list[tuple[str, str]]:
     return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?{view}") for e in experiments if e.name != "Default"]
 
 
-def serve(cmd: list[str], grace_seconds: float = 10.0) -> int:
-    """Run a server command in its own process group until it exits; SIGINT, SIGTERM or SIGHUP to
-    this process stop the whole group (``mlflow ui`` forks gunicorn / uvicorn workers), with
-    SIGKILL after ``grace_seconds``, so nothing outlives the command. Returns its exit code."""
+#: Warnings the MLflow UI's processes print that are not the user's concern (MLflow's server
+#: imports Starlette's deprecated WSGI middleware), as ``PYTHONWARNINGS`` entries.
+UI_QUIET_WARNINGS = "ignore:starlette.middleware.wsgi is deprecated,ignore::DeprecationWarning"
+
+
+def ui_env() -> dict[str, str]:
+    """The environment of ``varmerge ui``'s server: this one, with :data:`UI_QUIET_WARNINGS`
+    after any ``PYTHONWARNINGS`` of the user's (theirs win: later entries take precedence)."""
+    own = os.environ.get("PYTHONWARNINGS")
+    return {**os.environ, "PYTHONWARNINGS": f"{UI_QUIET_WARNINGS},{own}" if own else UI_QUIET_WARNINGS}
+
+
+def serve(cmd: list[str], grace_seconds: float = 10.0, env: dict[str, str] | None = None) -> int:
+    """Run a server command (in ``env``, default this environment) in its own process group until
+    it exits; SIGINT, SIGTERM or SIGHUP to this process stop the whole group (``mlflow ui`` forks
+    gunicorn / uvicorn workers), with SIGKILL after ``grace_seconds``, so nothing outlives the
+    command. Returns its exit code."""
     import signal
     import subprocess
 
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     stopping: list[float] = []
 
     def stop(signum, _frame) -> None:

@@ -92,6 +92,10 @@ class PrefectRunner:
         args = {**{k: unmapped(v) for k, v in fixed.items()}, "task_index": list(range(len(self.plan.tasks)))}
         return self.pool.task_runner.map(steps.finetune, args).result()
 
+    def learning(self, data: dict, theta0: dict, posteriors: list[dict]) -> dict[str, list[float]]:
+        args = {"plan": self.plan, "data_ref": data, "theta0_ref": theta0, "posterior_refs": posteriors}
+        return self.pool.task_runner.submit(steps.learning_scores, args).result()
+
     def sweep_blocks(self, method: str) -> list[list[int]]:
         """``[lo, hi)`` rows of the α grid per block of ``method``'s sweep, one per worker: whole
         batches of :data:`~varmerge.pipeline.SWEEP_BLOCK` α, so the joined blocks equal the whole

@@ -92,7 +92,7 @@ def prepare_data(plan: RunPlan) -> dict:
     def make(path: Path) -> str:
         ds = vdata.load_saved(plan.data_dir) if plan.data_dir is not None else pipeline.load_dataset(plan.cfg)
         tensors, header = pipeline.tasks_to_tensors(*pipeline.prepare_tasks(plan.cfg, dataset=ds))
-        return files.save_tensors(path, tensors, header)
+        return files.save_tensors(path, tensors, {**header, "class_names": vdata.class_names(ds)})
 
     ref, _ = store_for(plan.run_dir).compute("data", data_key(plan), make, name="tasks")
     version = data_version(Path(plan.data_dir)) if plan.data_dir is not None else None
@@ -249,6 +249,15 @@ def _make_posterior(plan: RunPlan, data_ref, theta0_ref, task_index: int, parent
             _log_scores(plan, parent, child, seconds, base, weights, data_ref)
             tracking.log_artifact(parent.uri, child, path, "posterior")
     return sha
+
+
+@task(name="check-finetunes", cache_policy=NO_CACHE)
+def learning_scores(plan: RunPlan, data_ref: dict, theta0_ref: dict, posterior_refs: list) -> dict:
+    """θ0's and each finetune's accuracy on each task's own test set, and chance there (the gate)."""
+    task_data, _ = load_tasks(plan, data_ref)
+    base, posteriors = load_theta0(plan, theta0_ref), load_posteriors(plan, theta0_ref, posterior_refs)
+    with progress.step("checking the finetunes learned"):
+        return pipeline.learning_scores(base, posteriors, task_data)
 
 
 def find_posterior(plan: RunPlan, data_ref: dict, theta0_ref: dict, task_index: int) -> dict | None:
@@ -410,6 +419,12 @@ def _make_multitask(plan: RunPlan, data_ref, theta0_ref, alpha: tuple, parent, p
     return files.save_state_dict(path, model.state_dict(), header)
 
 
+def class_names(plan: RunPlan, data_ref: dict) -> list[str]:
+    """The names of the classes of the prepared data (the user's label values)."""
+    _, header = store_for(plan.run_dir).load(data_ref)
+    return header.get("class_names") or [str(i) for i in range(header["num_classes"])]
+
+
 def multitask_model(plan: RunPlan, mt_ref: dict, theta0_ref: dict):
     model = load_theta0(plan, theta0_ref)
     tensors, _ = store_for(plan.run_dir).load(mt_ref)
@@ -426,8 +441,9 @@ def example_input(plan: RunPlan, data_ref: dict):
     return None if isinstance(x, dict) else x[:2].numpy()
 
 
-def example_text(plan: RunPlan, data_ref: dict) -> str:
-    """A test text of the first task (decoded from its tokens), for a text model's input example."""
+def example_texts(plan: RunPlan, data_ref: dict, n: int = 3) -> list[str]:
+    """The first ``n`` test texts of the first task (decoded from their tokens): a text model's
+    input example, from the user's own test data."""
     task_data, _ = load_tasks(plan, data_ref)
-    ids = task_data[0].test[0]["input_ids"][0]
-    return models.text_tokenizer(pipeline.model_path(plan.cfg)).decode(ids, skip_special_tokens=True)
+    ids = task_data[0].test[0]["input_ids"][:n]
+    return models.text_tokenizer(pipeline.model_path(plan.cfg)).batch_decode(ids, skip_special_tokens=True)

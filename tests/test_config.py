@@ -96,3 +96,52 @@ def test_cli_validate_says_how_alpha_is_chosen_and_where_tasks_run(tmp_path):
     plain = " ".join(plain.replace("│", " ").split())
     assert "top 1 α of mixture's front; selection method mixture: the last of merge.methods" in plain, plain
     assert "the flow's thread" in plain and "objective mean accuracy; verdict margin 0.5 points" in plain, plain
+
+
+def test_relative_paths_in_a_config_are_read_from_its_folder(tmp_path, monkeypatch):
+    from varmerge.config import load_config
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    raw = {
+        "name": "own",
+        "data": {
+            "source": "files",
+            "options": {"train": {"a": "data/a.csv", "b": "/abs/b.csv"}, "test": "data/test.csv"},
+            "tasks": [{"name": "a", "domain": "a"}, {"name": "b", "domain": "b"}],
+        },
+        "model": {"name": "hf_text", "options": {"model_path": "../models/bert"}},
+        "base": {"checkpoint": "~/theta.safetensors"},
+        "merge": {"methods": ["simple", "hessian"]},
+        "selection": {"method": "hessian"},
+    }
+    (folder / "own.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)  # somewhere else than the config's folder
+    cfg = load_config("project/own.yaml")
+    assert cfg.data.options["train"] == {"a": str(folder / "data" / "a.csv"), "b": "/abs/b.csv"}
+    assert cfg.data.options["test"] == str(folder / "data" / "test.csv")
+    assert cfg.model.options["model_path"] == str(tmp_path / "models" / "bert")
+    assert cfg.base.checkpoint == str(Path("~/theta.safetensors").expanduser())
+
+
+def test_two_config_files_with_one_name_do_not_overwrite_each_other(tmp_path):
+    """The run folder records the config file that wrote it."""
+    import copy
+    import json
+
+    from helpers import TINY
+
+    from varmerge.preflight import PreflightError, preflight
+
+    first, second = tmp_path / "a" / "own.yaml", tmp_path / "b" / "own.yaml"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_text(yaml.safe_dump(copy.deepcopy(TINY)))
+    out = tmp_path / "runs"
+    plan = preflight(load_config(first), output_dir=out, config_file=first)
+    assert plan.config_file == str(first.resolve())
+    plan.run_dir.mkdir(parents=True)
+    (plan.run_dir / "front.json").write_text(json.dumps({"config_file": plan.config_file}))
+    assert preflight(load_config(first), output_dir=out, config_file=first).run_dir == plan.run_dir  # a rerun
+    with pytest.raises(PreflightError, match=r"holds the run of .*a/own.yaml; .*b/own.yaml has the same name 'tiny'"):
+        preflight(load_config(second), output_dir=out, config_file=second)

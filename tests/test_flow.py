@@ -114,6 +114,12 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     assert summary["verdict"]["message"][:40] in " ".join(shown.output.split())
     missing = CliRunner().invoke(app, ["front", "0" * 32, "--tracking-uri", uri])
     assert missing.exit_code == 2 and "cannot read the front" in missing.output
+    # ... and from the run folder, wherever it is run (no store to name)
+    monkeypatch.chdir(tmp_path.parent)
+    folder = CliRunner().invoke(app, ["front", summary["run_dir"]], terminal_width=200)
+    assert folder.exit_code == 0 and folder.output == shown.output, folder.output
+    lost = CliRunner().invoke(app, ["front", "0" * 32])
+    assert lost.exit_code == 2 and "give the run folder (varmerge front runs/NAME)" in lost.output
 
     # ground truth on a coarse grid, and front quality of every method against it
     from flows.sweep import ground_truth_flow

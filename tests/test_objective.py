@@ -145,10 +145,11 @@ def test_the_verdict_of_real_finetunes_says_whether_the_search_settled_it():
 
     pooled = [0.80, 0.90]
     realised = [[0.80, 0.90], [0.81, 0.90]]  # the best is 0.5 points of mean accuracy above pooled
-    little = realised_verdict(Objective(), realised, pooled, margin=0.01, settled=True)
+    little = realised_verdict(Objective(), realised, pooled, margin=0.01, settled="the defaults agree")
     assert little["matters"] is False and little["settled"] and little["gain"] == pytest.approx(0.005)
     assert little["message"].startswith("α matters little here: after 2 real finetunes the best is 0.5 points")
+    assert little["message"].endswith("; the defaults agree, so the search stopped early")
     so_far = realised_verdict(Objective(), realised, pooled, margin=0.01)
     assert so_far["message"].startswith("α matters little so far") and "not tried may differ" in so_far["message"]
-    matters = realised_verdict(Objective("worst_task"), [[0.85, 0.95]], pooled, margin=0.01, settled=True)
+    matters = realised_verdict(Objective("worst_task"), [[0.85, 0.95]], pooled, margin=0.01, settled="x")
     assert matters["matters"] and matters["message"].startswith("α matters by the 1 real finetune: the best is 5.0")

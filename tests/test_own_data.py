@@ -99,9 +99,25 @@ def test_one_file_per_task_with_test_files(tmp_path):
     ],
 )
 def test_bad_files_are_one_line_errors(tmp_path, change, words):
-    with pytest.raises((ValueError, vdata.DataSourceMissing)) as err:
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
         vdata.load_source("files", **{**_one_file(tmp_path), **change})
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("suffix, at", [(".jsonl", "line 1"), (".csv", "line 2"), (".parquet", "row 1")])
+def test_a_bad_row_is_named_by_its_own_file_and_line_and_an_empty_or_missing_file_says_so(tmp_path, suffix, at):
+    good = [{"q": f"text {i}", "y": "a" if i % 2 else "b"} for i in range(6)]
+    train = {"one": str(_write(tmp_path / f"one{suffix}", good))}
+    train["two"] = str(_write(tmp_path / f"two{suffix}", [{"q": "odd one", "y": "c"}] + good))
+    with pytest.raises(ValueError) as err:
+        vdata.text_files(train, text_column="q", label_column="y", labels=["a", "b"])
+    assert str(err.value) == f"data.options.train.two: {train['two']} {at} has label 'c', not one of ['a', 'b']"
+    (tmp_path / f"empty{suffix}").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"data.options.train.empty: .*empty\.\w+ is empty$"):
+        vdata.text_files({**train, "empty": str(tmp_path / f"empty{suffix}")}, text_column="q", label_column="y")
+    with pytest.raises(FileNotFoundError) as gone:
+        vdata.text_files({"gone": str(tmp_path / f"gone{suffix}")}, text_column="q", label_column="y")
+    assert str(gone.value) == f"data.options.train.gone: no such file {tmp_path / f'gone{suffix}'}"
 
 
 def _config(tmp_path: Path, model_path: Path | None = None, **model_options) -> dict:
@@ -121,6 +137,7 @@ def _config(tmp_path: Path, model_path: Path | None = None, **model_options) -> 
         "merge": {"methods": ["simple", "hessian"], "spacing": 0.5},
         "selection": {"method": "hessian"},
         "multitask_steps": 6,
+        "gate": {"stop": False},  # 6 steps: the plumbing is tested here, not learning
     }
 
 
@@ -237,7 +254,9 @@ def _predicts_like_its_weights(config: Path, out: Path, uri: str) -> None:
 
     mlflow.set_tracking_uri(f"sqlite:///{(out / 'own' / uri.removeprefix('sqlite:///')).resolve()}")
     rows = mlflow.pyfunc.load_model("models:/varmerge-own/1").predict(TEXTS)
-    got = torch.tensor([[row[f"p{c}"] for c in range(len(LABELS))] for row in rows])
+    rows = [r if isinstance(r, dict) else r.model_dump() for r in rows]
+    assert {r["label"] for r in rows} <= set(LABELS)  # the user's label names
+    got = torch.tensor([[row["probabilities"][name] for name in LABELS] for row in rows])
     cfg = load_config(config)
     model = pipeline.seeded_model(cfg, len(LABELS))
     tokenizer = models.text_tokenizer(pipeline.model_path(cfg))
@@ -247,3 +266,66 @@ def _predicts_like_its_weights(config: Path, out: Path, uri: str) -> None:
     want = models.predict_texts(model, TEXTS, tokenizer, max_length=cfg.data.max_length)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert not torch.allclose(got, untrained, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mistake, words",
+    [
+        (
+            "bad_label",
+            "data.options.train.daily: {d}/daily.jsonl line 2 has label 'holiday', not one of ['food', 'work']",
+        ),
+        ("empty", "data.options.train.daily: {d}/daily.jsonl is empty"),
+        ("missing", "data.options.train.daily: no such file {d}/daily.jsonl"),
+        ("column", "data.options.train.daily: {d}/daily.jsonl has no column 'quote' (columns: text, cat)"),
+        (
+            "domain",
+            "task 'tech' has no train examples (domain 'tech' absent from the train files; their domains: daily)",
+        ),
+        ("model", "model_path '{d}/no-model' is not a local model folder with a config.json"),
+    ],
+)
+def test_a_config_s_own_file_mistakes_answer_before_torch_is_imported(tmp_path, mistake, words):
+    minilm = models.text_encoder_path()
+    """The quick checks (varmerge/userfiles.py) run on the raw config before validation: the
+    command answers without importing torch, datasets or Lightning (about a second here)."""
+    import subprocess
+    import sys
+    import time
+
+    d = tmp_path / "project"
+    d.mkdir()
+    rows = [{"quote": f"line {i}", "cat": "food" if i % 2 else "work"} for i in range(6)]
+    rows[1]["cat"] = "holiday" if mistake == "bad_label" else rows[1]["cat"]
+    if mistake == "column":
+        rows = [{"text": r["quote"], "cat": r["cat"]} for r in rows]
+    if mistake != "missing":
+        (d / "daily.jsonl").write_text("" if mistake == "empty" else "".join(json.dumps(r) + "\n" for r in rows))
+    tasks = [{"name": "daily", "domain": "daily"}] + (
+        [{"name": "tech", "domain": "tech"}] if mistake == "domain" else []
+    )
+    raw = {
+        "name": "own",
+        "data": {
+            "source": "files",
+            "options": {"train": {"daily": "daily.jsonl"}, "text_column": "quote", "label_column": "cat"},
+            "tasks": tasks,
+        },
+        "model": {"name": "hf_text", "options": {"model_path": "no-model" if mistake == "model" else str(minilm)}},
+        "merge": {"methods": ["simple"]},
+        "selection": {"method": "simple"},
+    }
+    raw["data"]["options"]["labels"] = ["food", "work"]
+    (d / "own.yaml").write_text(yaml.safe_dump(raw))
+    probe = (  # the console script, and on exit which heavy modules it imported
+        "import atexit, sys, time; t = time.perf_counter(); "
+        "atexit.register(lambda: print(round(time.perf_counter() - t, 2), sorted(m for m in "
+        "('torch', 'datasets', 'lightning', 'transformers') if m in sys.modules), file=sys.stderr)); "
+        f"sys.argv = ['varmerge', 'validate', {str(d / 'own.yaml')!r}]; from flows.cli import run; run()"
+    )
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    seconds, heavy = out.stderr.strip().splitlines()[-1].split(" ", 1)
+    print(f"{mistake}: answered in {seconds} s in process, {time.perf_counter() - t0:.2f} s with the interpreter")
+    assert out.returncode == 2 and heavy == "[]", out.stdout + out.stderr
+    assert " ".join(out.stdout.split()).startswith("error: " + words.format(d=d)), out.stdout

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from varmerge.grid import simplex_grid
-from varmerge.search import ClosedLoop, SearchSettings
+from varmerge.search import DEFAULTS_AGREE, NO_GAIN, ClosedLoop, SearchSettings
 
 ALPHA = simplex_grid(3, 0.05).numpy()  # 231 α
 
@@ -126,7 +126,7 @@ def test_the_search_starts_at_pooled_alpha_and_stops_when_alpha_matters_little()
     first = search.propose()
     assert first.rows == [pooled] and first.expected_improvement == [None]
     search.observe(ALPHA[pooled], flat[pooled])
-    assert search.propose() is None  # no α is expected to beat pooled by half a point
+    assert search.propose() is None and search.settled == NO_GAIN  # no α is expected to beat pooled by half a point
     # where α matters, the same settings go on searching
     steep = truth(ALPHA)
     search = ClosedLoop(ALPHA, {"m": steep}, SearchSettings(budget=5, start=(0,), margin=0.005))
@@ -146,7 +146,7 @@ def test_when_pooled_and_uniform_agree_the_search_stops_there_even_if_the_merge_
 
     settings = SearchSettings(budget=5, start=(pooled, uniform), margin=0.005)
     search = ClosedLoop(ALPHA, {"m": promising}, settings)
-    assert run(search, flat) == [pooled, uniform] and search.settled
+    assert run(search, flat) == [pooled, uniform] and search.settled == DEFAULTS_AGREE
     # where they disagree by the margin or more, it goes on (and is not settled at its budget)
     steep = ClosedLoop(ALPHA, {"m": promising}, settings)
     rows = run(steep, truth)

@@ -23,7 +23,7 @@ def test_ui_binds_loopback_by_default(monkeypatch):
     host_block = help_text[help_text.index("--host") : help_text.index("--help")]
     assert "[default: 127.0.0.1]" in host_block, help_text
     seen = []
-    monkeypatch.setattr(services, "serve", lambda cmd: seen.append(cmd) or 0)
+    monkeypatch.setattr(services, "serve", lambda cmd, **_: seen.append(cmd) or 0)
     result = CliRunner().invoke(cli.app, ["ui", "--tracking-uri", "sqlite:///x.db"])
     assert result.exit_code == 0, result.output
     [cmd] = seen
@@ -31,9 +31,25 @@ def test_ui_binds_loopback_by_default(monkeypatch):
     assert "note:" not in result.output
 
 
+def test_ui_of_a_run_folder_opens_that_run_s_store_from_anywhere(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(services, "serve", lambda cmd, **_: seen.append(cmd) or 0)
+    run = tmp_path / "runs" / "own"
+    run.mkdir(parents=True)
+    store = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    (run / "front.json").write_text(json.dumps({"methods": {}, "tracking_uri": store}))
+    monkeypatch.chdir(tmp_path / "runs")
+    for target in ("own", "own/front.json"):
+        result = CliRunner().invoke(cli.app, ["ui", target])
+        assert result.exit_code == 0, result.output
+        assert seen[-1][seen[-1].index("--backend-store-uri") + 1] == store, seen[-1]
+    bad = CliRunner().invoke(cli.app, ["ui", str(tmp_path)])
+    assert bad.exit_code == 2 and "no front.json there" in bad.output and len(seen) == 2
+
+
 def test_ui_elsewhere_only_when_asked_and_with_a_note(monkeypatch):
     seen = []
-    monkeypatch.setattr(services, "serve", lambda cmd: seen.append(cmd) or 0)
+    monkeypatch.setattr(services, "serve", lambda cmd, **_: seen.append(cmd) or 0)
     result = CliRunner().invoke(cli.app, ["ui", "--host", "0.0.0.0"], terminal_width=200)
     assert seen[0][seen[0].index("--host") + 1] == "0.0.0.0"
     assert "note:" in result.output and "no authentication" in result.output
@@ -147,3 +163,12 @@ def test_run_on_its_own_prefect_api_is_quiet_and_leaves_no_process(tmp_path):
     assert proc.returncode == 2 and output.startswith("error: model.options"), output
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
+
+
+def test_the_ui_server_runs_without_starlette_s_deprecation_noise(monkeypatch):
+    got = []
+    monkeypatch.setattr(services, "serve", lambda cmd, env=None: got.append(env) or 0)
+    monkeypatch.setenv("PYTHONWARNINGS", "error::UserWarning")
+    assert CliRunner().invoke(cli.app, ["ui", "--tracking-uri", "sqlite:///x.db"]).exit_code == 0
+    warnings = got[0]["PYTHONWARNINGS"].split(",")
+    assert "ignore:starlette.middleware.wsgi is deprecated" in warnings and warnings[-1] == "error::UserWarning"

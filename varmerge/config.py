@@ -5,6 +5,7 @@ Unknown keys are refused (``extra="forbid"``) and every error names the offendin
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -407,6 +408,17 @@ class RunnerConfig(_Strict):
         return self.workers or 2
 
 
+class GateConfig(_Strict):
+    """The check that the training learned, before money is spent on sweeps and multitask
+    finetunes: each task's finetune against θ0 and chance on its own test set, and a pretrained
+    θ0 against chance on its own examples."""
+
+    margin: float = Field(
+        0.02, ge=0, lt=1, description="a finetune learned if it beats chance (and does not fall below θ0) by this"
+    )
+    stop: bool = Field(True, description="stop the run when one did not learn (false: say so and go on)")
+
+
 class ExperimentConfig(_Strict):
     name: str
     data: DataConfig
@@ -416,6 +428,7 @@ class ExperimentConfig(_Strict):
     posterior: PosteriorConfig = PosteriorConfig()
     merge: MergeConfig = MergeConfig()
     selection: SelectionConfig = SelectionConfig()
+    gate: GateConfig = GateConfig()
     multitask_steps: int | None = Field(None, gt=0, description="default: posterior.steps")
     accelerator: str = Field("auto", description="Lightning accelerator: auto | cpu | gpu")
     output_dir: str = "runs"
@@ -501,8 +514,9 @@ def with_runner(cfg: ExperimentConfig, runner: dict, source: str = "<runner>") -
     return cfg.model_copy(update={"runner": section})
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML experiment config (``params.yaml`` uses the same schema)."""
+def read_config(path: str | Path) -> dict:
+    """A YAML experiment config as a mapping, not yet validated, with its relative file paths
+    read from the config file's folder (see :func:`_relative_to`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -510,4 +524,47 @@ def load_config(path: str | Path) -> ExperimentConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, str(path))
+    return _relative_to(data, path.parent)
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML experiment config (``params.yaml`` uses the same schema)."""
+    return parse_config(read_config(path), str(path))
+
+
+#: The user's files a config names, by where they sit in it: (section path, option keys).
+_PATHS = (
+    (("data", "options"), ("train", "test", "root")),
+    (("pretrain", "data", "options"), ("train", "test", "root")),
+    (("pretrain", "prior_data", "options"), ("train", "test")),
+    (("base", "prior_data", "options"), ("train", "test")),
+    (("model", "options"), ("model_path",)),
+    (("base",), ("checkpoint",)),
+)
+
+
+def _relative_to(data, folder: Path):
+    """The raw config ``data`` with every relative file path it names (data files, a model
+    folder, a checkpoint) read from the config file's ``folder``, as a user who writes
+    ``train: data/reviews.csv`` beside the config means it; absolute paths and ``~`` stay."""
+    if not isinstance(data, dict):
+        return data
+    out = copy.deepcopy(data)
+    for section, keys in _PATHS:
+        node = out
+        for key in section:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        for key in keys:
+            value = node.get(key)
+            if isinstance(value, str):
+                node[key] = _against(value, folder)
+            elif isinstance(value, dict):
+                node[key] = {k: _against(v, folder) if isinstance(v, str) else v for k, v in value.items()}
+    return out
+
+
+def _against(value: str, folder: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (folder / p).resolve())

@@ -56,6 +56,8 @@ import torch
 from datasets import Array2D, ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Value, load_from_disk
 from datasets.features.features import Array2DExtensionType
 
+from varmerge import userfiles
+
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ROOT",
@@ -213,6 +215,14 @@ def _labels(ds: Dataset) -> np.ndarray:
         raise ValueError(f"dataset has no 'label' column (columns: {ds.column_names})")
     col = ds.select_columns(["label"]).with_format("arrow")[:]["label"]
     return col.to_numpy().astype(np.int64, copy=False)
+
+
+def class_names(data: DatasetDict | Dataset) -> list[str]:
+    """The names of the classes (a ClassLabel feature's, e.g. the user's label values), else
+    the class ids as text."""
+    ds = next(iter(data.values())) if isinstance(data, DatasetDict) else data
+    feat = ds.features.get("label")
+    return [str(n) for n in feat.names] if isinstance(feat, ClassLabel) else [str(i) for i in range(num_classes(data))]
 
 
 def _class_count(ds: Dataset) -> int | None:
@@ -549,44 +559,11 @@ def hub_dataset(name: str, **kwargs: Any) -> DatasetDict:
 # The user's own files
 # --------------------------------------------------------------------------------------------
 
-TABLE_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
-
 
 def _read_table(path: Path, where: str, columns: Sequence[str]) -> Dataset:
     """A local CSV / JSON Lines / Parquet file as a Dataset with ``columns`` (read into memory:
-    nothing is written to the datasets cache)."""
-    import pandas as pd
-
-    kind = TABLE_SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"{where}: {path} is not a .csv, .jsonl or .parquet file")
-    if not path.is_file():
-        raise DataSourceMissing(f"{where}: no such file {path}")
-    try:
-        if kind == "csv":
-            frame = pd.read_csv(path, keep_default_na=False)
-        elif kind == "json":
-            frame = pd.read_json(path, lines=True)
-        else:
-            frame = pd.read_parquet(path)
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise ValueError(f"{where}: cannot read {path} as {kind}: {' '.join(str(exc).split())}") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        have = ", ".join(map(str, frame.columns))
-        raise ValueError(f"{where}: {path} has no column {missing[0]!r} (columns: {have})")
-    if frame.empty:
-        raise ValueError(f"{where}: {path} has no rows")
-    return Dataset.from_pandas(frame[list(columns)], preserve_index=False)
-
-
-def _label_names(values: Sequence, labels: Sequence | None, where: str) -> list:
-    if labels is not None:
-        labels = list(labels)
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise ValueError(f"{where}: labels must be 2 or more distinct values, got {labels}")
-        return labels
-    return sorted(set(values))
+    nothing is written to the datasets cache); errors as :func:`varmerge.userfiles.read_table`."""
+    return Dataset.from_pandas(userfiles.read_table(path, where, columns), preserve_index=False)
 
 
 def text_files(
@@ -620,7 +597,7 @@ def text_files(
     parts = {"train": _read_rows(train, "train", columns)}
     if test is not None:
         parts["test"] = _read_rows(test, "test", columns)
-    names = _label_names(parts["train"]["label"], labels, "data.options.labels")
+    names = userfiles.label_names(parts["train"]["label"], labels, "data.options.labels")
     _encode_labels(parts, names)
     features = {"text": Value("string"), "label": ClassLabel(names=[str(n) for n in names])}
     if by_domain:
@@ -650,7 +627,7 @@ def _read_rows(spec, split: str, columns: Sequence[str]) -> dict[str, list]:
         rows["text"] += [str(t) for t in part[text_column]]
         rows["label"] += list(part[label_column])
         rows["domain"] += [str(d) for d in part[task_column]] if task_column else [domain] * len(part)
-        rows.setdefault("where", []).extend([(where, Path(file))] * len(part))
+        rows.setdefault("where", []).extend((where, Path(file), i) for i in range(len(part)))
     return rows
 
 
@@ -661,8 +638,9 @@ def _encode_labels(parts: dict[str, dict[str, list]], names: list) -> None:
     for rows in parts.values():
         for i, v in enumerate(rows["label"]):
             if v not in index:
-                where, file = rows["where"][i]
-                raise ValueError(f"{where}: {file} row {i + 1} has label {v!r}, not one of {names}")
+                where, file, row = rows["where"][i]
+                at = userfiles.row_place(file, row)
+                raise ValueError(f"{where}: {file} {at} has label {v!r}, not one of {names}")
         rows["label"] = [index[v] for v in rows["label"]]
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import os
 import warnings
@@ -396,8 +397,8 @@ def text_classifier(
         from transformers import AutoModelForSequenceClassification
 
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=num_labels, local_files_only=True
+            model = AutoModelForSequenceClassification.from_pretrained(  # a head of another size: a fresh head
+                str(path), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True
             )
         except (OSError, ValueError, KeyError) as exc:
             msg = " ".join(str(exc).split())[:300]
@@ -432,6 +433,33 @@ def tokenize(texts: Sequence[str], tokenizer=None, *, max_length: int = 128) -> 
     tokenizer = tokenizer if tokenizer is not None else text_tokenizer()
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+#: The file beside an exported classifier's weights with what its config does not hold.
+EXPORT_SETTINGS = "varmerge.json"
+
+
+def export_text_classifier(
+    model: nn.Module, tokenizer, labels: Sequence[str], folder: str | os.PathLike, *, max_length: int
+) -> Path:
+    """Save a text classifier as a plain Hugging Face folder that loads with transformers alone:
+    LoRA adapters merged into the weights (peft's ``merge_and_unload``), ``labels`` as the
+    config's ``id2label``, the tokenizer, and ``max_length`` in :data:`EXPORT_SETTINGS`."""
+    import copy
+
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    if classes != len(labels):
+        raise ValueError(f"{len(labels)} label names for a classifier of {classes} classes")
+    plain = copy.deepcopy(model)
+    if hasattr(plain, "merge_and_unload"):
+        plain = plain.merge_and_unload()
+    plain.config.id2label = {i: str(n) for i, n in enumerate(labels)}
+    plain.config.label2id = {str(n): i for i, n in enumerate(labels)}
+    folder = Path(folder)
+    plain.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / EXPORT_SETTINGS).write_text(json.dumps({"max_length": int(max_length)}))
+    return folder
 
 
 @torch.no_grad()

@@ -169,12 +169,12 @@ def verdict(objective: Objective, predicted: Mapping[str, torch.Tensor], pooled_
     return Verdict(matters, gains, margin, objective.label)
 
 
-def realised_verdict(objective: Objective, realised, pooled, margin: float, settled: bool = False) -> dict:
+def realised_verdict(objective: Objective, realised, pooled, margin: float, settled: str | None = None) -> dict:
     """The verdict of real finetunes: the best realised objective (over the (n, T) ``realised``
     scores) minus pooled α's realised one (``pooled``, (T,)); "α matters little" below
-    ``margin``. Finetunes at n α say nothing about the α not tried unless ``settled`` (a closed
-    loop stopped before its budget: its model, the fronts calibrated by these finetunes, expects
-    no α of the grid to gain more than the margin); the message says which."""
+    ``margin``. Finetunes at n α say nothing about the α not tried unless a closed loop
+    ``settled`` the question (the reason it stopped before its budget, see
+    :mod:`varmerge.search`); the message says which."""
     values = objective(torch.as_tensor(realised, dtype=torch.float64).reshape(-1, len(pooled)))
     gain = float(values.max() - objective(torch.as_tensor(pooled, dtype=torch.float64)))
     n = len(values)
@@ -183,10 +183,7 @@ def realised_verdict(objective: Objective, realised, pooled, margin: float, sett
     if gain >= margin:
         message = f"α matters by the {by}: {above}"
     elif settled:
-        message = (
-            f"α matters little here: after {by} {above}, and the search expects no α of the grid to gain "
-            f"more than the margin, so it stopped early"
-        )
+        message = f"α matters little here: after {by} {above}; {settled}, so the search stopped early"
     else:
         message = f"α matters little so far by the {by}: {above}; the α not tried may differ"
-    return {"matters": gain >= margin, "gain": gain, "finetunes": n, "settled": bool(settled), "message": message}
+    return {"matters": gain >= margin, "gain": gain, "finetunes": n, "settled": settled, "message": message}

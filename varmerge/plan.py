@@ -72,6 +72,7 @@ class RunPlan:
     objective: Objective = Objective()
     data_dir: str | None = None
     num_classes: int | None = None
+    config_file: str | None = None  # the YAML file the config came from (absolute), if any
 
     @property
     def task_names(self) -> list[str]:
@@ -176,6 +177,7 @@ def make_plan(
     output_dir: str | Path | None = None,
     tracking_uri: str | None = None,
     data_dir: str | Path | None = None,
+    config_file: str | Path | None = None,
 ) -> RunPlan:
     """The plan of ``cfg`` (no checks of data, model or services: :func:`~varmerge.preflight.preflight`
     does those and fills in the task sizes)."""
@@ -204,4 +206,5 @@ def make_plan(
         prior_methods=prior_methods(cfg, selection),
         objective=objective(cfg),
         data_dir=str(data_dir) if data_dir is not None else None,
+        config_file=str(Path(config_file).resolve()) if config_file is not None else None,
     )

@@ -13,6 +13,7 @@ mlflow or distributed import).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import urllib.error
@@ -41,16 +42,20 @@ def preflight(
     *,
     output_dir: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
+    config_file: str | os.PathLike | None = None,
 ) -> RunPlan:
-    """Everything a run of ``cfg`` needs, checked without writing; returns the run's plan, with
-    the number of classes and each task's examples filled in."""
+    """Everything a run of ``cfg`` (read from ``config_file``, if from a file) needs, checked
+    without writing; returns the run's plan, with the number of classes and each task's examples
+    filled in."""
     from varmerge.pipeline import check_accelerator
 
     try:
         check_accelerator(cfg.accelerator)
-        plan = make_plan(cfg, output_dir=output_dir, tracking_uri=tracking_uri, data_dir=data_dir)
+        where = {"output_dir": output_dir, "tracking_uri": tracking_uri, "data_dir": data_dir}
+        plan = make_plan(cfg, **where, config_file=config_file)
     except ValueError as exc:
         raise PreflightError(str(exc)) from None
+    check_run_owner(plan)
     check_constraints(cfg)
     check_runner(cfg)
     check_writable(plan.run_dir, "output folder")
@@ -63,6 +68,23 @@ def preflight(
 
 
 # ------------------------------------------------------------------------------------- config
+def check_run_owner(plan: RunPlan) -> None:
+    """Two config files with the same ``name`` would share a run folder and overwrite each
+    other's front.json: the second is refused (an edited config, the same file, is welcome)."""
+    front = plan.run_dir / "front.json"
+    if plan.config_file is None or not front.is_file():
+        return
+    try:
+        owner = json.loads(front.read_text()).get("config_file")
+    except (OSError, ValueError, AttributeError):
+        return  # not ours to judge: the run rewrites it
+    if owner and owner != plan.config_file:
+        raise PreflightError(
+            f"{plan.run_dir} holds the run of {owner}; {plan.config_file} has the same name "
+            f"{plan.cfg.name!r}: give it another name (name: ...) or another --output"
+        )
+
+
 def check_constraints(cfg: ExperimentConfig) -> None:
     """Selection constraints that no accuracy in [0, 1] can meet are refused up front."""
     for c in cfg.selection.constraints:

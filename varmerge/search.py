@@ -35,7 +35,7 @@ ends of the temperature family α ∝ N^τ, τ from 1 to 0) realise objectives w
 each other. The second rule states the field's finding that on mean metrics in finetuning
 proportional and uniform weights are hard to beat; it does not look off the line between them (a
 task worth less than its pooled share), which the first rule may, when the merged fronts are
-trusted. Both set ``settled``: the search stopped before its budget, α matters little.
+trusted. Both set ``settled`` (to the reason): the search stopped before its budget, α matters little.
 Everything is deterministic: the
 same observations give the same next α (a resumed search continues as the killed one would).
 
@@ -57,6 +57,10 @@ Constraint = tuple[int, str, float]  # (task index, ">=" | ">" | "<=" | "<", val
 
 #: The residuals' noise standard deviation: one point of accuracy (test-set and seed noise).
 NOISE = 0.01
+#: Why a search settled (stopped before its budget): the start rows realise within the margin
+#: of each other, or no α of the grid is expected to gain more than the margin.
+DEFAULTS_AGREE = "pooled and uniform α realise within the margin of each other"
+NO_GAIN = "the search expects no α of the grid to gain more than the margin"
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,8 @@ class ClosedLoop:
             raise ValueError(f"closed-loop start rows {bad} are not rows of the α grid ({len(self.alpha)})")
         self.rows: list[int] = []  # realised rows, in order
         self.realised: list[np.ndarray] = []  # (T,) each
-        self.settled = False  # stopped before the budget: the verdict "α matters little" holds
+        #: why the search stopped before its budget ("α matters little"): DEFAULTS_AGREE or NO_GAIN; None
+        self.settled: str | None = None
 
     # ------------------------------------------------------------------------------ model
     def row_of(self, alpha) -> int:
@@ -258,7 +263,7 @@ class ClosedLoop:
                 start, [self.value(mean[r]) for r in start], [None] * len(start), found[1] if found else None, w
             )
         if self._defaults_agree():
-            self.settled = True
+            self.settled = DEFAULTS_AGREE
             return None
         threshold = max(self.settings.epsilon, self.settings.margin)
         chosen, predicted, gains, weights = [], [], [], {}
@@ -278,7 +283,7 @@ class ClosedLoop:
                 break  # every grid point is taken
             gain = float(score[i]) if modelled else None
             if gain is not None and found is not None and gain <= threshold and not chosen:
-                self.settled = True
+                self.settled = NO_GAIN
                 return None
             chosen.append(i)
             predicted.append(self.value(mean[i]))

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from varmerge import pareto, pipeline
+from varmerge.learned import NotLearned, finetune_message, finetune_report
 from varmerge.objective import Objective, Verdict, default_rows, realised_verdict, verdict
 from varmerge.plan import RunPlan
 from varmerge.posterior_methods import get_method
@@ -42,6 +43,8 @@ class Runner(Protocol):
     def theta0(self, data: Any) -> Any: ...
 
     def finetunes(self, data: Any, theta0: Any) -> list[Any]: ...
+
+    def learning(self, data: Any, theta0: Any, posteriors: list[Any]) -> dict[str, list[float]]: ...
 
     def sweeps(self, data: Any, theta0: Any, posteriors: list[Any], methods: Sequence[str]) -> dict[str, dict]: ...
 
@@ -61,7 +64,8 @@ class FrontResult:
     error: str | None = None  # why no α was chosen (constraints nobody meets)
     seconds: dict[str, float] = field(default_factory=dict)
     search: list[dict] | None = None  # closed_loop: one entry per iteration (see closed_loop)
-    settled: bool = False  # closed_loop stopped early: no α of the grid expected to gain more than the margin
+    settled: str | None = None  # why closed_loop stopped before its budget (varmerge.search), if it did
+    learning: dict | None = None  # the gate's report: each finetune against θ0 and chance (varmerge.learned)
 
     @property
     def tasks(self) -> list[str]:
@@ -154,6 +158,7 @@ class FrontResult:
             "objective": {"kind": obj.kind, "weights": list(obj.weights) if obj.weights else None, "label": obj.label},
             "methods": methods,
             "defaults": self.defaults_summary(),
+            "learning": self.learning,
             "verdict": self.verdict().as_dict(),
             "chosen": self.chosen_summary(),
             "seconds": dict(self.seconds),
@@ -197,9 +202,10 @@ def estimate_front(runner: Runner) -> FrontResult:
     plan = runner.plan
     with timed("finetunes"):
         posteriors = runner.finetunes(data, theta0)
+        learning = gate(plan, runner.learning(data, theta0, posteriors))
     with timed("sweeps"):
         sweeps = runner.sweeps(data, theta0, posteriors, plan.method_names)
-    result = FrontResult(plan, sweeps, seconds=seconds)
+    result = FrontResult(plan, sweeps, seconds=seconds, learning=learning)
     if plan.cfg.selection.strategy == "closed_loop":
         with timed("multitask"):
             closed_loop(plan, runner, data, theta0, result)
@@ -219,6 +225,19 @@ def estimate_front(runner: Runner) -> FrontResult:
     result.realised = torch.stack([done[int(r)] for r in result.chosen_index])
     result.realised_defaults = {d: done[rows[d]] for d in plan.cfg.selection.finetune_defaults}
     return result
+
+
+def gate(plan: RunPlan, scores: dict[str, list[float]]) -> dict:
+    """The report of :func:`varmerge.learned.finetune_report` on ``scores`` (the runner's
+    :meth:`~Runner.learning`); raises :class:`~varmerge.learned.NotLearned` when a finetune did
+    not learn and ``gate.stop`` (before any sweep or multitask finetune runs)."""
+    g, post = plan.cfg.gate, plan.cfg.posterior
+    report = finetune_report(plan.task_names, scores["finetuned"], scores["theta0"], scores["chance"], g.margin)
+    if report["failed"]:
+        report["message"] = finetune_message(report, post.lr, post.steps, g.stop)
+        if g.stop:
+            raise NotLearned(report["message"])
+    return report
 
 
 def closed_loop(plan: RunPlan, runner: Runner, data: Any, theta0: Any, result: FrontResult) -> None:
@@ -319,6 +338,10 @@ class LocalRunner:
             with self.step(finetune_label(self.plan, t)) as report:
                 out.append(pipeline.finetune_task(self.plan, theta0, t, prior=self.prior, report=report)[0])
         return out
+
+    def learning(self, data, theta0, posteriors):
+        with self.step("checking the finetunes learned"):
+            return pipeline.learning_scores(theta0, posteriors, data[0])
 
     def sweep(self, method: str, data, theta0, posteriors, alpha: torch.Tensor | None = None, report=None) -> dict:
         """One method's sweep (over ``alpha``, default the plan's grid), with its seconds."""

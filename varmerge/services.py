@@ -25,6 +25,8 @@ SERVICE_ENV: dict[str, str] = {
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    # MLflow's "Downloading artifacts" bars for reading a front.json or a model: noise, not progress
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # a Prefect server started from this environment listens on loopback only
     "PREFECT_SERVER_API_HOST": LOOPBACK,
 }

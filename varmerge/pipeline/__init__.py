@@ -3,7 +3,8 @@
 1. :mod:`~varmerge.pipeline.data` — :func:`prepare_tasks`: the offline data split into tasks;
 2. :mod:`~varmerge.pipeline.theta0` — :func:`theta0`: the shared starting point and its prior;
 3. :mod:`~varmerge.pipeline.finetunes` — :func:`finetune_task`: one task's posterior (by the
-   posterior method's registered fit), and :func:`multitask_finetune` at a chosen α;
+   posterior method's registered fit), :func:`learning_scores` (did each finetune learn: the
+   gate before the sweeps) and :func:`multitask_finetune` at a chosen α;
 4. :mod:`~varmerge.pipeline.sweeps` — :func:`sweep_and_score`: every merged model on the α grid,
    scored per task;
 5. :mod:`~varmerge.pipeline.selection` — :func:`select`: the chosen α.
@@ -22,7 +23,7 @@ from varmerge.pipeline.data import (
     tasks_from_tensors,
     tasks_to_tensors,
 )
-from varmerge.pipeline.finetunes import check_accelerator, finetune_task, multitask_finetune
+from varmerge.pipeline.finetunes import check_accelerator, finetune_task, learning_scores, multitask_finetune
 from varmerge.pipeline.selection import constraints, pooled_scores, select
 from varmerge.pipeline.sweeps import (
     SWEEP_BLOCK,
@@ -55,6 +56,7 @@ __all__ = [
     "finetune_task",
     "has_prior",
     "initial_model",
+    "learning_scores",
     "load_dataset",
     "map_sweep",
     "merge_sweep",

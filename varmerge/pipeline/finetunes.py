@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from varmerge import models, train
+from varmerge.learned import chance
 from varmerge.pipeline.data import TaskData
 from varmerge.pipeline.sweeps import score_sweep
 from varmerge.pipeline.theta0 import carried_hessian
@@ -84,3 +85,16 @@ def multitask_finetune(
     sd = {k: v.unsqueeze(0) for k, v in models.trainable_state_dict(model).items()}
     scores = score_sweep(model, sd, tasks)
     return model, scores["accuracy"][0]
+
+
+def learning_scores(base: nn.Module, posteriors: Sequence, tasks: Sequence[TaskData]) -> dict[str, list[float]]:
+    """θ0's (``base``) and each task's finetune's (its posterior's mean) test accuracy on that
+    task's own test set, and chance there (its most common test label's share)."""
+    weights = [models.trainable_state_dict(base)] + [p.diagonal().mean for p in posteriors]
+    stacked = {k: torch.stack([w[k].to(weights[0][k].dtype) for w in weights]) for k in weights[0]}
+    acc = score_sweep(base, stacked, tasks)["accuracy"]  # (T + 1, T)
+    return {
+        "theta0": acc[0].tolist(),
+        "finetuned": [float(acc[t + 1, t]) for t in range(len(tasks))],
+        "chance": [chance(t.test[1]) for t in tasks],
+    }

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from varmerge import models, train
+from varmerge import evaluate, models, train
 from varmerge.config import ExperimentConfig
+from varmerge.learned import chance, check_pretrained
 from varmerge.pipeline.data import model_path, prepare_pretrain
 from varmerge.plan import RunPlan
 from varmerge.posterior import DiagonalGaussian, PosteriorMeta
@@ -94,7 +95,19 @@ def theta0(
     x, y = prepare_pretrain(cfg)
     tr = dataclasses.replace(plan.pretrain.trainer, logger=logger, callbacks=lightning_callbacks(report))
     data = train.as_data(x, y)
-    return train.fit(model, data, plan.pretrain.optimizer, tr, seed=plan.pretrain.seed, task="pretrain")
+    model, prior = train.fit(model, data, plan.pretrain.optimizer, tr, seed=plan.pretrain.seed, task="pretrain")
+    if cfg.gate.stop:  # before θ0 is saved: a θ0 that learned nothing is not worth finetuning from
+        n = min(len(y), PRETRAIN_CHECK_EXAMPLES)
+        weights = {k: v.unsqueeze(0) for k, v in models.trainable_state_dict(model).items()}
+        acc = float(
+            evaluate.evaluate_tasks(model, weights, [(evaluate.slice_inputs(x, 0, n), y[:n])])["accuracy"][0, 0]
+        )
+        check_pretrained(acc, chance(y[:n]), cfg.gate.margin, cfg.pretrain.lr, cfg.pretrain.steps)
+    return model, prior
+
+
+#: Pretraining examples θ0 is scored on by the gate (the first ones: it was trained on them).
+PRETRAIN_CHECK_EXAMPLES = 2048
 
 
 def _squared_gradient_prior(cfg: ExperimentConfig, model: nn.Module) -> DiagonalGaussian:

@@ -45,10 +45,20 @@ _QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
 @contextlib.contextmanager
 def _quiet(enabled: bool) -> Iterator[None]:
-    """Silence Lightning's info banners and the 'few workers' hint (warnings stay on)."""
-    if not enabled:
-        yield
-        return
+    """Silence Lightning's info banners and the 'few workers' hint (warnings stay on). Always
+    silenced: "module(s) in eval mode" (the models train in eval mode on purpose: no dropout,
+    so a batch's loss is a deterministic function of the weights)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        if not enabled:
+            yield
+            return
+        with _banners_off():
+            yield
+
+
+@contextlib.contextmanager
+def _banners_off() -> Iterator[None]:
     loggers = [logging.getLogger(n) for n in _QUIET_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
