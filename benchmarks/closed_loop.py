@@ -45,7 +45,7 @@ from benchmarks.table1 import DEFAULT_OUTPUT, EXPERIMENTS, ROOT, generated, load
 from varmerge.config import load_config
 from varmerge.objective import Objective, default_alphas, realised_verdict, verdict
 from varmerge.plan import make_plan
-from varmerge.search import ClosedLoop, SearchSettings
+from varmerge.search import INTERVAL, ClosedLoop, SearchSettings, calibrate
 from varmerge.sequence import LocalRunner
 
 COLUMNS = ["mnist_imbalanced", "mnist_balanced", "fashion_imbalanced", "fashion_balanced", "cnn_fashion", "lora_tweets"]
@@ -70,6 +70,35 @@ def replay(search: ClosedLoop, truth: np.ndarray) -> list[int]:
         for r in step.rows:
             search.observe(search.alpha[r], truth[r])
     return search.rows
+
+
+#: Real finetunes after which the calibrated front is scored (issue: B = 1, 3, 5; 0: none yet).
+CALIBRATION_BUDGETS = (0, 1, 3, 5)
+
+
+def calibration(alpha: np.ndarray, preds: dict, method: str, truth: np.ndarray, start: tuple[int, ...]) -> dict:
+    """The front's trust, against the ground truth ``truth`` ((G, T) real finetunes): the α-map
+    error (mean |front − truth| over α and tasks, points) of the selection ``method``'s merged front
+    and of the calibrated front (:func:`varmerge.search.calibrate`) after B real finetunes placed
+    by the closed loop from ``start`` (run to its budget: no early stop), and the share of the
+    ground truth's per-task scores inside the calibrated front's 80 % intervals."""
+    budget = max(CALIBRATION_BUDGETS)
+    rows = replay(ClosedLoop(alpha, preds, SearchSettings(budget, start=start, epsilon=0.0)), truth)
+    after = {}
+    for b in CALIBRATION_BUDGETS:
+        cal = calibrate(alpha, preds, {r: truth[r] for r in rows[:b]})
+        inside = (truth >= cal.lower) & (truth <= cal.upper)
+        after[str(b)] = {
+            "alpha_map_error": round(float(100 * np.abs(cal.mean - truth).mean()), 3),
+            "coverage": round(float(inside.mean()), 3),
+            "width": round(float(100 * (cal.upper - cal.lower).mean()), 3),
+        }
+    return {
+        "interval": INTERVAL,
+        "merged_alpha_map_error": round(float(100 * np.abs(preds[method] - truth).mean()), 3),
+        "after": after,
+        "rows": rows,
+    }
 
 
 def spread(alpha: np.ndarray, budget: int) -> list[int]:
@@ -145,7 +174,16 @@ def column(name: str, results: dict, budget: int, seeds: int) -> dict:
             "met": not final["matters"] and final["settled"] and len(from_defaults) <= 2,
             "how": f"stopped after {len(from_defaults)}",
         }
+    cal = calibration(alpha, preds, method, truth, tuple(dict.fromkeys(near.values())))
+    print(
+        f"  calibration: merged α-map error {cal['merged_alpha_map_error']:.2f}; after B finetunes "
+        + ", ".join(
+            f"B={b}: {c['alpha_map_error']:.2f} (covers {100 * c['coverage']:.0f} %)" for b, c in cal["after"].items()
+        ),
+        flush=True,
+    )
     return {
+        "calibration": cal,
         "from_defaults": {
             "finetunes": len(from_defaults),
             "regret_at_stop": path[-1],

@@ -90,6 +90,7 @@ def render(results: dict, paper: dict, experiments: dict) -> str:
     ):
         if results.get(key):
             sections.append(section(results[key]))
+    sections.append(_calibration(results))
     sections.append(_figures(exps))
     return "\n".join(line for lines in sections for line in lines).rstrip() + "\n"
 
@@ -583,6 +584,40 @@ def _closed_loop(cl: dict) -> Iterator[str]:
             yield "| " + " | ".join(cells) + " |"
         yield ""
     yield f"![closed-loop regret]({cl['figure']})"
+    yield ""
+
+
+def _calibration(results: dict) -> Iterator[str]:
+    """## Can the front be trusted? The calibrated front against the ground truth, every column."""
+    cols = {
+        n: c["calibration"] for n, c in results.get("closed_loop", {}).get("columns", {}).items() if "calibration" in c
+    }
+    cols |= {n: c["calibration"] for n, c in results.get("value", {}).get("columns", {}).items() if "calibration" in c}
+    if not cols:
+        return
+    budgets = list(next(iter(cols.values()))["after"])
+    level = round(100 * next(iter(cols.values()))["interval"])
+    yield "## Can the front be trusted? Calibrated fronts with intervals"
+    yield ""
+    yield (
+        "α-map error: the mean over the ground truth's α and tasks of |front − real multitask finetune|, in "
+        "points; merged: the selection method's front as merged; calibrated after B: the prior methods' fronts "
+        "corrected by a residual GP on B real finetunes placed by the closed loop from pooled and uniform α "
+        "(`varmerge.search.calibrate`; B = 0: the methods' average, its interval their spread). Coverage: the "
+        f"share of ground-truth per-task scores inside the {level} % intervals (target 70–90 %); width: their mean "
+        "width in points. From `python -m benchmarks.closed_loop` (six Table 1 columns) and `python -m "
+        "benchmarks.value` (its columns)."
+    )
+    yield ""
+    head = ["column", "merged"] + [f"calibrated B={b}" for b in budgets] + [f"coverage B={b}" for b in budgets]
+    head += [f"width B={b}" for b in budgets]
+    yield "| " + " | ".join(head) + " |"
+    yield "|" + "---|" * len(head)
+    for n, c in cols.items():
+        a = c["after"]
+        cells = [n, f"{c['merged_alpha_map_error']:.1f}"] + [f"{a[b]['alpha_map_error']:.1f}" for b in budgets]
+        cells += [f"{100 * a[b]['coverage']:.0f} %" for b in budgets] + [f"{a[b]['width']:.1f}" for b in budgets]
+        yield "| " + " | ".join(cells) + " |"
     yield ""
 
 

@@ -45,7 +45,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.closed_loop import replay
+from benchmarks.closed_loop import calibration, replay
 from benchmarks.table1 import DEFAULT_OUTPUT, ROOT, MultitaskRuns, generated, load_results, save_with_report
 from varmerge import pareto
 from varmerge.config import load_config
@@ -174,6 +174,13 @@ def new_column(name: str, seeds: int, budget: int, workers: int, say) -> dict:
         "prior_methods": list(plan.prior_methods),
         "ground_truth": {"alpha": alpha.tolist(), "accuracy": truth.tolist()},
         "objectives": {n: score(plan, sweeps, alpha, truth, noise, budget, n) for n in OBJECTIVES},
+        "calibration": calibration(
+            alpha.numpy(),
+            {m: sweeps[m]["accuracy"].numpy() for m in plan.prior_methods},
+            plan.selection_method,
+            truth.numpy(),
+            tuple(dict.fromkeys(rows[d] for d in ("pooled", "uniform"))),
+        ),
         "multitask_seconds_mean": round(float(np.mean(list(gt.seconds.values()))), 3),
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }

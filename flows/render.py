@@ -118,6 +118,11 @@ def print_plan(plan, title: str) -> None:
             f"closed loop: up to {sel.budget} multitask finetunes, first at {' and '.join(sel.start)} α, then "
             f"{sel.batch} at a time where the merged fronts ({priors}), corrected by the finetunes, expect the most"
         )
+        if "strategy" not in sel.model_fields_set:
+            how += (
+                " (the default strategy: on the benchmark columns of docs/RESULTS.md a merged front's top-1 α "
+                "falls behind the free defaults, the loop from them does not)"
+            )
     else:
         how = f"top {sel.top_k} α of {plan.selection_method}'s front"
     why = "selection.method" if sel.method else "the last of merge.methods (selection.method not set)"

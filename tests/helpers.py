@@ -16,7 +16,7 @@ TINY = {
     "model": {"name": "logreg"},
     "posterior": {"method": "multi_ivon", "components": 2, "steps": 25, "batch_size": 64, "lr": 0.1},
     "merge": {"methods": ["simple", "hessian", "mixture"], "spacing": 0.25, "options": {"mixture": {"iterations": 5}}},
-    "selection": {"top_k": 1, "method": "mixture"},
+    "selection": {"strategy": "top_k", "top_k": 1, "method": "mixture"},
     "multitask_steps": 25,
 }
 
@@ -48,3 +48,25 @@ def checked_plan_of(raw: dict, output_dir):
     from varmerge.preflight import preflight
 
     return preflight(parse_config(raw), output_dir=output_dir)
+
+
+def small_bert(folder):
+    """A user's own model folder: a small BERT (one layer, width 32) with MiniLM's tokenizer,
+    saved as ``save_pretrained`` saves any Hugging Face model."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from varmerge import models
+
+    tokenizer = AutoTokenizer.from_pretrained(models.text_encoder_path())
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder

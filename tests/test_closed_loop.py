@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,14 +84,15 @@ def test_closed_loop_settings_are_checked_with_one_line():
     from varmerge.config import ConfigError, parse_config
 
     for selection, words in [
-        ({"strategy": "closed_loop"}, "needs selection.budget"),
+        ({"top_k": 2}, "selection.top_k needs selection.strategy top_k (the default strategy is closed_loop)"),
         ({"strategy": "closed_loop", "budget": 2, "batch": 3}, "selection.batch 3 is larger than selection.budget 2"),
         ({"strategy": "closed_loop", "budget": 0}, "selection.budget"),
-        ({"budget": 4}, "selection.budget needs selection.strategy closed_loop"),
+        ({"strategy": "top_k", "budget": 4}, "selection.budget needs selection.strategy closed_loop"),
         ({"strategy": "closed_loop", "budget": 2, "prior_methods": ["ties"]}, "are not among merge.methods"),
     ]:
-        with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
             parse_config({**TINY, "selection": selection})
+    assert parse_config({**TINY, "selection": {}}).selection.budget == 3  # the default: a closed loop of 3
 
 
 def test_the_default_prior_is_the_selection_method_and_the_variational_rules():

@@ -94,7 +94,9 @@ def test_cli_validate_says_how_alpha_is_chosen_and_where_tasks_run(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     plain = CliRunner().invoke(app, ["validate", str(path), "--schema-only"]).output
     plain = " ".join(plain.replace("│", " ").split())
-    assert "top 1 α of mixture's front; selection method mixture: the last of merge.methods" in plain, plain
+    assert "closed loop: up to 3 multitask finetunes, first at pooled and uniform α" in plain, plain
+    assert "(the default strategy: on the benchmark columns of docs/RESULTS.md" in plain
+    assert "selection method mixture: the last of merge.methods" in plain
     assert "the flow's thread" in plain and "objective mean accuracy; verdict margin 0.5 points" in plain, plain
 
 

@@ -290,7 +290,7 @@ def test_a_config_runs_mixture_full_von_posteriors_through_the_front():
                 "spacing": 0.5,
                 "options": {"mixture_full": {"iterations": 3}},
             },
-            "selection": {"top_k": 1, "method": "mixture_full"},
+            "selection": {"strategy": "top_k", "top_k": 1, "method": "mixture_full"},
             "multitask_steps": 5,
         }
     )

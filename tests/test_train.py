@@ -474,7 +474,7 @@ def _smoke_config(**posterior):
     d["posterior"] = {**d["posterior"], **posterior}
     if d["posterior"]["method"] not in ("multi_ivon", "soup_ivon"):
         d["merge"] = {"methods": ["simple", "hessian"], "spacing": 0.5}
-        d["selection"] = {"top_k": 1, "method": "hessian"}
+        d["selection"] = {"strategy": "top_k", "top_k": 1, "method": "hessian"}
     d["accelerator"] = "cpu"
     return parse_config(d, "smoke.yaml")
 

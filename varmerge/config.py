@@ -307,6 +307,11 @@ class Constraint(_Strict):
     value: float
 
 
+#: The closed loop's default budget: pooled and uniform α, then one finetune where the merged
+#: fronts, corrected by those two, expect the most (docs/RESULTS.md: regret within 3 finetunes).
+DEFAULT_BUDGET = 3
+
+
 class SelectionConfig(_Strict):
     objective: Literal["mean", "worst_task", "weighted"] = Field(
         "mean",
@@ -343,13 +348,14 @@ class SelectionConfig(_Strict):
         "objective (0.005 = half a point)",
     )
     strategy: Literal["top_k", "closed_loop"] = Field(
-        "top_k",
-        description="top_k: finetune at the top-k α of the merged front; closed_loop: a budget of finetunes, "
-        "each placed by a GP of realised − predicted (varmerge/search.py)",
+        "closed_loop",
+        description="closed_loop (the default, chosen from the evidence of docs/RESULTS.md): a budget of real "
+        "finetunes from pooled and uniform α, each next one placed by a GP of realised − predicted "
+        "(varmerge/search.py); top_k: finetune at the top-k α of the merged front",
     )
-    top_k: int = Field(1, ge=1, description="multitask finetunes at the top-k α")
+    top_k: int = Field(1, ge=1, description="top_k: multitask finetunes at the top-k α")
     method: str | None = Field(None, description="merge method whose front picks α (default: last)")
-    budget: int | None = Field(None, ge=1, description="closed_loop: real multitask finetunes in all")
+    budget: int = Field(DEFAULT_BUDGET, ge=1, description="closed_loop: real multitask finetunes in all")
     batch: int = Field(1, ge=1, description="closed_loop: finetunes per iteration (run at once)")
     epsilon: float = Field(1e-3, ge=0, description="closed_loop: stop when no α is expected to gain more")
     prior_methods: list[str] | None = Field(
@@ -367,12 +373,12 @@ class SelectionConfig(_Strict):
             if any(not math.isfinite(v) or v < 0 for v in w) or abs(sum(w) - 1) > 1e-6:
                 raise ValueError(f"selection.weights must be >= 0 and sum to 1 (on the simplex), got {self.weights}")
         if self.strategy == "closed_loop":
-            if self.budget is None:
-                raise ValueError("selection.strategy closed_loop needs selection.budget (real multitask finetunes)")
+            if "top_k" in self.model_fields_set:
+                raise ValueError("selection.top_k needs selection.strategy top_k (the default strategy is closed_loop)")
             if self.batch > self.budget:
                 raise ValueError(f"selection.batch {self.batch} is larger than selection.budget {self.budget}")
         else:
-            given = [k for k in ("budget", "prior_methods") if getattr(self, k) is not None]
+            given = [k for k in ("budget", "prior_methods") if k in self.model_fields_set]
             if given or self.batch != 1:
                 raise ValueError(f"selection.{(given or ['batch'])[0]} needs selection.strategy closed_loop")
         return self

@@ -293,3 +293,54 @@ class ClosedLoop:
         if not chosen:
             return None
         return Step(chosen, predicted, gains, found[1] if found else None, weights)
+
+
+#: The central probability of a calibrated front's intervals.
+INTERVAL = 0.8
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """A front re-estimated per task (see :func:`calibrate`): (G, T) means and the bounds of the
+    central :data:`INTERVAL` interval, how many real finetunes corrected it, and from what."""
+
+    mean: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    finetunes: int
+    source: str
+
+    def at(self, row: int) -> dict[str, list[float]]:
+        return {"mean": self.mean[row].tolist(), "lower": self.lower[row].tolist(), "upper": self.upper[row].tolist()}
+
+
+def calibrate(alpha, predicted: dict[str, object], realised: dict[int, object]) -> Calibrated:
+    """The front a user can read as scores: per task, at every row of ``alpha``, a prediction and
+    an :data:`INTERVAL` interval.
+
+    After real finetunes (``realised``: grid row -> (T,) scores), the closed loop's model: the
+    merged predictions of the methods ``predicted`` (weighted by how well each predicted the
+    finetunes) plus a residual GP per task fitted to them (see the module docstring); the interval
+    is its predictive one, with the 1-point noise. Before any, the merge methods' average and
+    the spread between them (their standard deviation): what the merges themselves disagree on,
+    the only uncertainty they give without a finetune (with one method: no interval)."""
+    names = list(predicted)
+    preds = np.stack([np.asarray(predicted[m], dtype=np.float64) for m in names])
+    z = float(norm.ppf(0.5 + INTERVAL / 2))
+    if realised:
+        search = ClosedLoop(alpha, predicted, SearchSettings(budget=len(realised)))
+        for r, y in realised.items():
+            search.observe(search.alpha[r], y)
+        mean, std, _ = search._posterior(search.rows, search.realised)
+        n = len(realised)
+        runs = f"{n} real finetune{'s' * (n > 1)}"
+        source = f"the merged fronts of {', '.join(names)} corrected by a residual GP on {runs}"
+    else:
+        mean, std = preds.mean(0), preds.std(0)
+        source = (
+            f"the spread between the merge methods {', '.join(names)} (no real finetune yet)"
+            if len(names) > 1
+            else f"{names[0]} alone, no real finetune yet: no interval"
+        )
+    lower, upper = np.clip(mean - z * std, 0.0, 1.0), np.clip(mean + z * std, 0.0, 1.0)
+    return Calibrated(mean, lower, upper, len(realised), source)

@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from varmerge import pareto, pipeline
@@ -30,6 +31,7 @@ from varmerge.objective import Objective, Verdict, default_rows, realised_verdic
 from varmerge.plan import RunPlan
 from varmerge.posterior_methods import get_method
 from varmerge.progress import Report
+from varmerge.search import INTERVAL, Calibrated, calibrate
 
 
 class Runner(Protocol):
@@ -121,9 +123,38 @@ class FrontResult:
             out[name] = entry
         return out
 
-    def chosen_summary(self) -> dict | None:
-        """The chosen α, predicted and realised, and its gain over pooled α (per task and on the
-        objective; predicted by the selection method's front, realised where pooled was finetuned)."""
+    def realised_rows(self) -> dict[int, torch.Tensor]:
+        """Every real multitask finetune of the run by its grid row: the chosen α (a closed loop's
+        every finetune) and the defaults finetuned."""
+        out = {}
+        if self.chosen_index is not None and self.realised is not None:
+            out |= {int(r): acc for r, acc in zip(self.chosen_index.tolist(), self.realised, strict=True)}
+        return out | {self.default_rows[d]: acc for d, acc in self.realised_defaults.items()}
+
+    def calibrated(self) -> Calibrated:
+        """The front re-estimated per task with an interval (:func:`varmerge.search.calibrate`):
+        the prior methods' fronts corrected by every real finetune of the run."""
+        priors = {m: self.sweeps[m]["accuracy"].numpy() for m in self.plan.prior_methods}
+        realised = {r: acc.numpy() for r, acc in self.realised_rows().items()}
+        return calibrate(self.alpha.numpy(), priors, realised)
+
+    def calibrated_summary(self, cal: Calibrated) -> dict:
+        def rounded(a):
+            return np.round(a, 6).tolist()
+
+        return {
+            "interval": INTERVAL,
+            "source": cal.source,
+            "finetunes": cal.finetunes,
+            "mean": rounded(cal.mean),
+            "lower": rounded(cal.lower),
+            "upper": rounded(cal.upper),
+        }
+
+    def chosen_summary(self, cal: Calibrated | None = None) -> dict | None:
+        """The chosen α, predicted (merged, and calibrated by ``cal`` with its interval) and
+        realised, and its gain over pooled α (per task and on the objective; predicted by the
+        selection method's front, realised where pooled was finetuned)."""
         if self.chosen_alpha is None:
             return None
         predicted = self.predicted
@@ -136,6 +167,8 @@ class FrontResult:
             "predicted_objective": self.objective(predicted).tolist(),
             "realised": self.realised.tolist() if self.realised is not None else None,
         }
+        if cal is not None:
+            out["calibrated"] = cal.at(int(self.chosen_index[0]))
         if self.realised is not None:
             out["realised_objective"] = self.objective(self.realised).tolist()
             if "pooled" in self.realised_defaults:
@@ -144,6 +177,7 @@ class FrontResult:
         return out
 
     def summary(self) -> dict:
+        cal = self.calibrated()
         methods = {
             m: {
                 **pareto.front_summary(sw["alpha"], sw["accuracy"], objective=self.objective),
@@ -159,8 +193,9 @@ class FrontResult:
             "methods": methods,
             "defaults": self.defaults_summary(),
             "learning": self.learning,
+            "calibrated": self.calibrated_summary(cal),
             "verdict": self.verdict().as_dict(),
-            "chosen": self.chosen_summary(),
+            "chosen": self.chosen_summary(cal),
             "seconds": dict(self.seconds),
         }
         if self.realised is not None and "pooled" in self.realised_defaults:
