@@ -110,15 +110,27 @@ def _user_errors(status: str | None = None):
         _fail(exc)
 
 
-def _load(config: Path, check_device: bool = True):
-    """The config: its own files checked first (pandas only: a common mistake answers in about a
-    second), then validated; with ``check_device``, the accelerator (this imports torch)."""
-    from varmerge.config import parse_config, read_config
+def _read(config: Path) -> dict:
+    """The config as read (not validated), its own files checked: pandas only, no torch, so a
+    common mistake answers in about a second."""
+    from varmerge.config import read_config
     from varmerge.userfiles import check_config
 
     try:
         raw = read_config(config)
         check_config(raw)
+        return raw
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
+def _load(config: Path, check_device: bool = True, raw: dict | None = None):
+    """The config (``raw``, if already :func:`_read`), validated (this imports the merge rules
+    and torch); with ``check_device``, the accelerator."""
+    from varmerge.config import parse_config
+
+    raw = _read(config) if raw is None else raw
+    try:
         cfg = parse_config(raw, str(config))
         if check_device:
             from varmerge.pipeline import check_accelerator
@@ -135,11 +147,11 @@ def _flow_command(config: Path, runner: tuple, quiet: bool, **where):
     read and validated once, preflight (the run plan: nothing is written before it passes), the
     MLflow store created while the flow module imports, then progress bars for the block, which
     gets the plan. Errors end the command with one line."""
-    cfg = _load(config, check_device=False)  # the quick checks, before Prefect's API starts
+    raw = _read(config)  # the quick checks, before Prefect's API starts
     with services.prefect_api(_STATE["debug"]) as api:  # the server boots while the rest imports
         from varmerge.preflight import preflight
 
-        cfg = _with_runner(cfg, *runner)
+        cfg = _with_runner(_load(config, raw=raw), *runner)
         with _user_errors(PREFLIGHT_STATUS):
             plan = preflight(cfg, **where, config_file=config)
         with _user_errors("starting Prefect's API and the MLflow store"), services.start_services(plan, api):

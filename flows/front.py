@@ -137,8 +137,9 @@ def report(plan: RunPlan, runner: PrefectRunner, result: FrontResult) -> dict:
 
 def front_figures(plan: RunPlan, result: FrontResult) -> list[Path]:
     """The front's projections (real finetunes as circles, the default α's predicted scores on the
-    selection method's front as labelled markers) and, for three tasks, the ternary map of the
-    objective with the default α marked."""
+    selection method's front as labelled markers), the calibrated front per task with its
+    intervals and the real finetunes, and, for three tasks, the ternary map of the objective with
+    the default α marked."""
     names, run_dir = plan.task_names, plan.run_dir
     realised = result.realised.tolist() if result.realised is not None else []
     realised += [acc.tolist() for acc in result.realised_defaults.values()]
@@ -153,6 +154,18 @@ def front_figures(plan: RunPlan, result: FrontResult) -> list[Path]:
             defaults={n: acc[r].tolist() for n, r in rows.items()},
         )
     ]
+    cal = result.calibrated()
+    figures.append(
+        plots.calibrated_front(
+            names,
+            result.alpha.numpy(),
+            result.sweeps[result.method]["accuracy"].numpy(),
+            cal,
+            run_dir / "calibrated.png",
+            realised={r: acc.tolist() for r, acc in result.realised_rows().items()},
+            title=f"{plan.cfg.name}: {cal.source}",
+        )
+    )
     if len(names) == 3:
         figures.append(
             plots.ternary_mean_accuracy(
@@ -207,10 +220,8 @@ def log_chosen(plan: RunPlan, parent: tracking.Parent, summary: dict, result: Fr
                 f"defaults/{name}/realised/{n}": v for n, v in zip(names, d["realised"]["accuracy"], strict=True)
             }
     gains = {f"verdict/gain/{m}": g for m, g in summary["verdict"]["gains"].items()}
-    learned = {  # the gate: each finetune on its own test set, θ0 there, chance
-        f"gate/{n}/{k}": t[k] for n, t in (summary.get("learning") or {}).get("tasks", {}).items() for k in LEARNED
-    }
-    tracking.log_metrics(parent.uri, parent.run_id, {**methods, **chosen, **defaults, **gains, **learned})
+    metrics = {**methods, **chosen, **defaults, **gains, **_trust_metrics(summary, names)}
+    tracking.log_metrics(parent.uri, parent.run_id, metrics)
     for i, it in enumerate(result.search or [], start=1):  # the UI plots the search by step
         point = {"search/best_realised_objective": max(float(obj(torch.tensor(r))) for r in it["realised"])}
         if it["incumbent_objective"] is not None:
@@ -239,6 +250,20 @@ def log_chosen(plan: RunPlan, parent: tracking.Parent, summary: dict, result: Fr
 
 
 LEARNED = ("accuracy", "theta0", "chance")
+
+
+def _trust_metrics(summary: dict, names: list[str]) -> dict[str, float]:
+    """The calibrated prediction at the chosen α and its interval, per task; and the gate's
+    scores: each finetune on its own test set, θ0 there, chance."""
+    calibrated = {
+        f"calibrated/{n}/{k}": v
+        for k, values in (summary["chosen"].get("calibrated") or {}).items()
+        for n, v in zip(names, values, strict=True)
+    }
+    learned = {
+        f"gate/{n}/{k}": t[k] for n, t in (summary.get("learning") or {}).get("tasks", {}).items() for k in LEARNED
+    }
+    return calibrated | learned
 
 
 def front_table(sweeps: dict[str, dict], names: list[str]) -> dict[str, list]:
@@ -368,7 +393,7 @@ def log_text_model(model, tokenizer, labels: list[str], max_length: int, example
     from varmerge import models
 
     pins = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "transformers", "safetensors", "pydantic")]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, models.quiet_transformers():  # MLflow loads it to check the example
         folder = models.export_text_classifier(
             model, tokenizer, labels, Path(tmp) / "classifier", max_length=max_length
         )

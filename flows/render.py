@@ -79,6 +79,15 @@ def print_choice(summary: dict) -> None:
                 "a ranking of α, not as scores; the realised finetunes are the result"
             )
         console.print(line)
+    cal = ch.get("calibrated")
+    if cal:
+        how = summary.get("calibrated", {})
+        level = round(100 * how.get("interval", 0.8))
+        cells = ", ".join(
+            f"{n} {100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+            for n, m, lo, hi in zip(names, cal["mean"], cal["lower"], cal["upper"], strict=True)
+        )
+        console.print(f"calibrated at the chosen α ({level} % interval): {cells} — from {how.get('source', '?')}")
     for kind, g in ch["gain_over_pooled"].items():
         per_task = ", ".join(f"{n} {100 * v:+.1f}" for n, v in zip(names, g["per_task"], strict=True))
         console.print(

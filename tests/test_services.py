@@ -150,7 +150,8 @@ def test_run_on_its_own_prefect_api_is_quiet_and_leaves_no_process(tmp_path):
     noise = [
         ln for ln in output.splitlines() if re.search(r"warn|^[WE]\d{4}|successfully registered|traceback", ln, re.I)
     ]
-    assert not noise, output
+    chatter = ["in eval mode", "Failed to validate", "Downloading artifacts", "Starlette", "%|"]
+    assert not noise and [c for c in chatter if c in output] == [], output
     with pytest.raises(ProcessLookupError):  # the group is empty: the API server stopped too
         os.killpg(proc.pid, 0)
 

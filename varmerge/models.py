@@ -310,7 +310,7 @@ def _local_model_dir(model_path: str | os.PathLike | None) -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_offline_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Offline, and without the load report / progress bar (the fresh head is expected)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -393,7 +393,7 @@ def text_classifier(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     path = _local_model_dir(model_path)
-    with _quiet_offline_transformers():
+    with quiet_transformers():
         from transformers import AutoModelForSequenceClassification
 
         try:
@@ -420,7 +420,7 @@ def text_classifier(
 def text_tokenizer(model_path: str | os.PathLike | None = None):
     """The tokenizer of the local text encoder (``local_files_only``; never the hub)."""
     path = _local_model_dir(model_path)
-    with _quiet_offline_transformers():
+    with quiet_transformers():
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -456,8 +456,9 @@ def export_text_classifier(
     plain.config.id2label = {i: str(n) for i, n in enumerate(labels)}
     plain.config.label2id = {str(n): i for i, n in enumerate(labels)}
     folder = Path(folder)
-    plain.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    with quiet_transformers():
+        plain.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
     (folder / EXPORT_SETTINGS).write_text(json.dumps({"max_length": int(max_length)}))
     return folder
 

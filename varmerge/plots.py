@@ -144,3 +144,61 @@ def predicted_vs_realised(
     ax.set_title(title or "predicted vs realised at the chosen α")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def calibrated_front(
+    task_names: Sequence[str],
+    alpha,
+    merged,
+    calibrated,
+    path: str | Path,
+    realised: Mapping[int, Sequence[float]] | None = None,
+    title: str = "",
+) -> Path:
+    """Per task, over its own weight α_t: the merged front's prediction at every α of the grid, the
+    ``calibrated`` prediction (a :class:`varmerge.search.Calibrated`: ``mean``, ``lower``,
+    ``upper``, (G, T)) with its interval (a band between the lowest lower and the highest upper
+    bound at each α_t, and each α's bar), and the real finetunes (``realised``: grid row ->
+    per-task scores) as black circles."""
+    import numpy as np
+
+    alpha, merged = np.asarray(alpha), np.asarray(merged)
+    mean, lower, upper = (np.asarray(getattr(calibrated, k)) for k in ("mean", "lower", "upper"))
+    T = len(task_names)
+    fig, axes = plt.subplots(1, T, figsize=(3.6 * T, 3.4), squeeze=False, sharey=True)
+    for t, ax in enumerate(axes[0]):
+        x = alpha[:, t]
+        levels = np.unique(np.round(x, 9))
+        lo = [lower[np.isclose(x, v), t].min() for v in levels]
+        hi = [upper[np.isclose(x, v), t].max() for v in levels]
+        ax.fill_between(levels, lo, hi, color="tab:blue", alpha=0.15, lw=0, label="calibrated interval (all α)")
+        jitter = (np.arange(len(x)) % 7 - 3) * 0.004
+        ax.errorbar(
+            x + jitter,
+            mean[:, t],
+            yerr=[mean[:, t] - lower[:, t], upper[:, t] - mean[:, t]],
+            fmt="o",
+            ms=2.5,
+            lw=0.5,
+            color="tab:blue",
+            label="calibrated",
+        )
+        ax.scatter(x - jitter, merged[:, t], s=6, color="grey", label="merged", zorder=3)
+        for k, (r, acc) in enumerate((realised or {}).items()):
+            ax.scatter(
+                [alpha[r, t]],
+                [acc[t]],
+                s=40,
+                facecolors="none",
+                edgecolors="k",
+                zorder=4,
+                label="real finetune" if k == 0 else None,
+            )
+        ax.set_title(task_names[t])
+        ax.set_xlabel(f"α of {task_names[t]}")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or "calibrated front: prediction and interval per task")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -25,6 +25,8 @@ SERVICE_ENV: dict[str, str] = {
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    # nor transformers' "Loading weights" / "Writing model shards" bars (a registered model's save)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     # MLflow's "Downloading artifacts" bars for reading a front.json or a model: noise, not progress
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # a Prefect server started from this environment listens on loopback only
