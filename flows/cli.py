@@ -39,6 +39,7 @@ apply_service_env()  # offline, no telemetry, loopback only (varmerge/services.p
 def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """varmerge: Pareto fronts of multitask finetuning by variational model merging."""
     _STATE["debug"] = debug
+    apply_service_env()  # again per command: a process that imported this module earlier may have changed them
 
 
 # Errors whose message is meant for the user as is; anything else is reported as unexpected.
@@ -310,6 +311,14 @@ def _read_front(path: Path) -> dict:
     return summary
 
 
+def _store_of(front_json: Path, uri: str) -> str:
+    """A run's tracking URI as front.json keeps it: a SQLite store relative to the run folder
+    (``sqlite:///../mlflow.db``) made absolute."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
+        return "sqlite:///" + str((front_json.parent / uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
 @app.command()
 def front(
     target: str = typer.Argument(..., help="a run folder (e.g. runs/smoke), its front.json, or an MLflow run id"),
@@ -345,7 +354,7 @@ def ui(
         path = _front_json(run)
         if path is None:
             _fail(ValueError(f"{run}: no front.json there (give a run folder, e.g. runs/smoke, or --tracking-uri)"))
-        tracking_uri = _read_front(path).get("tracking_uri") or DEFAULT_STORE
+        tracking_uri = _store_of(path, _read_front(path).get("tracking_uri") or DEFAULT_STORE)
     tracking_uri = tracking_uri or DEFAULT_STORE
     if host not in (LOOPBACK, "localhost", "::1"):
         console.print(

@@ -27,6 +27,7 @@ from tasks.runner import PrefectRunner, task_pool
 from varmerge import files, pareto, plots
 from varmerge.config import load_config, parse_config, with_runner
 from varmerge.plan import RunPlan
+from varmerge.search import Calibrated
 from varmerge.sequence import FrontResult, estimate_front
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -105,16 +106,17 @@ def report(plan: RunPlan, runner: PrefectRunner, result: FrontResult) -> dict:
     written: the file exists only for a finished run). A result without a chosen α (constraints
     nobody meets) still saves and logs the front, then raises."""
     parent, run_dir = runner.parent, plan.run_dir
+    cal = result.calibrated()  # once: front.json and the figure
     summary = {
         "config": plan.cfg.name,
-        **result.summary(),
+        **result.summary(cal),
         "spacing": plan.cfg.merge.spacing,
         "run_dir": str(run_dir),
         "config_file": plan.config_file,
         "mlflow_run_id": parent.run_id,
         "tracking_uri": plan.tracking_uri,
     }
-    figures = front_figures(plan, result)
+    figures = front_figures(plan, result, cal)
     tracking.log_table(parent.uri, parent.run_id, front_table(result.sweeps, plan.task_names), "front/front_table.json")
     if result.error is not None:
         _save_front(plan, summary, figures)
@@ -135,7 +137,7 @@ def report(plan: RunPlan, runner: PrefectRunner, result: FrontResult) -> dict:
     return summary
 
 
-def front_figures(plan: RunPlan, result: FrontResult) -> list[Path]:
+def front_figures(plan: RunPlan, result: FrontResult, cal: Calibrated) -> list[Path]:
     """The front's projections (real finetunes as circles, the default α's predicted scores on the
     selection method's front as labelled markers), the calibrated front per task with its
     intervals and the real finetunes, and, for three tasks, the ternary map of the objective with
@@ -154,7 +156,6 @@ def front_figures(plan: RunPlan, result: FrontResult) -> list[Path]:
             defaults={n: acc[r].tolist() for n, r in rows.items()},
         )
     ]
-    cal = result.calibrated()
     figures.append(
         plots.calibrated_front(
             names,
@@ -306,13 +307,16 @@ def mark_crashed(flow_run_id: str) -> bool:
 
 def portable(summary: dict, run_dir: Path) -> dict:
     """front.json's content: the summary without machine-specific paths. ``run_dir`` is where the
-    file lies, and a SQLite tracking store is given relative to it (``sqlite:///../mlflow.db``), so
+    file lies, and a SQLite tracking store and the config file are given relative to it
+    (``sqlite:///../mlflow.db``), so
     the same run on another machine or folder writes the same file (``dvc metrics diff`` compares
     them across revisions)."""
     out = {k: v for k, v in summary.items() if k != "run_dir"}
     uri = str(summary.get("tracking_uri", ""))
     if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).is_absolute():
         out["tracking_uri"] = "sqlite:///" + os.path.relpath(uri.removeprefix("sqlite:///"), run_dir.resolve())
+    if summary.get("config_file"):  # relative too: the run's owner, checked by preflight.check_run_owner
+        out["config_file"] = os.path.relpath(summary["config_file"], run_dir.resolve())
     return out
 
 

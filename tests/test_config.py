@@ -143,7 +143,11 @@ def test_two_config_files_with_one_name_do_not_overwrite_each_other(tmp_path):
     plan = preflight(load_config(first), output_dir=out, config_file=first)
     assert plan.config_file == str(first.resolve())
     plan.run_dir.mkdir(parents=True)
-    (plan.run_dir / "front.json").write_text(json.dumps({"config_file": plan.config_file}))
+    from flows.front import portable  # front.json as a run writes it (the config file relative to it)
+
+    front = portable({"config_file": plan.config_file, "tracking_uri": plan.tracking_uri}, plan.run_dir)
+    assert not Path(front["config_file"]).is_absolute()
+    (plan.run_dir / "front.json").write_text(json.dumps(front))
     assert preflight(load_config(first), output_dir=out, config_file=first).run_dir == plan.run_dir  # a rerun
     with pytest.raises(PreflightError, match=r"holds the run of .*a/own.yaml; .*b/own.yaml has the same name 'tiny'"):
         preflight(load_config(second), output_dir=out, config_file=second)

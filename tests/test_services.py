@@ -37,7 +37,8 @@ def test_ui_of_a_run_folder_opens_that_run_s_store_from_anywhere(monkeypatch, tm
     run = tmp_path / "runs" / "own"
     run.mkdir(parents=True)
     store = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    (run / "front.json").write_text(json.dumps({"methods": {}, "tracking_uri": store}))
+    # as flows.front.portable writes it: the store relative to the run folder
+    (run / "front.json").write_text(json.dumps({"methods": {}, "tracking_uri": "sqlite:///../mlflow.db"}))
     monkeypatch.chdir(tmp_path / "runs")
     for target in ("own", "own/front.json"):
         result = CliRunner().invoke(cli.app, ["ui", target])

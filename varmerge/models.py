@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varmerge import userfiles
+
 __all__ = [
     "MODEL_BUILDERS",
     "Linear",
@@ -300,13 +302,7 @@ def text_encoder_path() -> Path:
 def _local_model_dir(model_path: str | os.PathLike | None) -> Path:
     if model_path is None:
         return text_encoder_path()
-    path = Path(model_path)
-    if not (path / "config.json").is_file():
-        raise ValueError(
-            f"model_path {str(model_path)!r} is not a local model folder with a config.json; "
-            "only local weights are used (the Hugging Face hub is never contacted)"
-        )
-    return path
+    return userfiles.check_model_folder(model_path)
 
 
 @contextlib.contextmanager

@@ -78,7 +78,7 @@ def check_run_owner(plan: RunPlan) -> None:
         owner = json.loads(front.read_text()).get("config_file")
     except (OSError, ValueError, AttributeError):
         return  # not ours to judge: the run rewrites it
-    if owner and owner != plan.config_file:
+    if owner and (plan.run_dir / owner).resolve() != Path(plan.config_file):  # front.json keeps it relative
         raise PreflightError(
             f"{plan.run_dir} holds the run of {owner}; {plan.config_file} has the same name "
             f"{plan.cfg.name!r}: give it another name (name: ...) or another --output"

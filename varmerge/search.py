@@ -239,10 +239,9 @@ class ClosedLoop:
         start = list(dict.fromkeys(self.settings.start))
         if len(start) < 2 or self.settings.margin <= 0 or sorted(self.rows) != sorted(start):
             return False
-        got = [y for r, y in zip(self.rows, self.realised) if r in start]
-        if not all(_feasible(y, self.constraints) for y in got):
+        if not all(_feasible(y, self.constraints) for y in self.realised):
             return False
-        values = [self.value(y) for y in got]
+        values = [self.value(y) for y in self.realised]
         return max(values) - min(values) < self.settings.margin
 
     def propose(self) -> Step | None:
@@ -325,7 +324,6 @@ def calibrate(alpha, predicted: dict[str, object], realised: dict[int, object]) 
     the spread between them (their standard deviation): what the merges themselves disagree on,
     the only uncertainty they give without a finetune (with one method: no interval)."""
     names = list(predicted)
-    preds = np.stack([np.asarray(predicted[m], dtype=np.float64) for m in names])
     z = float(norm.ppf(0.5 + INTERVAL / 2))
     if realised:
         search = ClosedLoop(alpha, predicted, SearchSettings(budget=len(realised)))
@@ -336,6 +334,7 @@ def calibrate(alpha, predicted: dict[str, object], realised: dict[int, object]) 
         runs = f"{n} real finetune{'s' * (n > 1)}"
         source = f"the merged fronts of {', '.join(names)} corrected by a residual GP on {runs}"
     else:
+        preds = np.stack([np.asarray(predicted[m], dtype=np.float64) for m in names])
         mean, std = preds.mean(0), preds.std(0)
         source = (
             f"the spread between the merge methods {', '.join(names)} (no real finetune yet)"

@@ -176,8 +176,9 @@ class FrontResult:
         out["gain_over_pooled"] = gain
         return out
 
-    def summary(self) -> dict:
-        cal = self.calibrated()
+    def summary(self, cal: Calibrated | None = None) -> dict:
+        """front.json's content; ``cal``: :meth:`calibrated`, if the caller has it already."""
+        cal = self.calibrated() if cal is None else cal
         methods = {
             m: {
                 **pareto.front_summary(sw["alpha"], sw["accuracy"], objective=self.objective),
@@ -199,8 +200,7 @@ class FrontResult:
             "seconds": dict(self.seconds),
         }
         if self.realised is not None and "pooled" in self.realised_defaults:
-            by_row = dict(zip(self.chosen_index.tolist(), self.realised, strict=True))
-            by_row |= {self.default_rows[d]: acc for d, acc in self.realised_defaults.items()}
+            by_row = self.realised_rows()
             out["realised_verdict"] = realised_verdict(
                 self.objective,
                 torch.stack(list(by_row.values())),

@@ -76,6 +76,18 @@ def check_labels(values: Sequence, names: Sequence, where: str, path: Path) -> N
             raise ValueError(f"{where}: {path} {row_place(path, i)} has label {v!r}, not one of {list(names)}")
 
 
+def check_model_folder(model_path: str | Path) -> Path:
+    """``model_path`` as a local Hugging Face model folder (one with a ``config.json``), or a
+    one-line error: only local weights are used."""
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model_path {str(model_path)!r} is not a local model folder with a config.json; "
+            "only local weights are used (the Hugging Face hub is never contacted)"
+        )
+    return path
+
+
 def _files(spec) -> list[tuple[str | None, Path]]:
     return [(d, Path(f)) for d, f in spec.items()] if isinstance(spec, dict) else [(None, Path(spec))]
 
@@ -93,11 +105,8 @@ def check_config(raw: dict) -> None:
     schema is validated (validation imports the merge rules, and torch); values of the wrong type
     are left to the schema. Raises ValueError or FileNotFoundError with one line."""
     model_path = _section(raw, "model", "options").get("model_path")
-    if isinstance(model_path, str) and not (Path(model_path) / "config.json").is_file():
-        raise ValueError(
-            f"model_path {model_path!r} is not a local model folder with a config.json; "
-            "only local weights are used (the Hugging Face hub is never contacted)"
-        )
+    if isinstance(model_path, str):
+        check_model_folder(model_path)
     checkpoint = _section(raw, "base").get("checkpoint")
     if isinstance(checkpoint, str) and not Path(checkpoint).exists():
         raise FileNotFoundError(f"base.checkpoint {checkpoint}: no such file or folder")

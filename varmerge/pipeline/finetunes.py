@@ -90,11 +90,12 @@ def multitask_finetune(
 def learning_scores(base: nn.Module, posteriors: Sequence, tasks: Sequence[TaskData]) -> dict[str, list[float]]:
     """θ0's (``base``) and each task's finetune's (its posterior's mean) test accuracy on that
     task's own test set, and chance there (its most common test label's share)."""
-    weights = [models.trainable_state_dict(base)] + [p.diagonal().mean for p in posteriors]
-    stacked = {k: torch.stack([w[k].to(weights[0][k].dtype) for w in weights]) for k in weights[0]}
-    acc = score_sweep(base, stacked, tasks)["accuracy"]  # (T + 1, T)
-    return {
-        "theta0": acc[0].tolist(),
-        "finetuned": [float(acc[t + 1, t]) for t in range(len(tasks))],
-        "chance": [chance(t.test[1]) for t in tasks],
-    }
+    start = models.trainable_state_dict(base)
+    theta0, finetuned = [], []
+    for post, task in zip(posteriors, tasks, strict=True):  # θ0 and the finetune, on this task only
+        mean = post.diagonal().mean
+        pair = {k: torch.stack([v, mean[k].to(v.dtype)]) for k, v in start.items()}
+        acc = score_sweep(base, pair, [task])["accuracy"][:, 0]
+        theta0.append(float(acc[0]))
+        finetuned.append(float(acc[1]))
+    return {"theta0": theta0, "finetuned": finetuned, "chance": [chance(t.test[1]) for t in tasks]}
